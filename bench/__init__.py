@@ -1,0 +1,1 @@
+"""Benchmarks: each compares our figure with a baseline measured in the same run."""

@@ -1,0 +1,1 @@
+"""VFMOS kernel (vfmd): process table, scheduler, quotas, identity and service registry."""

@@ -1,0 +1,72 @@
+"""vfmd configuration: a typed dataclass loaded once from file, then environment, then flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from libvfm.paths import KERNEL_SOCKET, default_data_dir, default_state_dir
+
+
+@dataclass
+class KernelConfig:
+    state_dir: Path
+    data_dir: Path
+    listen: str = ""                  # HOST:PORT for TCP clients (bearer tokens), off by default
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    health_interval_s: float = 2.0
+    log_level: str = "INFO"
+
+    @property
+    def socket(self) -> Path:
+        return self.state_dir / KERNEL_SOCKET
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="vfmd", description="VFMOS kernel daemon: FM processes, quotas, identity, services.")
+    parser.add_argument("--config", type=Path, help="TOML file with the settings below")
+    parser.add_argument("--state-dir", type=Path, help="sockets and pid files "
+                        "(default: /run/vfmos for root, else $XDG_RUNTIME_DIR/vfmos)")
+    parser.add_argument("--data-dir", type=Path, help="LMDB data (default: the state dir if "
+                        "given, else /var/lib/vfmos or ~/.local/share/vfmos)")
+    parser.add_argument("--listen", help="also serve TCP on HOST:PORT (bearer tokens required)")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate for --listen")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key for --listen")
+    parser.add_argument("--health-interval", type=float, dest="health_interval_s",
+                        help="seconds between service health checks (default 2)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    return parser.parse_args(argv)
+
+
+def load(argv: list[str] | None = None, env: dict[str, str] | None = None) -> KernelConfig:
+    """File, then VFM_* environment, then flags; later sources win."""
+    env = os.environ if env is None else env
+    args = parse_args(argv)
+    values: dict = {}
+    if args.config:
+        values.update(tomllib.loads(args.config.read_text()))
+    names = {f.name for f in fields(KernelConfig)}
+    for name in names:
+        if f"VFM_{name.upper()}" in env:
+            values[name] = env[f"VFM_{name.upper()}"]
+    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+    state_dir = Path(values.pop("state_dir", None) or default_state_dir(env))
+    explicit_state = args.state_dir is not None or "VFM_STATE_DIR" in env or args.config
+    data_dir = Path(values.pop("data_dir", None) or
+                    default_data_dir(state_dir if explicit_state else None, env))
+    for key in ("tls_cert", "tls_key"):
+        if values.get(key):
+            values[key] = Path(values[key])
+    if "health_interval_s" in values:
+        values["health_interval_s"] = float(values["health_interval_s"])
+    if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
+        raise ValueError("--tls-cert and --tls-key go together")
+    return KernelConfig(state_dir=state_dir, data_dir=data_dir, **values)

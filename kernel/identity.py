@@ -1,0 +1,185 @@
+"""Who is calling: peer-credential tickets on the Unix socket, hashed bearer tokens over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import pwd
+import secrets
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+from kernel.store import KernelStore
+from libvfm.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+
+log = logging.getLogger("vfmd.identity")
+
+TICKET_HEADER = "x-vfm-ticket"
+_UCRED = struct.Struct("3i")  # pid, uid, gid
+MAX_TICKETS = 65536
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant: str
+    uid: int
+    admin: bool
+    transport: str
+
+    def may_touch(self, tenant: str) -> bool:
+        return self.admin or self.tenant == tenant
+
+
+def tenant_of_uid(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid{uid}"
+
+
+class TicketBook:
+    """Session tickets handed to local peers whose uid the kernel read with SO_PEERCRED.
+
+    Python gRPC does not expose a connection's peer credentials, so a client first
+    proves its uid on the credentials socket and then presents the ticket it got
+    there with every call. Tickets live in memory: after a kernel restart clients
+    fetch a new one (libvfm does this by itself).
+    """
+
+    def __init__(self, admin_uids: frozenset[int]):
+        self._admin_uids = admin_uids
+        self._tickets: dict[str, Caller] = {}
+
+    def issue(self, uid: int) -> tuple[str, Caller]:
+        if len(self._tickets) >= MAX_TICKETS:
+            self._tickets.pop(next(iter(self._tickets)))  # oldest first: dicts keep order
+        ticket = secrets.token_urlsafe(24)
+        caller = Caller(tenant_of_uid(uid), uid, uid in self._admin_uids, "unix")
+        self._tickets[ticket] = caller
+        return ticket, caller
+
+    def lookup(self, ticket: str) -> Caller | None:
+        return self._tickets.get(ticket)
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class TokenBook:
+    """Bearer tokens for TCP clients; only their sha256 is stored."""
+
+    PREFIX = "vfm_"
+
+    def __init__(self, store: KernelStore):
+        self._store = store
+        self._cache: dict[bytes, Caller] = {}
+
+    def create(self, tenant: str, admin: bool, label: str) -> tuple[str, str]:
+        if not tenant or len(tenant) > 64 or not tenant.replace("-", "").replace("_", "").isalnum():
+            raise InvalidArgument(f"bad tenant name {tenant!r}: use letters, digits, '-' or '_'")
+        secret = self.PREFIX + secrets.token_urlsafe(32)
+        digest = _digest(secret)
+        token_id = digest.hex()[:12]
+        self._store.put_token(digest, {"token_id": token_id, "tenant": tenant, "admin": admin,
+                                       "label": label[:128], "created_at": time.time()})
+        return secret, token_id
+
+    def verify(self, secret: str) -> Caller | None:
+        digest = _digest(secret)
+        caller = self._cache.get(digest)
+        if caller is None:
+            info = self._store.get_token(digest)
+            if info is None:
+                return None
+            caller = Caller(info["tenant"], -1, bool(info["admin"]), "tcp")
+            self._cache[digest] = caller
+        return caller
+
+    def list(self) -> list[dict]:
+        return [info for _, info in self._store.tokens()]
+
+    def revoke(self, token_id: str) -> None:
+        for digest, info in self._store.tokens():
+            if hmac.compare_digest(info["token_id"], token_id):
+                self._store.delete_token(digest)
+                self._cache.pop(digest, None)
+                return
+        raise NotFound(f"no token with id {token_id!r}")
+
+
+class Authenticator:
+    """Turns a call's transport and metadata into a Caller, or refuses it."""
+
+    def __init__(self, tickets: TicketBook, tokens: TokenBook):
+        self.tickets = tickets
+        self.tokens = tokens
+
+    def identify(self, metadata, peer: str) -> Caller:
+        ticket = bearer = None
+        for key, value in metadata or ():
+            if key == TICKET_HEADER:
+                ticket = value
+            elif key == "authorization" and value.lower().startswith("bearer "):
+                bearer = value[7:].strip()
+        if bearer:
+            caller = self.tokens.verify(bearer)
+            if caller is None:
+                raise Unauthenticated("invalid or revoked bearer token")
+            return caller
+        if ticket and peer.startswith("unix:"):
+            caller = self.tickets.lookup(ticket)
+            if caller is not None:
+                return caller
+            raise Unauthenticated("unknown session ticket (the kernel restarted?): reconnect")
+        if peer.startswith("unix:"):
+            raise Unauthenticated("no session ticket: get one on the credentials socket first")
+        raise Unauthenticated("TCP callers must send 'authorization: Bearer <token>'")
+
+
+def require_admin(caller: Caller, what: str) -> None:
+    if not caller.admin:
+        raise PermissionDenied(f"only an administrator may {what}")
+
+
+class CredentialsServer:
+    """Unix socket that answers each connection with a ticket for the peer's uid."""
+
+    def __init__(self, path: Path, tickets: TicketBook):
+        self._path = path
+        self._tickets = tickets
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        if self._path.exists() or self._path.is_symlink():
+            self._path.unlink()
+        self._server = await asyncio.start_unix_server(self._handle, path=str(self._path))
+        os.chmod(self._path, 0o666)  # anyone may ask; the kernel reads who they are
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            _, uid, _ = _UCRED.unpack(raw)
+            ticket, caller = self._tickets.issue(uid)
+            writer.write(msgpack.packb({"ticket": ticket, "tenant": caller.tenant,
+                                        "uid": uid, "admin": caller.admin}))
+            await writer.drain()
+        except (OSError, ConnectionError) as exc:
+            log.warning("credentials handshake failed: %s", exc)
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        self._path.unlink(missing_ok=True)

@@ -1,0 +1,86 @@
+"""vfmd entry point: wire the kernel's parts together and serve until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+
+import lmdb
+from grpc_health.v1 import health_pb2
+
+from kernel import config as kconfig
+from kernel.ask import AskRunner
+from kernel.identity import Authenticator, CredentialsServer, TicketBook, TokenBook
+from kernel.registry import ServiceRegistry
+from kernel.runtime.notify import notify_ready, notify_stopping
+from kernel.runtime.server import (DaemonStartError, ServerConfig, create_server, run_daemon,
+                                   serve_until_signal, setup_logging)
+from kernel.servicer import KernelServicer
+from kernel.store import KernelStore
+from kernel.table import ProcessTable
+from libvfm.paths import credentials_socket
+from vfmos.kernel.v1 import kernel_pb2, kernel_pb2_grpc
+
+log = logging.getLogger("vfmd")
+SERVICE_NAME = kernel_pb2.DESCRIPTOR.services_by_name["Kernel"].full_name
+
+
+async def serve(cfg: kconfig.KernelConfig) -> None:
+    started = time.time()
+    try:
+        store = KernelStore(cfg.data_dir)
+    except (lmdb.Error, OSError) as exc:
+        raise DaemonStartError(f"cannot open the kernel store in {cfg.data_dir}: {exc}") from exc
+    table = ProcessTable(store)
+    registry = ServiceRegistry(store, interval_s=cfg.health_interval_s)
+    tickets = TicketBook(admin_uids=frozenset({0, os.geteuid()}))
+    auth = Authenticator(tickets, TokenBook(store))
+    servicer = KernelServicer(table, registry, auth, AskRunner(table, registry), started)
+    server_cfg = ServerConfig(unix_socket=cfg.socket, tcp_listen=cfg.listen,
+                              tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
+    try:
+        server, health, port = create_server(
+            server_cfg, lambda s: kernel_pb2_grpc.add_KernelServicer_to_server(servicer, s),
+            [SERVICE_NAME])
+    except (RuntimeError, OSError) as exc:
+        raise DaemonStartError(f"cannot listen: {exc}") from exc
+    creds = CredentialsServer(credentials_socket(cfg.socket), tickets)
+    await server.start()
+    os.chmod(cfg.socket, 0o666)
+    await creds.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    health_task = asyncio.create_task(registry.run())
+    log.info("vfmd serving on %s%s (data in %s)", cfg.socket,
+             f" and TCP port {port}" if port else "", cfg.data_dir)
+    notify_ready(f"serving on {cfg.socket}")
+
+    async def on_stop() -> None:
+        notify_stopping()
+        health_task.cancel()
+        await creds.stop()
+        await registry.close()
+
+    try:
+        await serve_until_signal(server, on_stop)
+    finally:
+        store.close()
+        cfg.socket.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = kconfig.load(argv)
+    except (ValueError, OSError) as exc:
+        print(f"vfmd: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    return run_daemon(lambda: serve(cfg))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""FM processes: the state machine, the spec's validation and the record kept in the table."""
+
+from __future__ import annotations
+
+import enum
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+from libvfm.errors import FailedPrecondition, InvalidArgument
+from libvfm.types import Counters, ProcessSpec, Quota
+
+MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 0, 39, 20
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_SYSTEM_PROMPT = 64 * 1024
+MAX_QUOTA = 10**15
+
+
+class ProcState(enum.IntEnum):
+    """Values match vfmos.kernel.v1.ProcState so the wire needs no table."""
+
+    CREATED = 1
+    READY = 2
+    RUNNING = 3
+    WAITING = 4
+    SUSPENDED = 5
+    ZOMBIE = 6
+    EXITED = 7
+    KILLED = 8
+
+
+S = ProcState
+# RUNNING -> SUSPENDED is a preemption: the kernel stops the generation first.
+TRANSITIONS: dict[ProcState, frozenset[ProcState]] = {
+    S.CREATED: frozenset({S.READY, S.KILLED}),
+    S.READY: frozenset({S.RUNNING, S.SUSPENDED, S.ZOMBIE, S.KILLED}),
+    S.RUNNING: frozenset({S.READY, S.WAITING, S.SUSPENDED, S.ZOMBIE, S.KILLED}),
+    S.WAITING: frozenset({S.READY, S.SUSPENDED, S.KILLED}),
+    S.SUSPENDED: frozenset({S.READY, S.KILLED}),
+    S.ZOMBIE: frozenset({S.EXITED, S.KILLED}),
+    S.EXITED: frozenset(),
+    S.KILLED: frozenset(),
+}
+TERMINAL = frozenset({S.EXITED, S.KILLED})
+# What a kernel restart does to a state that only made sense while it was running.
+ON_RECOVERY = {S.RUNNING: S.READY, S.WAITING: S.READY, S.CREATED: S.READY}
+
+
+def check_transition(current: ProcState, target: ProcState, pid: int) -> None:
+    if target not in TRANSITIONS[current]:
+        raise FailedPrecondition(
+            f"process {pid} is {current.name}; it cannot become {target.name}")
+
+
+def validate_quota(quota: Quota) -> Quota:
+    for name in ("max_tokens", "tokens_per_minute", "max_concurrent", "max_resident_pages"):
+        value = getattr(quota, name)
+        if value < 0:
+            raise InvalidArgument(f"quota {name} must be >= 0 (0 = no limit), got {value}")
+        if value > MAX_QUOTA:
+            raise InvalidArgument(f"quota {name} is absurdly large: {value}")
+    if not quota.cost_budget >= 0:  # also rejects NaN
+        raise InvalidArgument(f"quota cost_budget must be >= 0, got {quota.cost_budget}")
+    return quota
+
+
+def validate_priority(priority: int) -> int:
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise InvalidArgument(
+            f"priority must be between {MIN_PRIORITY} and {MAX_PRIORITY}, got {priority}")
+    return priority
+
+
+def validate_spec(spec: ProcessSpec) -> ProcessSpec:
+    """Reject a malformed spec with a message that says what to fix."""
+    if not NAME_RE.match(spec.name or ""):
+        raise InvalidArgument(
+            f"bad process name {spec.name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    validate_priority(spec.priority)
+    if spec.context_budget < 0 or spec.context_budget > 10**9:
+        raise InvalidArgument(f"context budget must be >= 0 tokens, got {spec.context_budget}")
+    if len(spec.model) > 256:
+        raise InvalidArgument("model name is longer than 256 characters")
+    if len(spec.system_prompt) > MAX_SYSTEM_PROMPT:
+        raise InvalidArgument(f"system prompt is longer than {MAX_SYSTEM_PROMPT} characters")
+    validate_quota(spec.quota)
+    return spec
+
+
+@dataclass
+class ProcRecord:
+    """One row of the process table, as stored (msgpack of `to_dict`)."""
+
+    pid: int
+    tenant: str
+    owner_uid: int
+    spec: ProcessSpec
+    state: ProcState = ProcState.CREATED
+    counters: Counters = field(default_factory=Counters)
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    def move(self, target: ProcState) -> None:
+        check_transition(self.state, target, self.pid)
+        self.state = target
+        self.updated_at = time.time()
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["state"] = int(self.state)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ProcRecord":
+        spec = dict(data["spec"])
+        spec["quota"] = Quota(**spec.get("quota", {}))
+        return cls(
+            pid=data["pid"], tenant=data["tenant"], owner_uid=data.get("owner_uid", -1),
+            spec=ProcessSpec(**spec), state=ProcState(data["state"]),
+            counters=Counters(**data.get("counters", {})),
+            created_at=data["created_at"], updated_at=data["updated_at"])

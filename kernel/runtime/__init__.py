@@ -1,0 +1,1 @@
+"""Daemon plumbing shared by vfmd and every service daemon: servers, config, notify, figures."""

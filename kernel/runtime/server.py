@@ -1,0 +1,97 @@
+"""gRPC server factory and daemon lifecycle shared by vfmd and the service daemons."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class ServerConfig:
+    unix_socket: Path
+    tcp_listen: str = ""              # "HOST:PORT", opt-in
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    socket_mode: int = 0o666          # identity comes from credentials, not file modes
+
+
+def create_server(config: ServerConfig, register: Callable[[grpc.aio.Server], None],
+                  service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """Build a server with health and reflection; returns (server, health servicer, tcp port)."""
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names) + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                   reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+
+    path = config.unix_socket
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        path.unlink()  # a stale socket from a crashed run
+    server.add_insecure_port(f"unix:{path}")
+    port = 0
+    if config.tcp_listen:
+        if config.tls_cert and config.tls_key:
+            creds = grpc.ssl_server_credentials(
+                [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
+            port = server.add_secure_port(config.tcp_listen, creds)
+        else:
+            port = server.add_insecure_port(config.tcp_listen)
+    return server, health_servicer, port
+
+
+async def serve_until_signal(server: grpc.aio.Server, on_stop: Callable[[], Awaitable[None]] | None = None,
+                             grace_s: float = 3.0) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger("vfmos").info("stopping")
+    if on_stop is not None:
+        await on_stop()
+    await server.stop(grace_s)
+
+
+def run_daemon(main: Callable[[], Awaitable[None]]) -> int:
+    """Run an async daemon main under uvloop; exit codes: 0 clean, 1 startup failure."""
+    import uvloop
+
+    try:
+        uvloop.run(main())
+    except KeyboardInterrupt:
+        pass
+    except DaemonStartError as exc:
+        print(f"{os.path.basename(sys.argv[0])}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class DaemonStartError(Exception):
+    """A daemon cannot start (bad config, socket in use); printed as one line."""
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")

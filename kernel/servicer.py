@@ -1,0 +1,152 @@
+"""Thin gRPC servicer for the kernel syscalls: identify the caller, delegate, convert errors."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+
+import grpc
+
+from kernel.ask import AskDone, AskQuery, AskRunner
+from kernel.convert import process_to_pb, quota_from_pb, spec_from_pb
+from kernel.figures import daemon_figures
+from kernel.identity import Authenticator, Caller, require_admin
+from kernel.registry import ServiceRegistry
+from kernel.table import ProcessTable
+from libvfm.errors import VfmError, to_status
+from vfmos.kernel.v1 import kernel_pb2 as pb
+from vfmos.kernel.v1 import kernel_pb2_grpc
+
+log = logging.getLogger("vfmd.syscall")
+
+
+async def _abort(context, err: VfmError):
+    await context.abort_with_status(to_status(err))
+
+
+def syscall(fn):
+    """Wrap a unary handler `fn(self, caller, request)`: identity first, errors mapped once."""
+
+    @functools.wraps(fn)
+    async def handler(self, request, context):
+        try:
+            caller = self.auth.identify(context.invocation_metadata(), context.peer())
+            return fn(self, caller, request)
+        except VfmError as err:
+            await _abort(context, err)
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__} "
+                                "(see the vfmd log)")
+    return handler
+
+
+class KernelServicer(kernel_pb2_grpc.KernelServicer):
+    def __init__(self, table: ProcessTable, registry: ServiceRegistry, auth: Authenticator,
+                 asks: AskRunner, started_at: float):
+        self.table = table
+        self.registry = registry
+        self.auth = auth
+        self.asks = asks
+        self.started_at = started_at
+
+    def _proc(self, record) -> pb.Process:
+        return process_to_pb(record, self.table.running(record.pid))
+
+    @syscall
+    def Spawn(self, caller: Caller, request: pb.SpawnRequest) -> pb.Process:
+        return self._proc(self.table.spawn(caller, spec_from_pb(request.spec)))
+
+    @syscall
+    def List(self, caller: Caller, request: pb.ListRequest) -> pb.ListResponse:
+        records = self.table.list(caller, include_ended=request.all)
+        return pb.ListResponse(processes=[self._proc(r) for r in records])
+
+    @syscall
+    def Get(self, caller: Caller, request: pb.PidRequest) -> pb.Process:
+        return self._proc(self.table.get(caller, request.pid))
+
+    @syscall
+    def Kill(self, caller: Caller, request: pb.PidRequest) -> pb.Process:
+        return self._proc(self.table.kill(caller, request.pid))
+
+    @syscall
+    def Suspend(self, caller: Caller, request: pb.PidRequest) -> pb.Process:
+        return self._proc(self.table.suspend(caller, request.pid))
+
+    @syscall
+    def Resume(self, caller: Caller, request: pb.PidRequest) -> pb.Process:
+        return self._proc(self.table.resume(caller, request.pid))
+
+    @syscall
+    def SetQuota(self, caller: Caller, request: pb.SetQuotaRequest) -> pb.Process:
+        return self._proc(self.table.set_quota(caller, request.pid, quota_from_pb(request.quota)))
+
+    @syscall
+    def SetPriority(self, caller: Caller, request: pb.SetPriorityRequest) -> pb.Process:
+        return self._proc(self.table.set_priority(caller, request.pid, request.priority))
+
+    @syscall
+    def Ping(self, caller: Caller, request: pb.PingRequest) -> pb.PingResponse:
+        return pb.PingResponse(payload=request.payload)
+
+    @syscall
+    def WhoAmI(self, caller: Caller, request: pb.WhoAmIRequest) -> pb.Identity:
+        return pb.Identity(tenant=caller.tenant, uid=caller.uid, admin=caller.admin,
+                           transport=caller.transport)
+
+    @syscall
+    def Services(self, caller: Caller, request: pb.ServicesRequest) -> pb.ServicesResponse:
+        daemons = [pb.DaemonStatus(name="vfmd", address="", pid=os.getpid(), health="SERVING",
+                                   last_seen=time.time(), **daemon_figures(os.getpid()))]
+        for entry in self.registry.entries():
+            daemons.append(pb.DaemonStatus(
+                name=entry.name, address=entry.address, pid=entry.pid, health=entry.health,
+                last_seen=entry.last_seen, **daemon_figures(entry.pid)))
+        return pb.ServicesResponse(daemons=daemons)
+
+    @syscall
+    def RegisterService(self, caller: Caller, request: pb.RegisterServiceRequest):
+        require_admin(caller, "register a service")
+        self.registry.register(request.name, request.address, request.pid)
+        return pb.RegisterServiceResponse(heartbeat_s=self.registry.interval_s)
+
+    @syscall
+    def CreateToken(self, caller: Caller, request: pb.TokenCreateRequest):
+        require_admin(caller, "create tokens")
+        secret, token_id = self.auth.tokens.create(request.tenant, request.admin, request.label)
+        return pb.TokenCreateResponse(token=secret, token_id=token_id)
+
+    @syscall
+    def RevokeToken(self, caller: Caller, request: pb.TokenRevokeRequest) -> pb.Empty:
+        require_admin(caller, "revoke tokens")
+        self.auth.tokens.revoke(request.token_id)
+        return pb.Empty()
+
+    @syscall
+    def ListTokens(self, caller: Caller, request: pb.TokenListRequest):
+        require_admin(caller, "list tokens")
+        return pb.TokenListResponse(tokens=[pb.TokenInfo(**info) for info in self.auth.tokens.list()])
+
+    async def Ask(self, request: pb.AskRequest, context):
+        query = AskQuery(pid=request.pid, prompt=request.prompt,
+                         max_new_tokens=request.max_new_tokens, temperature=request.temperature,
+                         top_p=request.top_p, seed=request.seed, stop=tuple(request.stop))
+        try:
+            caller = self.auth.identify(context.invocation_metadata(), context.peer())
+            async for item in self.asks.ask(caller, query):
+                if isinstance(item, AskDone):
+                    u = item.usage
+                    yield pb.AskChunk(done=pb.AskDone(finish_reason=item.finish_reason, usage=pb.Usage(
+                        tokens_in=u.tokens_in, tokens_out=u.tokens_out, cost=u.cost,
+                        queue_ms=u.queue_ms, ttft_ms=u.ttft_ms, total_ms=u.total_ms,
+                        model=u.model)))
+                else:
+                    yield pb.AskChunk(text=item)
+        except VfmError as err:
+            await _abort(context, err)
+        except Exception:
+            log.exception("Ask failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in Ask (see the vfmd log)")

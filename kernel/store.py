@@ -1,0 +1,91 @@
+"""LMDB storage of the kernel: processes, tokens and registered services, msgpack values."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Callable, Iterator
+
+import lmdb
+import msgpack
+
+from kernel.process import ProcRecord
+
+_PID = struct.Struct(">Q")  # big-endian so LMDB's key order is pid order
+_NEXT_PID = b"next_pid"
+
+
+def _pack(value) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def _unpack(raw: bytes):
+    return msgpack.unpackb(raw, raw=False)
+
+
+class KernelStore:
+    """Every write commits with fsync before it returns, so an acknowledged syscall survives kill -9."""
+
+    def __init__(self, path: Path, map_size: int = 1 << 30):
+        path.mkdir(parents=True, exist_ok=True)
+        self._env = lmdb.open(str(path / "kernel.lmdb"), map_size=map_size, max_dbs=8,
+                              subdir=True, sync=True, metasync=True, lock=True)
+        self._meta = self._env.open_db(b"meta")
+        self._procs = self._env.open_db(b"procs")
+        self._tokens = self._env.open_db(b"tokens")
+        self._services = self._env.open_db(b"services")
+
+    def close(self) -> None:
+        self._env.close()
+
+    # processes
+    def create_process(self, build: Callable[[int], ProcRecord]) -> ProcRecord:
+        """Allocate the next pid and store the record `build(pid)` in one transaction."""
+        with self._env.begin(write=True) as txn:
+            raw = txn.get(_NEXT_PID, db=self._meta)
+            pid = _unpack(raw) if raw else 1
+            record = build(pid)
+            txn.put(_PID.pack(pid), _pack(record.to_dict()), db=self._procs)
+            txn.put(_NEXT_PID, _pack(pid + 1), db=self._meta)
+        return record
+
+    def put_process(self, record: ProcRecord) -> None:
+        with self._env.begin(write=True) as txn:
+            txn.put(_PID.pack(record.pid), _pack(record.to_dict()), db=self._procs)
+
+    def put_processes(self, records: list[ProcRecord]) -> None:
+        with self._env.begin(write=True) as txn:
+            for record in records:
+                txn.put(_PID.pack(record.pid), _pack(record.to_dict()), db=self._procs)
+
+    def processes(self) -> Iterator[ProcRecord]:
+        with self._env.begin() as txn:
+            for _, raw in txn.cursor(db=self._procs):
+                yield ProcRecord.from_dict(_unpack(raw))
+
+    # bearer tokens, keyed by the sha256 of the secret
+    def put_token(self, digest: bytes, info: dict) -> None:
+        with self._env.begin(write=True) as txn:
+            txn.put(digest, _pack(info), db=self._tokens)
+
+    def get_token(self, digest: bytes) -> dict | None:
+        with self._env.begin() as txn:
+            raw = txn.get(digest, db=self._tokens)
+        return _unpack(raw) if raw else None
+
+    def tokens(self) -> list[tuple[bytes, dict]]:
+        with self._env.begin() as txn:
+            return [(bytes(k), _unpack(v)) for k, v in txn.cursor(db=self._tokens)]
+
+    def delete_token(self, digest: bytes) -> None:
+        with self._env.begin(write=True) as txn:
+            txn.delete(digest, db=self._tokens)
+
+    # service registry
+    def put_service(self, name: str, info: dict) -> None:
+        with self._env.begin(write=True) as txn:
+            txn.put(name.encode(), _pack(info), db=self._services)
+
+    def services(self) -> dict[str, dict]:
+        with self._env.begin() as txn:
+            return {k.decode(): _unpack(v) for k, v in txn.cursor(db=self._services)}

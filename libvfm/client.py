@@ -1,0 +1,248 @@
+"""libvfm clients: AsyncClient for asyncio code and Client, its blocking twin, for scripts."""
+
+from __future__ import annotations
+
+import asyncio
+import socket as _socket
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+
+import grpc
+import msgpack
+
+from libvfm import convert
+from libvfm.errors import Unauthenticated, Unavailable, VfmError, from_rpc_error
+from libvfm.paths import credentials_socket, kernel_socket
+from libvfm.types import (AskResult, DaemonStatus, Identity, Process, ProcessSpec, Quota,
+                          TokenInfo, Usage)
+from vfmos.kernel.v1 import kernel_pb2 as pb
+from vfmos.kernel.v1 import kernel_pb2_grpc
+
+TICKET_HEADER = "x-vfm-ticket"
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+def fetch_ticket(sock_path: Path, timeout: float = 5.0) -> str:
+    """Trade this process' uid (read by the kernel from the socket) for a session ticket."""
+    path = credentials_socket(sock_path)
+    try:
+        with _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+    except FileNotFoundError:
+        raise Unavailable(f"vfmd is not running (no socket at {sock_path}); "
+                          f"start it with 'vfmctl up'") from None
+    except OSError as exc:
+        raise Unavailable(f"cannot reach vfmd at {sock_path}: {exc}") from None
+    return msgpack.unpackb(data)["ticket"]
+
+
+class AsyncClient:
+    """Typed asyncio client for the kernel; every method raises libvfm.errors on failure.
+
+    Local callers are identified by their uid over the Unix socket (the default); remote
+    callers pass `target="host:port"` and a bearer `token` (with `tls_ca` for TLS).
+    """
+
+    def __init__(self, socket: str | Path | None = None, *, target: str | None = None,
+                 token: str | None = None, tls_ca: bytes | None = None, timeout: float = 30.0):
+        self._timeout = timeout
+        self._token = token
+        self._ticket: str | None = None
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        if target:
+            self._sock_path = None
+            if tls_ca is not None:
+                creds = grpc.ssl_channel_credentials(root_certificates=tls_ca)
+                self._channel = grpc.aio.secure_channel(target, creds, options=options)
+            else:
+                self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            self._sock_path = kernel_socket(str(socket) if socket else None)
+            self._channel = grpc.aio.insecure_channel(f"unix:{self._sock_path}", options=options)
+        self._stub = kernel_pb2_grpc.KernelStub(self._channel)
+
+    @property
+    def socket_path(self) -> Path | None:
+        return self._sock_path
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # identity
+    def _metadata(self, renew: bool = False) -> tuple[tuple[str, str], ...]:
+        if self._token:
+            return (("authorization", f"Bearer {self._token}"),)
+        if self._ticket is None or renew:
+            self._ticket = fetch_ticket(self._sock_path)
+        return ((TICKET_HEADER, self._ticket),)
+
+    async def _call(self, method: str, request):
+        """One unary syscall; a stale ticket (kernel restarted) is renewed once."""
+        rpc = getattr(self._stub, method)
+        for attempt in (0, 1):
+            try:
+                return await rpc(request, metadata=self._metadata(renew=attempt == 1),
+                                 timeout=self._timeout)
+            except grpc.RpcError as exc:
+                err = from_rpc_error(exc)
+                if isinstance(err, Unauthenticated) and attempt == 0 and not self._token:
+                    continue
+                raise err from None
+
+    # process syscalls
+    async def spawn(self, name: str, *, priority: int = 20, model: str = "",
+                    context_budget: int = 0, quota: Quota | None = None,
+                    system_prompt: str = "") -> Process:
+        spec = ProcessSpec(name=name, priority=priority, model=model,
+                           context_budget=context_budget, quota=quota or Quota(),
+                           system_prompt=system_prompt)
+        reply = await self._call("Spawn", pb.SpawnRequest(spec=convert.spec_to_pb(spec)))
+        return convert.process_from_pb(reply)
+
+    async def ps(self, all: bool = False) -> list[Process]:
+        reply = await self._call("List", pb.ListRequest(all=all))
+        return [convert.process_from_pb(p) for p in reply.processes]
+
+    async def get(self, pid: int) -> Process:
+        return convert.process_from_pb(await self._call("Get", pb.PidRequest(pid=pid)))
+
+    async def kill(self, pid: int) -> Process:
+        return convert.process_from_pb(await self._call("Kill", pb.PidRequest(pid=pid)))
+
+    async def suspend(self, pid: int) -> Process:
+        return convert.process_from_pb(await self._call("Suspend", pb.PidRequest(pid=pid)))
+
+    async def resume(self, pid: int) -> Process:
+        return convert.process_from_pb(await self._call("Resume", pb.PidRequest(pid=pid)))
+
+    async def set_quota(self, pid: int, quota: Quota) -> Process:
+        request = pb.SetQuotaRequest(pid=pid, quota=convert.quota_to_pb(quota))
+        return convert.process_from_pb(await self._call("SetQuota", request))
+
+    async def set_priority(self, pid: int, priority: int) -> Process:
+        request = pb.SetPriorityRequest(pid=pid, priority=priority)
+        return convert.process_from_pb(await self._call("SetPriority", request))
+
+    # work
+    async def ask_stream(self, pid: int, prompt: str, *, max_new_tokens: int = 0,
+                         temperature: float = 0.0, top_p: float = 0.0, seed: int = 0,
+                         stop: list[str] | None = None) -> AsyncIterator[str | AskResult]:
+        """Yield text pieces as they are generated, then one AskResult."""
+        request = pb.AskRequest(pid=pid, prompt=prompt, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, seed=seed, stop=stop or [])
+        pieces: list[str] = []
+        for attempt in (0, 1):
+            call = self._stub.Ask(request, metadata=self._metadata(renew=attempt == 1))
+            try:
+                async for chunk in call:
+                    if chunk.HasField("done"):
+                        yield AskResult("".join(pieces), chunk.done.finish_reason,
+                                        convert.usage_from_pb(chunk.done.usage))
+                        return
+                    pieces.append(chunk.text)
+                    yield chunk.text
+                raise Unavailable("the answer stream ended without its final message")
+            except grpc.RpcError as exc:
+                err = from_rpc_error(exc)
+                if isinstance(err, Unauthenticated) and attempt == 0 and not self._token:
+                    continue
+                raise err from None
+            finally:
+                call.cancel()
+
+    async def ask(self, pid: int, prompt: str, **options) -> AskResult:
+        result = None
+        async for item in self.ask_stream(pid, prompt, **options):
+            if isinstance(item, AskResult):
+                result = item
+        return result
+
+    # introspection and administration
+    async def ping(self, payload: bytes = b"") -> bytes:
+        return (await self._call("Ping", pb.PingRequest(payload=payload))).payload
+
+    async def whoami(self) -> Identity:
+        return convert.identity_from_pb(await self._call("WhoAmI", pb.WhoAmIRequest()))
+
+    async def services(self) -> list[DaemonStatus]:
+        reply = await self._call("Services", pb.ServicesRequest())
+        return [convert.daemon_from_pb(d) for d in reply.daemons]
+
+    async def register_service(self, name: str, address: str, pid: int) -> float:
+        request = pb.RegisterServiceRequest(name=name, address=address, pid=pid)
+        return (await self._call("RegisterService", request)).heartbeat_s
+
+    async def token_create(self, tenant: str, admin: bool = False, label: str = "") -> tuple[str, str]:
+        reply = await self._call("CreateToken", pb.TokenCreateRequest(
+            tenant=tenant, admin=admin, label=label))
+        return reply.token, reply.token_id
+
+    async def token_revoke(self, token_id: str) -> None:
+        await self._call("RevokeToken", pb.TokenRevokeRequest(token_id=token_id))
+
+    async def token_list(self) -> list[TokenInfo]:
+        reply = await self._call("ListTokens", pb.TokenListRequest())
+        return [convert.token_from_pb(t) for t in reply.tokens]
+
+
+class Client:
+    """Blocking client: the AsyncClient driven by a private event loop.
+
+    One implementation serves both styles; do not use it from inside a running loop
+    (use AsyncClient there).
+    """
+
+    def __init__(self, socket: str | Path | None = None, **options):
+        self._loop = asyncio.new_event_loop()
+        self._async = self._loop.run_until_complete(self._make(socket, options))
+
+    @staticmethod
+    async def _make(socket, options) -> AsyncClient:
+        return AsyncClient(socket, **options)
+
+    def __getattr__(self, name: str):
+        method = getattr(self._async, name)
+        if not asyncio.iscoroutinefunction(method):
+            return method
+
+        def blocking(*args, **kwargs):
+            return self._loop.run_until_complete(method(*args, **kwargs))
+        return blocking
+
+    def ask_stream(self, pid: int, prompt: str, **options) -> Iterator[str | AskResult]:
+        stream = self._async.ask_stream(pid, prompt, **options)
+        try:
+            while True:
+                try:
+                    yield self._loop.run_until_complete(stream.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._loop.run_until_complete(stream.aclose())
+
+    def ask(self, pid: int, prompt: str, **options) -> AskResult:
+        return self._loop.run_until_complete(self._async.ask(pid, prompt, **options))
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._async.close())
+        self._loop.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["AsyncClient", "Client", "VfmError", "Usage"]

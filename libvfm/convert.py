@@ -1,0 +1,49 @@
+"""Kernel protobuf messages to libvfm dataclasses and back."""
+
+from __future__ import annotations
+
+from libvfm.types import (Counters, DaemonStatus, Identity, Process, ProcessSpec, Quota,
+                          TokenInfo, Usage)
+from vfmos.kernel.v1 import kernel_pb2 as pb
+
+
+def quota_to_pb(quota: Quota) -> pb.Quota:
+    return pb.Quota(max_tokens=quota.max_tokens, tokens_per_minute=quota.tokens_per_minute,
+                    max_concurrent=quota.max_concurrent,
+                    max_resident_pages=quota.max_resident_pages, cost_budget=quota.cost_budget)
+
+
+def spec_to_pb(spec: ProcessSpec) -> pb.ProcessSpec:
+    return pb.ProcessSpec(name=spec.name, priority=spec.priority, model=spec.model,
+                          context_budget=spec.context_budget, quota=quota_to_pb(spec.quota),
+                          system_prompt=spec.system_prompt)
+
+
+def process_from_pb(msg: pb.Process) -> Process:
+    s, q, c = msg.spec, msg.spec.quota, msg.counters
+    return Process(
+        pid=msg.pid, tenant=msg.tenant, state=pb.ProcState.Name(msg.state),
+        spec=ProcessSpec(name=s.name, priority=s.priority, model=s.model,
+                         context_budget=s.context_budget, system_prompt=s.system_prompt,
+                         quota=Quota(q.max_tokens, q.tokens_per_minute, q.max_concurrent,
+                                     q.max_resident_pages, q.cost_budget)),
+        counters=Counters(c.tokens_in, c.tokens_out, c.cost, c.asks, c.page_faults, c.page_hits),
+        created_at=msg.created_at, updated_at=msg.updated_at, running=msg.running)
+
+
+def usage_from_pb(msg: pb.Usage) -> Usage:
+    return Usage(msg.tokens_in, msg.tokens_out, msg.cost, msg.queue_ms, msg.ttft_ms,
+                 msg.total_ms, msg.model)
+
+
+def identity_from_pb(msg: pb.Identity) -> Identity:
+    return Identity(msg.tenant, msg.uid, msg.admin, msg.transport)
+
+
+def daemon_from_pb(msg: pb.DaemonStatus) -> DaemonStatus:
+    return DaemonStatus(msg.name, msg.address, msg.pid, msg.health, msg.rss_mb,
+                        msg.cpu_percent, msg.uptime_s, msg.last_seen)
+
+
+def token_from_pb(msg: pb.TokenInfo) -> TokenInfo:
+    return TokenInfo(msg.token_id, msg.tenant, msg.admin, msg.label, msg.created_at)

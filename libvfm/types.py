@@ -1,0 +1,107 @@
+"""Plain dataclasses that libvfm returns: callers never see protobuf messages."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Quota:
+    """Limits of one FM process; 0 means no limit."""
+
+    max_tokens: int = 0
+    tokens_per_minute: int = 0
+    max_concurrent: int = 0
+    max_resident_pages: int = 0
+    cost_budget: float = 0.0
+
+
+@dataclass
+class ProcessSpec:
+    name: str
+    priority: int = 20
+    model: str = ""
+    context_budget: int = 0
+    quota: Quota = field(default_factory=Quota)
+    system_prompt: str = ""
+
+
+@dataclass
+class Counters:
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: float = 0.0
+    asks: int = 0
+    page_faults: int = 0
+    page_hits: int = 0
+
+
+@dataclass
+class Process:
+    pid: int
+    tenant: str
+    state: str
+    spec: ProcessSpec
+    counters: Counters
+    created_at: float
+    updated_at: float
+    running: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Usage:
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: float = 0.0
+    queue_ms: float = 0.0
+    ttft_ms: float = 0.0
+    total_ms: float = 0.0
+    model: str = ""
+
+
+@dataclass
+class AskResult:
+    """What an Ask ended with, after every piece of text was streamed."""
+
+    text: str
+    finish_reason: str
+    usage: Usage
+
+
+@dataclass
+class Identity:
+    tenant: str
+    uid: int
+    admin: bool
+    transport: str
+
+
+@dataclass
+class DaemonStatus:
+    name: str
+    address: str
+    pid: int
+    health: str
+    rss_mb: float
+    cpu_percent: float
+    uptime_s: float
+    last_seen: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TokenInfo:
+    token_id: str
+    tenant: str
+    admin: bool
+    label: str
+    created_at: float

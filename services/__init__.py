@@ -1,0 +1,1 @@
+"""User-space services of VFMOS: model, data and trust daemons."""

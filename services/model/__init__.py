@@ -1,0 +1,1 @@
+"""vfm-modeld: physical foundation models, loading and streaming generation."""

@@ -1,0 +1,84 @@
+"""Shared pytest fixtures: a real vfmd on a temp state dir over a real Unix socket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Daemon:
+    """A daemon process started for a test, with its log for when things go wrong."""
+
+    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+        self.args, self.log_path, self.env = args, log, env
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Daemon":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, *self.args], stdout=log,
+                                         stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode if self.proc else 0
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition", log=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}" + (f"\n--- log ---\n{log()}" if log else ""))
+
+
+def start_kernel(state_dir: Path, *extra: str, env: dict | None = None) -> Daemon:
+    daemon = Daemon(["-m", "kernel.main", "--state-dir", str(state_dir),
+                     "--health-interval", "0.3", *extra],
+                    state_dir / "logs" / "vfmd.log", env=env).start()
+    wait_for(lambda: (state_dir / "vfmd.sock.cred").exists() or not daemon.alive(),
+             what="vfmd socket", log=daemon.log)
+    assert daemon.alive(), daemon.log()
+    return daemon
+
+
+@pytest.fixture
+def state_dir(tmp_path_factory) -> Path:
+    # Unix socket paths must stay under ~100 bytes, so keep the dir short.
+    path = Path(tmp_path_factory.mktemp("vfm", numbered=True))
+    os.chmod(path, 0o755)
+    return path
+
+
+@pytest.fixture
+def kernel(state_dir):
+    daemon = start_kernel(state_dir)
+    yield daemon
+    daemon.stop()

@@ -1,0 +1,45 @@
+"""One error vocabulary: every VfmError maps to its gRPC code and back, quota details survive."""
+
+import grpc
+import pytest
+
+from libvfm import errors
+
+
+class FakeRpcError(grpc.RpcError):
+    """Carries a status the way grpc's own errors do (code, details, trailing metadata)."""
+
+    def __init__(self, status: grpc.Status):
+        self._status = status
+
+    def code(self):
+        return self._status.code
+
+    def details(self):
+        return self._status.details
+
+    def trailing_metadata(self):
+        return self._status.trailing_metadata
+
+
+@pytest.mark.parametrize("cls", [
+    errors.InvalidArgument, errors.NotFound, errors.PermissionDenied, errors.Unauthenticated,
+    errors.FailedPrecondition, errors.Unavailable, errors.Internal, errors.AlreadyExists,
+])
+def test_round_trip(cls):
+    back = errors.from_rpc_error(FakeRpcError(errors.to_status(cls("it broke"))))
+    assert type(back) is cls and back.message == "it broke"
+
+
+def test_quota_failure_detail_round_trips():
+    status = errors.to_status(errors.QuotaExceeded("spent", "tokens_per_minute", "pid 4"))
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    back = errors.from_rpc_error(FakeRpcError(status))
+    assert isinstance(back, errors.QuotaExceeded)
+    assert (back.quota, back.subject) == ("tokens_per_minute", "pid 4")
+
+
+def test_expected_codes():
+    assert errors.FailedPrecondition.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert errors.QuotaExceeded.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert errors.Unavailable.code == grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,1 @@
+"""vfmctl: the command-line interface to VFMOS."""
