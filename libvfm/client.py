@@ -52,8 +52,12 @@ class AsyncClient:
         self._timeout = timeout
         self._token = token
         self._ticket: str | None = None
+        # Short reconnect backoff: after a daemon restart the next call should find it.
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 1000)]
         if target:
             self._sock_path = None
             if tls_ca is not None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,18 +65,29 @@ def start_kernel(state_dir: Path, *extra: str, env: dict | None = None) -> Daemo
     daemon = Daemon(["-m", "kernel.main", "--state-dir", str(state_dir),
                      "--health-interval", "0.3", *extra],
                     state_dir / "logs" / "vfmd.log", env=env).start()
-    wait_for(lambda: (state_dir / "vfmd.sock.cred").exists() or not daemon.alive(),
-             what="vfmd socket", log=daemon.log)
+    wait_for(lambda: _pings(state_dir) or not daemon.alive(), what="vfmd to serve", log=daemon.log)
     assert daemon.alive(), daemon.log()
     return daemon
 
 
+def _pings(state_dir: Path) -> bool:
+    from libvfm import Client, VfmError
+    try:
+        with Client(state_dir / "vfmd.sock", timeout=2) as client:
+            client.ping()
+        return True
+    except VfmError:
+        return False
+
+
 @pytest.fixture
-def state_dir(tmp_path_factory) -> Path:
-    # Unix socket paths must stay under ~100 bytes, so keep the dir short.
-    path = Path(tmp_path_factory.mktemp("vfm", numbered=True))
+def state_dir():
+    # Short (Unix socket paths must stay under ~100 bytes) and world-traversable, so a
+    # test can connect as another uid.
+    path = Path(tempfile.mkdtemp(prefix="vfm", dir="/tmp"))
     os.chmod(path, 0o755)
-    return path
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
