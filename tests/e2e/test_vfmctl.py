@@ -1,0 +1,109 @@
+"""vfmctl as a user types it: up, spawn, ps, ask, inspect, suspend/resume, kill, status, down."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+VFMCTL = [sys.executable, "-m", "vfmctl.main"]
+
+
+def vfmctl(state_dir, *args, check=True, timeout=300):
+    done = subprocess.run([*VFMCTL, *args, "--state-dir", str(state_dir)], capture_output=True,
+                          text=True, cwd=REPO, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"vfmctl {' '.join(args)} -> {done.returncode}\n{done.stderr}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    import tempfile
+    state = tempfile.mkdtemp(prefix="vfme", dir="/tmp")
+    vfmctl(state, "up", "--detach", timeout=900)
+    yield state
+    vfmctl(state, "down", check=False)
+
+
+def test_status_lists_every_daemon_serving(stack):
+    out = json.loads(vfmctl(stack, "status", "-o", "json").stdout)
+    by_name = {d["name"]: d for d in out}
+    assert set(by_name) >= {"vfmd", "vfm-modeld"}
+    for d in by_name.values():
+        assert d["health"] == "SERVING" and d["pid"] > 0 and d["rss_mb"] > 0 and d["uptime_s"] > 0
+
+
+def test_second_up_is_a_no_op(stack):
+    done = vfmctl(stack, "up", "--detach")
+    assert "already running" in done.stderr
+
+
+def test_process_lifecycle_and_streamed_answer(stack):
+    proc = json.loads(vfmctl(stack, "spawn", "e2e-bot", "--priority", "25", "--max-tokens",
+                             "4000", "-o", "json").stdout)
+    pid = str(proc["pid"])
+    assert proc["spec"]["priority"] == 25 and proc["state"] == "READY"
+    listed = json.loads(vfmctl(stack, "ps", "-o", "json").stdout)
+    assert pid in {str(p["pid"]) for p in listed}
+
+    answer = vfmctl(stack, "ask", pid, "What is 2 plus 2? Answer briefly.",
+                    "--max-new-tokens", "12")
+    assert answer.stdout.strip(), answer.stderr
+    assert "12 out" in answer.stderr or "out" in answer.stderr
+
+    detail = json.loads(vfmctl(stack, "inspect", pid, "-o", "json").stdout)
+    assert detail["counters"]["asks"] == 1 and 0 < detail["counters"]["tokens_out"] <= 12
+    assert detail["counters"]["tokens_in"] > 0
+
+    assert json.loads(vfmctl(stack, "suspend", pid, "-o", "json").stdout)["state"] == "SUSPENDED"
+    refused = vfmctl(stack, "ask", pid, "still there?", check=False)
+    assert refused.returncode == 7 and "SUSPENDED" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert json.loads(vfmctl(stack, "resume", pid, "-o", "json").stdout)["state"] == "READY"
+    assert json.loads(vfmctl(stack, "kill", pid, "-o", "json").stdout)["state"] == "KILLED"
+    assert pid not in {str(p["pid"]) for p in json.loads(vfmctl(stack, "ps", "-o", "json").stdout)}
+    assert pid in {str(p["pid"]) for p in
+                   json.loads(vfmctl(stack, "ps", "-a", "-o", "json").stdout)}
+
+
+@pytest.mark.parametrize("args,code,text", [
+    (("kill", "424242"), 3, "no process with pid 424242"),
+    (("spawn", "bad name"), 2, "bad process name"),
+    (("spawn", "ok", "--max-tokens", "-3"), 2, "max_tokens"),
+    (("spawn", "ok", "--priority", "77"), 2, "priority"),
+    (("inspect", "nosuchname"), 3, "no live process named"),
+])
+def test_errors_are_one_line_with_exit_codes(stack, args, code, text):
+    done = vfmctl(stack, *args, check=False)
+    assert done.returncode == code
+    assert text in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in done.stderr
+
+
+def test_every_command_has_help():
+    for cmd in ("up", "down", "status", "spawn", "ps", "kill", "suspend", "resume", "inspect",
+                "ask", "whoami", "token"):
+        done = subprocess.run([*VFMCTL, cmd, "--help"], capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0 and "usage: vfmctl" in done.stdout
+
+
+def test_no_daemon_gives_a_clear_error(tmp_path):
+    done = subprocess.run([*VFMCTL, "ps", "--socket", str(tmp_path / "none.sock")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 6 and "vfmctl up" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_socket_found_through_environment(stack):
+    env = {**os.environ, "VFM_STATE_DIR": stack}
+    done = subprocess.run([*VFMCTL, "whoami", "-o", "json"], capture_output=True, text=True,
+                          cwd=REPO, env=env)
+    assert done.returncode == 0 and json.loads(done.stdout)["tenant"] == "root"
+    env = {**os.environ, "VFM_SOCKET": os.path.join(stack, "vfmd.sock")}
+    done = subprocess.run([*VFMCTL, "whoami"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert done.returncode == 0 and "root" in done.stdout
