@@ -90,14 +90,14 @@ def _wait(what: str, check, timeout_s: float, daemon: Daemon, state_dir: Path, s
                   f"see {log_file(state_dir, daemon)}")
 
 
-def up(state_dir: Path, say, timeout_s: float = 600.0) -> list[str]:
+def up(state_dir: Path, say, timeout_s: float = 600.0, kernel_args: list[str] | None = None) -> list[str]:
     """Start whatever is not running yet and wait until each daemon serves."""
     state_dir.mkdir(parents=True, exist_ok=True)
     sock = state_dir / KERNEL_SOCKET
     started = []
     if running_pid(state_dir, KERNEL) is None:
         say(f"starting vfmd (state in {state_dir})")
-        start(state_dir, KERNEL, [])
+        start(state_dir, KERNEL, kernel_args or [])
         started.append(KERNEL.name)
     client = Client(sock, timeout=5.0)
     try:

@@ -59,7 +59,11 @@ def _show(args, value, table) -> None:
 # commands
 def cmd_up(args) -> int:
     state_dir = _state_dir(args)
-    started = daemons.up(state_dir, _say, timeout_s=args.timeout)
+    kernel_args = []
+    for flag in ("listen", "tls_cert", "tls_key"):
+        if getattr(args, flag):
+            kernel_args += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    started = daemons.up(state_dir, _say, timeout_s=args.timeout, kernel_args=kernel_args)
     _say(f"VFMOS is up ({', '.join(started) or 'already running'}); "
          f"socket {state_dir / KERNEL_SOCKET}")
     if not args.detach:
@@ -203,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
             json_output=False)
     p.add_argument("--detach", action="store_true",
                    help="return once everything serves (default: stay in the foreground)")
+    p.add_argument("--listen", help="let vfmd also serve TCP on HOST:PORT (bearer tokens)")
+    p.add_argument("--tls-cert", help="PEM certificate for --listen")
+    p.add_argument("--tls-key", help="PEM private key for --listen")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds to wait for each daemon (default 600: a first start converts "
                         "the model)")

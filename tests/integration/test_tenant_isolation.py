@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 from libvfm import Client, Quota
-from libvfm.errors import NotFound, PermissionDenied, Unauthenticated
+from libvfm.errors import NotFound, PermissionDenied, Unauthenticated, Unavailable
 from tests.conftest import REPO, start_kernel
 
 
@@ -141,3 +142,27 @@ def test_second_local_uid_is_its_own_tenant(kernel, state_dir):
         assert out["own"] == "nobody"
         assert root.get(root_pid).state == "READY"
         assert {p.tenant for p in root.ps()} == {"root", "nobody"}
+
+
+def test_tls_listener_with_bearer_token(state_dir):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = state_dir / "cert.pem", state_dir / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    port = _free_port()
+    daemon = start_kernel(state_dir, "--listen", f"127.0.0.1:{port}", "--tls-cert", str(cert),
+                          "--tls-key", str(key))
+    try:
+        with Client(state_dir / "vfmd.sock") as admin:
+            token, _ = admin.token_create("dora")
+        with Client(target=f"localhost:{port}", token=token, tls_ca=cert.read_bytes()) as dora:
+            assert dora.whoami().tenant == "dora"
+            assert dora.spawn("secure").tenant == "dora"
+        # Plain-text clients cannot talk to the TLS port.
+        with Client(target=f"localhost:{port}", token=token, timeout=3) as plain:
+            with pytest.raises(Unavailable):
+                plain.ps()
+    finally:
+        daemon.stop()
