@@ -7,6 +7,7 @@ from pathlib import Path
 
 KERNEL_SOCKET = "vfmd.sock"
 MODEL_SOCKET = "modeld.sock"
+SYSTEM_SOCKET = Path("/run/vfmos") / KERNEL_SOCKET
 
 
 def default_state_dir(env: dict[str, str] | None = None) -> Path:
@@ -45,7 +46,11 @@ def kernel_socket(socket: str | None = None, env: dict[str, str] | None = None) 
         return Path(socket)
     if env.get("VFM_SOCKET"):
         return Path(env["VFM_SOCKET"])
-    return default_state_dir(env) / KERNEL_SOCKET
+    own = default_state_dir(env) / KERNEL_SOCKET
+    # A user with no kernel of their own talks to the host service, if there is one.
+    if not env.get("VFM_STATE_DIR") and not own.exists() and SYSTEM_SOCKET.exists():
+        return SYSTEM_SOCKET
+    return own
 
 
 def credentials_socket(kernel_sock: Path) -> Path:

@@ -1,4 +1,4 @@
-"""The systemd units render with deploy/install-systemd.sh, pass `systemd-analyze verify` and keep VFMOS's settings."""
+"""The systemd units render, pass `systemd-analyze verify` and keep the settings VFMOS relies on."""
 
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def systemd_version() -> int:
 
 
 def verify(unit_dir: Path) -> tuple[int, list[str]]:
-    """Run systemd-analyze verify on every unit in unit_dir; (exit status, lines about our units or unexplained)."""
+    """Verify every unit in unit_dir: (exit status, output lines about ours or unexplained)."""
     # Pinned logging: an inherited SYSTEMD_LOG_LEVEL=debug would flood the output, and
     # SYSTEMD_UNIT_PATH would change which units are found.
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYSTEMD_")}
