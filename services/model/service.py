@@ -1,0 +1,70 @@
+"""The model service's domain: pick the backend for a request, validate it, stream the answer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import AsyncIterator
+
+from libvfm.errors import InvalidArgument
+from services.model.local import LocalTorchBackend
+from services.model.openai_compat import OpenAIBackend
+from services.model.registry import ModelEntry, ModelRegistry
+from services.model.types import GenParams, Piece
+
+log = logging.getLogger("vfm-modeld")
+
+MAX_NEW_TOKENS = 4096
+ROLES = ("system", "user", "assistant")
+
+
+class ModelService:
+    """Holds the registry and one backend per model, started on first use (or preloaded)."""
+
+    def __init__(self, registry: ModelRegistry, cache: Path, threads: int = 0):
+        self.registry = registry
+        self._cache = cache
+        self._threads = threads
+        self._backends: dict[str, LocalTorchBackend | OpenAIBackend] = {}
+
+    def backend(self, name: str = ""):
+        entry = self.registry.get(name)
+        backend = self._backends.get(entry.name)
+        if backend is None:
+            backend = self._make(entry)
+            backend.start()
+            self._backends[entry.name] = backend
+        return backend
+
+    def _make(self, entry: ModelEntry):
+        if entry.backend == "openai":
+            return OpenAIBackend(entry)
+        return LocalTorchBackend(entry, self._cache, self._threads)
+
+    def is_loaded(self, name: str) -> bool:
+        backend = self._backends.get(self.registry.get(name).name)
+        return backend is not None and backend.loaded
+
+    async def generate(self, model: str, messages: list[dict],
+                       params: GenParams) -> AsyncIterator[Piece]:
+        self._validate(messages, params)
+        backend = self.backend(model)
+        async for piece in backend.generate(messages, params):
+            yield piece
+
+    @staticmethod
+    def _validate(messages: list[dict], params: GenParams) -> None:
+        if not messages or not any(m["content"].strip() for m in messages):
+            raise InvalidArgument("the request has no message with content")
+        for m in messages:
+            if m["role"] not in ROLES:
+                raise InvalidArgument(f"unknown role {m['role']!r}; use {', '.join(ROLES)}")
+        if not 1 <= params.max_new_tokens <= MAX_NEW_TOKENS:
+            raise InvalidArgument(f"max_new_tokens must be 1..{MAX_NEW_TOKENS}, "
+                                  f"got {params.max_new_tokens}")
+        if not 0 <= params.temperature <= 5 or not 0 <= params.top_p <= 1:
+            raise InvalidArgument("temperature must be 0..5 and top_p 0..1")
+
+    def stop(self) -> None:
+        for backend in self._backends.values():
+            backend.stop()

@@ -1,0 +1,43 @@
+"""Thin gRPC servicer for vfmos.model.v1: translate, delegate to ModelService, map errors."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from libvfm.errors import VfmError, to_status
+from services.model.service import ModelService
+from services.model.types import GenParams
+from vfmos.model.v1 import model_pb2 as pb
+from vfmos.model.v1 import model_pb2_grpc
+
+log = logging.getLogger("vfm-modeld.rpc")
+
+
+class ModelServicer(model_pb2_grpc.ModelServicer):
+    def __init__(self, service: ModelService):
+        self.service = service
+
+    async def Generate(self, request: pb.GenerateRequest, context):
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        params = GenParams(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
+                           top_p=request.top_p, seed=request.seed, stop=tuple(request.stop))
+        model = self.service.registry.get(request.model).name if request.model else \
+            self.service.registry.default
+        try:
+            async for piece in self.service.generate(request.model, messages, params):
+                yield pb.GenerateChunk(
+                    text=piece.text, tokens=piece.tokens, prompt_tokens=piece.prompt_tokens,
+                    done=piece.done, finish_reason=piece.finish_reason,
+                    completion_tokens=piece.completion_tokens, model=model if piece.done else "")
+        except VfmError as err:
+            await context.abort_with_status(to_status(err))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        registry = self.service.registry
+        return pb.ListModelsResponse(models=[
+            pb.ModelInfo(name=e.name, backend=e.backend, context_window=e.context_window,
+                         cost_per_1k_tokens=e.cost_per_1k_tokens,
+                         loaded=self.service.is_loaded(e.name), is_default=e.name == registry.default)
+            for e in registry.entries()])

@@ -1,0 +1,26 @@
+"""Request and response types of the model service's domain layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class GenParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 0.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Piece:
+    """What one decode step produced; the last piece has done=True and the totals."""
+
+    text: str
+    tokens: int = 1
+    prompt_tokens: int = 0
+    done: bool = False
+    finish_reason: str = ""
+    completion_tokens: int = 0

@@ -1,0 +1,168 @@
+"""vfmd with the real vfm-modeld (tiny real model): streamed asks, quotas, preemption, outages."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from libvfm import Client, Quota
+from libvfm.errors import FailedPrecondition, QuotaExceeded, Unavailable
+from libvfm.types import AskResult
+from tests.conftest import Daemon, start_kernel, wait_for
+
+
+def start_modeld(state_dir) -> Daemon:
+    daemon = Daemon(["-m", "services.model.main", "--state-dir", str(state_dir),
+                     "--kernel-socket", str(state_dir / "vfmd.sock")],
+                    state_dir / "logs" / "vfm-modeld.log").start()
+    return daemon
+
+
+def modeld_serving(client: Client) -> bool:
+    return any(d.name == "vfm-modeld" and d.health == "SERVING" for d in client.services())
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+    state = Path(tempfile.mkdtemp(prefix="vfms", dir="/tmp"))
+    os.chmod(state, 0o755)
+    kernel = start_kernel(state)
+    modeld = start_modeld(state)
+    client = Client(state / "vfmd.sock")
+    wait_for(lambda: modeld_serving(client), 600, "vfm-modeld to serve", log=modeld.log)
+    yield {"state": state, "kernel": kernel, "modeld": modeld, "client": client}
+    client.close()
+    modeld.stop()
+    kernel.stop()
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def test_answer_streams_in_pieces_and_is_accounted(stack):
+    client = stack["client"]
+    pid = client.spawn("streamer").pid
+    items = list(client.ask_stream(pid, "Name three colours.", max_new_tokens=16))
+    pieces, result = items[:-1], items[-1]
+    assert isinstance(result, AskResult) and len(pieces) >= 3
+    assert "".join(pieces) == result.text and result.text.strip()
+    assert 0 < result.usage.tokens_out <= 16 and result.usage.tokens_in > 0
+    assert result.usage.ttft_ms > 0 and result.usage.total_ms >= result.usage.ttft_ms
+    proc = client.get(pid)
+    assert proc.counters.tokens_out == result.usage.tokens_out
+    assert proc.counters.tokens_in == result.usage.tokens_in and proc.counters.asks == 1
+    assert proc.state == "READY"
+
+
+def test_greedy_answers_are_deterministic(stack):
+    client = stack["client"]
+    pid = client.spawn("det").pid
+    a = client.ask(pid, "What is the capital of France?", max_new_tokens=10)
+    b = client.ask(pid, "What is the capital of France?", max_new_tokens=10)
+    assert a.text == b.text
+
+
+def test_token_budget_is_never_exceeded(stack):
+    client = stack["client"]
+    first = client.ask(client.spawn("probe").pid, "Tell me a story.", max_new_tokens=4)
+    budget = first.usage.tokens_in + 6   # room for exactly 6 new tokens
+    pid = client.spawn("capped", quota=Quota(max_tokens=budget)).pid
+    result = client.ask(pid, "Tell me a story.", max_new_tokens=50)
+    assert result.usage.tokens_out == 6 and result.finish_reason == "quota"
+    proc = client.get(pid)
+    assert proc.counters.tokens_in + proc.counters.tokens_out == budget
+    with pytest.raises(QuotaExceeded) as info:
+        client.ask(pid, "More?")
+    assert info.value.quota == "max_tokens"
+
+
+def test_max_concurrent_quota(stack):
+    client = stack["client"]
+    pid = client.spawn("one-at-a-time", quota=Quota(max_concurrent=1)).pid
+    stream = client.ask_stream(pid, "Count to twenty.", max_new_tokens=40)
+    next(stream)  # the first ask is running
+    with Client(stack["state"] / "vfmd.sock") as other:
+        with pytest.raises(QuotaExceeded) as info:
+            other.ask(pid, "And me?", max_new_tokens=2)
+    assert info.value.quota == "max_concurrent"
+    for _ in stream:
+        pass
+
+
+def test_kill_stops_a_streaming_answer(stack):
+    client = stack["client"]
+    pid = client.spawn("doomed").pid
+    seen: list = []
+
+    def ask():
+        with Client(stack["state"] / "vfmd.sock") as c:
+            for item in c.ask_stream(pid, "Write a long essay about the sea.", max_new_tokens=400):
+                seen.append(item)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    wait_for(lambda: len(seen) >= 3, 60, "the answer to start")
+    client.kill(pid)
+    thread.join(30)
+    assert not thread.is_alive()
+    result = seen[-1]
+    assert isinstance(result, AskResult) and result.finish_reason == "killed"
+    assert result.usage.tokens_out < 400
+    assert client.get(pid).state == "KILLED"
+    with pytest.raises(FailedPrecondition):
+        client.ask(pid, "hello?")
+
+
+def test_running_process_comes_back_ready_after_kernel_kill9(stack):
+    client = stack["client"]
+    pid = client.spawn("interrupted").pid
+    started = threading.Event()
+
+    def ask():
+        try:
+            with Client(stack["state"] / "vfmd.sock") as c:
+                for _ in c.ask_stream(pid, "Describe the history of Rome.", max_new_tokens=300):
+                    started.set()
+        except Exception:
+            pass  # the kernel dies under it: that is the point
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    assert started.wait(60)
+    assert client.get(pid).state == "RUNNING"
+    stack["kernel"].kill9()
+    stack["kernel"] = start_kernel(stack["state"])
+    thread.join(30)
+    assert client.get(pid).state == "READY"
+    # The service re-registers with the new kernel by itself and asks work again.
+    wait_for(lambda: modeld_serving(client), 30, "vfm-modeld to re-register")
+    assert client.ask(pid, "Still there?", max_new_tokens=3).usage.tokens_out > 0
+
+
+def test_model_service_outage_is_unavailable_then_recovers(stack):
+    client = stack["client"]
+    pid = client.spawn("patient").pid
+    stack["modeld"].kill9()
+    wait_for(lambda: not modeld_serving(client), 10, "the kernel to notice the outage")
+    with pytest.raises(Unavailable, match="vfm-modeld"):
+        client.ask(pid, "Anyone?")
+    assert client.get(pid).state == "READY"
+    status = {d.name: d.health for d in client.services()}
+    assert status["vfm-modeld"] in ("UNREACHABLE", "NOT_SERVING")
+    stack["modeld"] = start_modeld(stack["state"])
+    wait_for(lambda: modeld_serving(client), 120, "vfm-modeld to come back", log=stack["modeld"].log)
+    assert client.ask(pid, "Back?", max_new_tokens=3).usage.tokens_out > 0
+
+
+def test_unknown_model_is_a_clear_error(stack):
+    client = stack["client"]
+    pid = client.spawn("picky", model="no-such-model").pid
+    with pytest.raises(Exception) as info:
+        client.ask(pid, "hi")
+    assert "no-such-model" in str(info.value)
+    assert client.get(pid).state == "READY"
+    time.sleep(0)
