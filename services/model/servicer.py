@@ -23,9 +23,8 @@ class ModelServicer(model_pb2_grpc.ModelServicer):
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         params = GenParams(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
                            top_p=request.top_p, seed=request.seed, stop=tuple(request.stop))
-        model = self.service.registry.get(request.model).name if request.model else \
-            self.service.registry.default
         try:
+            model = self.service.registry.get(request.model).name
             async for piece in self.service.generate(request.model, messages, params):
                 yield pb.GenerateChunk(
                     text=piece.text, tokens=piece.tokens, prompt_tokens=piece.prompt_tokens,
