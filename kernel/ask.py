@@ -14,7 +14,8 @@ from kernel.identity import Caller
 from kernel.quota import new_token_cap, remaining_tokens
 from kernel.registry import ServiceRegistry
 from kernel.table import ProcessTable
-from libvfm.errors import InvalidArgument, Unavailable, VfmError, from_rpc_error
+from libvfm.errors import (InvalidArgument, QuotaExceeded, Unavailable, VfmError,
+                           from_rpc_error)
 from libvfm.types import Usage
 from vfmos.model.v1 import model_pb2, model_pb2_grpc
 
@@ -60,6 +61,29 @@ class AskRunner:
     def __init__(self, table: ProcessTable, registry: ServiceRegistry):
         self._table = table
         self._registry = registry
+        self._prices: dict[str, float] = {}
+        self._default_model = ""
+        self._prices_at = 0.0
+
+    async def _refresh_prices(self) -> None:
+        """Cost per 1k tokens of each model, from the model service (refreshed each minute)."""
+        if time.monotonic() - self._prices_at < 60.0:
+            return
+        stub = model_pb2_grpc.ModelStub(self._registry.channel(MODEL_SERVICE))
+        reply = await stub.ListModels(model_pb2.ListModelsRequest(), timeout=5.0)
+        self._prices = {m.name: m.cost_per_1k_tokens for m in reply.models}
+        self._default_model = next((m.name for m in reply.models if m.is_default), "")
+        self._prices_at = time.monotonic()
+
+    @staticmethod
+    def _check_prompt_fits(record, prompt_tokens: int, stream) -> None:
+        left = remaining_tokens(record.spec.quota, record.counters)
+        if left is not None and prompt_tokens >= left:
+            stream.cancel()
+            raise QuotaExceeded(
+                f"the question is {prompt_tokens} tokens but process {record.pid} has only "
+                f"{left} left of its {record.spec.quota.max_tokens}-token budget",
+                "max_tokens", f"pid {record.pid}")
 
     async def ask(self, caller: Caller, query: AskQuery) -> AsyncIterator[str | AskDone]:
         """Yield the answer's text pieces, then one AskDone."""
@@ -80,9 +104,11 @@ class AskRunner:
             left = remaining_tokens(record.spec.quota, record.counters)
             asked = query.max_new_tokens or DEFAULT_NEW_TOKENS
             request = self._request(record.spec, query, asked if left is None else min(asked, left))
+            await self._refresh_prices()
             stream = model_pb2_grpc.ModelStub(self._registry.channel(MODEL_SERVICE)).Generate(request)
             async for chunk in stream:
-                if chunk.prompt_tokens:
+                if chunk.prompt_tokens and not usage.tokens_in:
+                    self._check_prompt_fits(record, chunk.prompt_tokens, stream)
                     usage.tokens_in = chunk.prompt_tokens
                 cap = new_token_cap(record.spec.quota, record.counters, usage.tokens_in, asked)
                 if chunk.done:
@@ -111,6 +137,9 @@ class AskRunner:
             raise err from None
         finally:
             usage.total_ms = (time.perf_counter() - started) * 1000
+            usage.model = usage.model or record.spec.model or self._default_model
+            usage.cost = (usage.tokens_in + usage.tokens_out) / 1000 * \
+                self._prices.get(usage.model, 0.0)
             self._table.end_ask(query.pid, preempt, usage.tokens_in, usage.tokens_out, usage.cost)
         yield AskDone(finish, usage)
 

@@ -163,3 +163,23 @@ def test_unknown_model_is_a_clear_error(stack):
     with pytest.raises(NotFound, match="unknown model 'no-such-model'"):
         client.ask(pid, "hi")
     assert client.get(pid).state == "READY"
+
+
+def test_question_bigger_than_the_budget_left_is_refused_and_not_charged(stack):
+    client = stack["client"]
+    pid = client.spawn("tiny-budget", quota=Quota(max_tokens=20)).pid
+    with pytest.raises(QuotaExceeded, match="has only 20 left") as info:
+        client.ask(pid, "Please explain, in detail, how rainbows form after a storm.")
+    assert info.value.quota == "max_tokens"
+    counters = client.get(pid).counters
+    assert counters.tokens_in == 0 and counters.tokens_out == 0
+
+
+def test_cost_is_accounted_at_the_model_price(stack):
+    client = stack["client"]
+    pid = client.spawn("payer").pid
+    result = client.ask(pid, "Say hi.", max_new_tokens=4)
+    tokens = result.usage.tokens_in + result.usage.tokens_out
+    assert result.usage.model == "smollm2-135m"
+    assert result.usage.cost == pytest.approx(tokens / 1000 * 0.01)
+    assert client.get(pid).counters.cost == pytest.approx(result.usage.cost)
