@@ -28,13 +28,16 @@ proto/vfmos/%_pb2.py proto/vfmos/%_pb2_grpc.py: proto/vfmos/%.proto $(STAMP)
 
 proto: $(GENERATED)
 
+VFMCTL = $(VENV)/bin/vfmctl $(if $(STATE_DIR),--state-dir $(STATE_DIR))
+
+# Reuses the FM process "hello" when it is still alive from an earlier run.
 run: setup
-	$(VENV)/bin/vfmctl up --detach $(if $(STATE_DIR),--state-dir $(STATE_DIR))
-	$(VENV)/bin/vfmctl spawn hello $(if $(STATE_DIR),--state-dir $(STATE_DIR))
-	$(VENV)/bin/vfmctl ask --name hello $(if $(STATE_DIR),--state-dir $(STATE_DIR)) "In one sentence, what is an operating system?"
+	$(VFMCTL) up --detach
+	@$(VFMCTL) inspect hello >/dev/null 2>&1 || $(VFMCTL) spawn hello
+	$(VFMCTL) ask hello "In one sentence, what is an operating system?"
 
 down:
-	$(VENV)/bin/vfmctl down $(if $(STATE_DIR),--state-dir $(STATE_DIR))
+	$(VFMCTL) down
 
 test: setup
 	$(PY) -m pytest -q tests
