@@ -13,6 +13,11 @@ def quota_to_pb(quota: Quota) -> pb.Quota:
                     max_resident_pages=quota.max_resident_pages, cost_budget=quota.cost_budget)
 
 
+def quota_from_pb(msg: pb.Quota) -> Quota:
+    return Quota(msg.max_tokens, msg.tokens_per_minute, msg.max_concurrent,
+                 msg.max_resident_pages, msg.cost_budget)
+
+
 def spec_to_pb(spec: ProcessSpec) -> pb.ProcessSpec:
     return pb.ProcessSpec(name=spec.name, priority=spec.priority, model=spec.model,
                           context_budget=spec.context_budget, quota=quota_to_pb(spec.quota),
@@ -25,8 +30,7 @@ def process_from_pb(msg: pb.Process) -> Process:
         pid=msg.pid, tenant=msg.tenant, state=pb.ProcState.Name(msg.state),
         spec=ProcessSpec(name=s.name, priority=s.priority, model=s.model,
                          context_budget=s.context_budget, system_prompt=s.system_prompt,
-                         quota=Quota(q.max_tokens, q.tokens_per_minute, q.max_concurrent,
-                                     q.max_resident_pages, q.cost_budget)),
+                         quota=quota_from_pb(q)),
         counters=Counters(c.tokens_in, c.tokens_out, c.cost, c.asks, c.page_faults, c.page_hits),
         created_at=msg.created_at, updated_at=msg.updated_at, running=msg.running)
 
