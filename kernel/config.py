@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from libvfm.paths import KERNEL_SOCKET, default_data_dir, default_state_dir
@@ -20,6 +20,8 @@ class KernelConfig:
     tls_key: Path | None = None
     health_interval_s: float = 2.0
     log_level: str = "INFO"
+    policy: str = "fair"              # "fair" (weighted fair share) or "fifo" (baseline)
+    tenant_weights: dict[str, float] = field(default_factory=dict)
 
     @property
     def socket(self) -> Path:
@@ -40,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--health-interval", type=float, dest="health_interval_s",
                         help="seconds between service health checks (default 2)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    parser.add_argument("--policy", choices=("fair", "fifo"),
+                        help="scheduling: weighted fair share across tenants (default) or fifo")
+    parser.add_argument("--tenant-weight", action="append", dest="tenant_weights",
+                        metavar="TENANT=W", help="fair-share weight of a tenant (repeatable; "
+                        "default 1; 'vfmctl tenant weight' changes it at run time)")
     return parser.parse_args(argv)
 
 
@@ -65,8 +72,24 @@ def load(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Ke
     for key in ("tls_cert", "tls_key"):
         if values.get(key):
             values[key] = Path(values[key])
+    if isinstance(values.get("tenant_weights"), (list, str)):
+        values["tenant_weights"] = _weights(values["tenant_weights"])
     if "health_interval_s" in values:
         values["health_interval_s"] = float(values["health_interval_s"])
     if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
         raise ValueError("--tls-cert and --tls-key go together")
     return KernelConfig(state_dir=state_dir, data_dir=data_dir, **values)
+
+
+def _weights(items) -> dict[str, float]:
+    """["alice=3", "bob=1"] (flags) or "alice=3,bob=1" (environment) to a dict."""
+    if isinstance(items, str):
+        items = [i for i in items.split(",") if i]
+    weights = {}
+    for item in items:
+        tenant, _, weight = item.partition("=")
+        try:
+            weights[tenant.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(f"bad tenant weight {item!r}: use TENANT=NUMBER") from None
+    return weights

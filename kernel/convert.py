@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kernel.process import DEFAULT_PRIORITY, ProcRecord
-from libvfm.convert import quota_from_pb, spec_to_pb
+from libvfm.convert import counters_to_pb, quota_from_pb, spec_to_pb
 from libvfm.types import ProcessSpec
 from vfmos.kernel.v1 import kernel_pb2 as pb
 
@@ -16,10 +16,7 @@ def spec_from_pb(msg: pb.ProcessSpec) -> ProcessSpec:
 
 
 def process_to_pb(record: ProcRecord, running: int) -> pb.Process:
-    c = record.counters
     return pb.Process(
         pid=record.pid, tenant=record.tenant, state=int(record.state),
-        spec=spec_to_pb(record.spec),
-        counters=pb.Counters(tokens_in=c.tokens_in, tokens_out=c.tokens_out, cost=c.cost,
-                             asks=c.asks, page_faults=c.page_faults, page_hits=c.page_hits),
+        spec=spec_to_pb(record.spec), counters=counters_to_pb(record.counters),
         created_at=record.created_at, updated_at=record.updated_at, running=running)

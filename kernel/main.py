@@ -13,6 +13,8 @@ from grpc_health.v1 import health_pb2
 
 from kernel import config as kconfig
 from kernel.ask import AskRunner
+from kernel.dispatch import Dispatcher
+from kernel.scheduler import Policy
 from kernel.identity import Authenticator, CredentialsServer, TicketBook, TokenBook
 from kernel.registry import ServiceRegistry
 from kernel.runtime.notify import notify_ready, notify_stopping
@@ -38,7 +40,9 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     registry = ServiceRegistry(store, interval_s=cfg.health_interval_s)
     tickets = TicketBook(admin_uids=frozenset({0, os.geteuid()}))
     auth = Authenticator(tickets, TokenBook(store))
-    servicer = KernelServicer(table, registry, auth, AskRunner(table, registry), started)
+    dispatcher = Dispatcher(Policy(cfg.policy), {**cfg.tenant_weights, **table.weights()})
+    servicer = KernelServicer(table, registry, auth, AskRunner(table, registry, dispatcher),
+                              dispatcher, started)
     server_cfg = ServerConfig(unix_socket=cfg.socket, tcp_listen=cfg.listen,
                               tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
     try:

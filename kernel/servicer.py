@@ -11,6 +11,8 @@ import grpc
 
 from kernel.ask import AskDone, AskQuery, AskRunner
 from kernel.convert import process_to_pb, quota_from_pb, spec_from_pb
+from kernel.dispatch import Dispatcher
+from libvfm.convert import counters_to_pb, usage_to_pb
 from kernel.figures import daemon_figures
 from kernel.identity import Authenticator, Caller, require_admin
 from kernel.registry import ServiceRegistry
@@ -45,7 +47,8 @@ def syscall(fn):
 
 class KernelServicer(kernel_pb2_grpc.KernelServicer):
     def __init__(self, table: ProcessTable, registry: ServiceRegistry, auth: Authenticator,
-                 asks: AskRunner, started_at: float):
+                 asks: AskRunner, dispatcher: Dispatcher, started_at: float):
+        self.dispatcher = dispatcher
         self.table = table
         self.registry = registry
         self.auth = auth
@@ -87,6 +90,27 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
     @syscall
     def SetPriority(self, caller: Caller, request: pb.SetPriorityRequest) -> pb.Process:
         return self._proc(self.table.set_priority(caller, request.pid, request.priority))
+
+    @syscall
+    def Usage(self, caller: Caller, request: pb.UsageRequest) -> pb.UsageResponse:
+        snap = self.dispatcher.snapshot()
+        weights = self.table.weights()
+        tenants = []
+        for tenant, (live, sums) in sorted(self.table.tenant_totals(caller).items()):
+            running, queued = snap["tenants"].get(tenant, (0, 0))
+            tenants.append(pb.TenantUsage(
+                tenant=tenant, weight=weights.get(tenant, 1.0), processes=live, running=running,
+                queued=queued, counters=counters_to_pb(sums)))
+        return pb.UsageResponse(tenants=tenants, policy=self.dispatcher.policy.value,
+                                capacity=snap["capacity"], running=snap["running"],
+                                queued=snap["queued"])
+
+    @syscall
+    def SetTenantWeight(self, caller: Caller, request: pb.SetTenantWeightRequest) -> pb.Empty:
+        require_admin(caller, "set tenant weights")
+        self.table.set_weight(request.tenant, request.weight)
+        self.dispatcher.fair.weights[request.tenant] = request.weight
+        return pb.Empty()
 
     @syscall
     def Ping(self, caller: Caller, request: pb.PingRequest) -> pb.PingResponse:
@@ -133,16 +157,14 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
     async def Ask(self, request: pb.AskRequest, context):
         query = AskQuery(pid=request.pid, prompt=request.prompt,
                          max_new_tokens=request.max_new_tokens, temperature=request.temperature,
-                         top_p=request.top_p, seed=request.seed, stop=tuple(request.stop))
+                         top_p=request.top_p, seed=request.seed, stop=tuple(request.stop),
+                         ttft_slo_ms=request.ttft_slo_ms)
         try:
             caller = self.auth.identify(context.invocation_metadata(), context.peer())
             async for item in self.asks.ask(caller, query):
                 if isinstance(item, AskDone):
-                    u = item.usage
-                    yield pb.AskChunk(done=pb.AskDone(finish_reason=item.finish_reason, usage=pb.Usage(
-                        tokens_in=u.tokens_in, tokens_out=u.tokens_out, cost=u.cost,
-                        queue_ms=u.queue_ms, ttft_ms=u.ttft_ms, total_ms=u.total_ms,
-                        model=u.model)))
+                    yield pb.AskChunk(done=pb.AskDone(finish_reason=item.finish_reason,
+                                                      usage=usage_to_pb(item.usage)))
                 else:
                     yield pb.AskChunk(text=item)
         except VfmError as err:

@@ -63,6 +63,16 @@ class KernelStore:
             for _, raw in txn.cursor(db=self._procs):
                 yield ProcRecord.from_dict(_unpack(raw))
 
+    # small settings (tenant weights, ...)
+    def put_meta(self, key: str, value) -> None:
+        with self._env.begin(write=True) as txn:
+            txn.put(key.encode(), _pack(value), db=self._meta)
+
+    def get_meta(self, key: str):
+        with self._env.begin() as txn:
+            raw = txn.get(key.encode(), db=self._meta)
+        return _unpack(raw) if raw else None
+
     # bearer tokens, keyed by the sha256 of the secret
     def put_token(self, digest: bytes, info: dict) -> None:
         with self._env.begin(write=True) as txn:

@@ -12,13 +12,13 @@ from kernel.process import (ON_RECOVERY, TERMINAL, ProcRecord, ProcState, valida
                             validate_quota, validate_spec)
 from kernel.quota import TokenBucket, admit
 from kernel.store import KernelStore
-from libvfm.errors import FailedPrecondition, NotFound, QuotaExceeded
-from libvfm.types import ProcessSpec, Quota
+from libvfm.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
+from libvfm.types import Counters, ProcessSpec, Quota, Usage
 
 log = logging.getLogger("vfmd.table")
 
 MAX_LIVE_PER_TENANT = 10_000
-Preempt = Callable[[str], None]  # called with the reason when a running Ask must stop
+Listener = Callable[[str], None]  # hears "killed", "suspended" or "resumed" for a process
 
 
 class ProcessTable:
@@ -28,7 +28,9 @@ class ProcessTable:
         self._procs: dict[int, ProcRecord] = {}
         self._running: dict[int, int] = {}
         self._buckets: dict[int, TokenBucket] = {}
-        self._preempt: dict[int, set[Preempt]] = {}
+        self._slots: dict[int, int] = {}
+        self._listeners: dict[int, set[Listener]] = {}
+        self._weights: dict[str, float] = dict(store.get_meta("tenant_weights") or {})
         self._recover()
 
     def _recover(self) -> None:
@@ -104,38 +106,76 @@ class ProcessTable:
         return self._update(record, replace(record.spec, priority=priority))
 
     # the Ask path's bookkeeping
-    def begin_ask(self, caller: Caller, pid: int, on_preempt: Preempt) -> ProcRecord:
-        """Admit one Ask: check state and quotas, mark the process RUNNING."""
+    def begin_ask(self, caller: Caller, pid: int, listener: Listener) -> ProcRecord:
+        """Admit one Ask (state and quotas); `listener` hears kill, suspend and resume."""
         record = self.get(caller, pid)
         if record.state not in (ProcState.READY, ProcState.RUNNING):
             raise FailedPrecondition(f"process {pid} is {record.state.name}; it cannot ask now")
         now = self._clock()
         admit(pid, record.spec.quota, record.counters, self.running(pid), self._bucket(record), now)
+        self._running[pid] = self.running(pid) + 1
+        self._listeners.setdefault(pid, set()).add(listener)
+        return record
+
+    def segment_started(self, pid: int) -> None:
+        """An ask of `pid` got a model slot: the process is RUNNING while any ask holds one."""
+        self._slots[pid] = self._slots.get(pid, 0) + 1
+        record = self._procs[pid]
         if record.state == ProcState.READY:
             record.move(ProcState.RUNNING)
             self._store.put_process(record)
-        self._running[pid] = self.running(pid) + 1
-        self._preempt.setdefault(pid, set()).add(on_preempt)
-        return record
 
-    def end_ask(self, pid: int, on_preempt: Preempt, tokens_in: int, tokens_out: int,
-                cost: float) -> ProcRecord:
+    def segment_ended(self, pid: int) -> None:
+        self._slots[pid] = max(0, self._slots.get(pid, 0) - 1)
         record = self._procs[pid]
-        counters = record.counters
-        counters.tokens_in += tokens_in
-        counters.tokens_out += tokens_out
-        counters.cost += cost
-        counters.asks += 1
+        if self._slots[pid] == 0 and record.state == ProcState.RUNNING:
+            record.move(ProcState.READY)
+            self._store.put_process(record)
+
+    def state(self, pid: int) -> ProcState:
+        return self._procs[pid].state
+
+    def end_ask(self, pid: int, listener: Listener, usage: Usage) -> ProcRecord:
+        record = self._procs[pid]
+        c = record.counters
+        c.tokens_in += usage.tokens_in
+        c.tokens_out += usage.tokens_out
+        c.cost += usage.cost
+        c.asks += 1
+        c.queue_ms += usage.queue_ms
+        c.ttft_ms += usage.ttft_ms
+        c.decode_ms += usage.decode_ms
+        c.preemptions += usage.preemptions
         bucket = self._bucket(record)
         if bucket is not None:
-            bucket.charge(tokens_in + tokens_out, self._clock())
+            bucket.charge(usage.tokens_in + usage.tokens_out, self._clock())
         self._running[pid] = max(0, self.running(pid) - 1)
-        self._preempt.get(pid, set()).discard(on_preempt)
-        if self._running[pid] == 0 and record.state == ProcState.RUNNING:
-            record.move(ProcState.READY)
+        self._listeners.get(pid, set()).discard(listener)
         record.updated_at = self._clock()
         self._store.put_process(record)
         return record
+
+    # tenants
+    def weights(self) -> dict[str, float]:
+        return dict(self._weights)
+
+    def set_weight(self, tenant: str, weight: float) -> None:
+        if not 0.01 <= weight <= 1000:
+            raise InvalidArgument(f"tenant weight must be between 0.01 and 1000, got {weight}")
+        self._weights[tenant] = weight
+        self._store.put_meta("tenant_weights", self._weights)
+
+    def tenant_totals(self, caller: Caller) -> dict[str, tuple[int, Counters]]:
+        """Per visible tenant: live processes and summed counters (ended processes count too)."""
+        totals: dict[str, tuple[int, Counters]] = {}
+        for r in self._procs.values():
+            if not caller.may_touch(r.tenant):
+                continue
+            live, sums = totals.get(r.tenant, (0, Counters()))
+            for name, value in vars(r.counters).items():
+                setattr(sums, name, getattr(sums, name) + value)
+            totals[r.tenant] = (live + (r.state not in TERMINAL), sums)
+        return totals
 
     # helpers
     def _bucket(self, record: ProcRecord) -> TokenBucket | None:
@@ -166,6 +206,6 @@ class ProcessTable:
         updated.move(target)
         self._store.put_process(updated)  # durable before the syscall is acknowledged
         self._procs[record.pid] = updated
-        for preempt in list(self._preempt.get(record.pid, ())):
-            preempt(reason)
+        for listener in list(self._listeners.get(record.pid, ())):
+            listener(reason)
         return updated

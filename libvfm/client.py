@@ -14,7 +14,7 @@ from libvfm import convert
 from libvfm.errors import Unauthenticated, Unavailable, VfmError, from_rpc_error
 from libvfm.paths import credentials_socket, kernel_socket
 from libvfm.types import (AskResult, DaemonStatus, Identity, Process, ProcessSpec, Quota,
-                          TokenInfo, Usage)
+                          SystemUsage, TokenInfo, Usage)
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos.kernel.v1 import kernel_pb2_grpc
 
@@ -141,10 +141,16 @@ class AsyncClient:
     # work
     async def ask_stream(self, pid: int, prompt: str, *, max_new_tokens: int = 0,
                          temperature: float = 0.0, top_p: float = 0.0, seed: int = 0,
-                         stop: list[str] | None = None) -> AsyncIterator[str | AskResult]:
-        """Yield text pieces as they are generated, then one AskResult."""
+                         stop: list[str] | None = None,
+                         ttft_slo_ms: float = 0.0) -> AsyncIterator[str | AskResult]:
+        """Yield text pieces as they are generated, then one AskResult.
+
+        `ttft_slo_ms` asks for the first token within that time: the scheduler serves such
+        requests earliest-deadline-first within their tenant.
+        """
         request = pb.AskRequest(pid=pid, prompt=prompt, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, seed=seed, stop=stop or [])
+                                temperature=temperature, top_p=top_p, seed=seed, stop=stop or [],
+                                ttft_slo_ms=ttft_slo_ms)
         pieces: list[str] = []
         for attempt in (0, 1):
             call = self._stub.Ask(request, metadata=self._metadata(renew=attempt == 1))
@@ -182,6 +188,13 @@ class AsyncClient:
     async def services(self) -> list[DaemonStatus]:
         reply = await self._call("Services", pb.ServicesRequest())
         return [convert.daemon_from_pb(d) for d in reply.daemons]
+
+    async def usage(self) -> SystemUsage:
+        """Scheduler figures and per-tenant totals (an admin sees every tenant)."""
+        return convert.system_usage_from_pb(await self._call("Usage", pb.UsageRequest()))
+
+    async def set_tenant_weight(self, tenant: str, weight: float) -> None:
+        await self._call("SetTenantWeight", pb.SetTenantWeightRequest(tenant=tenant, weight=weight))
 
     async def register_service(self, name: str, address: str, pid: int) -> float:
         request = pb.RegisterServiceRequest(name=name, address=address, pid=pid)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from libvfm.types import (Counters, DaemonStatus, Identity, Process, ProcessSpec, Quota,
-                          TokenInfo, Usage)
+                          SystemUsage, TenantUsage, TokenInfo, Usage)
 from vfmos.kernel.v1 import kernel_pb2 as pb
 
 
@@ -31,13 +31,36 @@ def process_from_pb(msg: pb.Process) -> Process:
         spec=ProcessSpec(name=s.name, priority=s.priority, model=s.model,
                          context_budget=s.context_budget, system_prompt=s.system_prompt,
                          quota=quota_from_pb(q)),
-        counters=Counters(c.tokens_in, c.tokens_out, c.cost, c.asks, c.page_faults, c.page_hits),
+        counters=counters_from_pb(c),
         created_at=msg.created_at, updated_at=msg.updated_at, running=msg.running)
+
+
+def counters_from_pb(c: pb.Counters) -> Counters:
+    return Counters(c.tokens_in, c.tokens_out, c.cost, c.asks, c.page_faults, c.page_hits,
+                    c.queue_ms, c.ttft_ms, c.decode_ms, c.preemptions)
+
+
+def counters_to_pb(c: Counters) -> pb.Counters:
+    return pb.Counters(tokens_in=c.tokens_in, tokens_out=c.tokens_out, cost=c.cost, asks=c.asks,
+                       page_faults=c.page_faults, page_hits=c.page_hits, queue_ms=c.queue_ms,
+                       ttft_ms=c.ttft_ms, decode_ms=c.decode_ms, preemptions=c.preemptions)
 
 
 def usage_from_pb(msg: pb.Usage) -> Usage:
     return Usage(msg.tokens_in, msg.tokens_out, msg.cost, msg.queue_ms, msg.ttft_ms,
-                 msg.total_ms, msg.model)
+                 msg.total_ms, msg.model, msg.decode_ms, msg.preemptions)
+
+
+def usage_to_pb(u: Usage) -> pb.Usage:
+    return pb.Usage(tokens_in=u.tokens_in, tokens_out=u.tokens_out, cost=u.cost,
+                    queue_ms=u.queue_ms, ttft_ms=u.ttft_ms, total_ms=u.total_ms, model=u.model,
+                    decode_ms=u.decode_ms, preemptions=u.preemptions)
+
+
+def system_usage_from_pb(msg: pb.UsageResponse) -> SystemUsage:
+    return SystemUsage(msg.policy, msg.capacity, msg.running, msg.queued, [
+        TenantUsage(t.tenant, t.weight, t.processes, t.running, t.queued,
+                    counters_from_pb(t.counters)) for t in msg.tenants])
 
 
 def identity_from_pb(msg: pb.Identity) -> Identity:

@@ -34,6 +34,10 @@ class Counters:
     asks: int = 0
     page_faults: int = 0
     page_hits: int = 0
+    queue_ms: float = 0.0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    preemptions: int = 0
 
 
 @dataclass
@@ -64,6 +68,8 @@ class Usage:
     ttft_ms: float = 0.0
     total_ms: float = 0.0
     model: str = ""
+    decode_ms: float = 0.0
+    preemptions: int = 0
 
 
 @dataclass
@@ -73,6 +79,25 @@ class AskResult:
     text: str
     finish_reason: str
     usage: Usage
+
+
+@dataclass
+class TenantUsage:
+    tenant: str
+    weight: float
+    processes: int
+    running: int
+    queued: int
+    counters: Counters
+
+
+@dataclass
+class SystemUsage:
+    policy: str
+    capacity: int
+    running: int
+    queued: int
+    tenants: list[TenantUsage]
 
 
 @dataclass

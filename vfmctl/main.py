@@ -135,7 +135,8 @@ def cmd_ask(args) -> int:
         result = None
         for item in client.ask_stream(pid, args.question, max_new_tokens=args.max_new_tokens,
                                       temperature=args.temperature, top_p=args.top_p,
-                                      seed=args.seed, stop=args.stop):
+                                      seed=args.seed, stop=args.stop,
+                                      ttft_slo_ms=args.ttft_slo_ms):
             if isinstance(item, AskResult):
                 result = item
             elif args.output != "json":
@@ -145,8 +146,33 @@ def cmd_ask(args) -> int:
     else:
         print()
         u = result.usage
-        _say(f"[{result.finish_reason}; {u.tokens_in} in, {u.tokens_out} out; "
-             f"first token {u.ttft_ms:.0f} ms, total {u.total_ms:.0f} ms; {u.model}]")
+        _say(f"[{result.finish_reason}; {u.tokens_in} in, {u.tokens_out} out; queued "
+             f"{u.queue_ms:.0f} ms, first token {u.ttft_ms:.0f} ms, total {u.total_ms:.0f} ms; "
+             f"{u.model}{f'; preempted {u.preemptions}x' if u.preemptions else ''}]")
+    return 0
+
+
+def cmd_top(args) -> int:
+    with _client(args) as client:
+        if args.output == "json":
+            output.print_json({"usage": client.usage(), "processes": client.ps()})
+            return 0
+        if args.once:
+            output.console().print(output.top_frame(client.usage(), client.ps()))
+            return 0
+        from rich.live import Live
+        import time as _time
+        with Live(output.top_frame(client.usage(), client.ps()), console=output.console(),
+                  screen=False, auto_refresh=False) as live:
+            while True:
+                _time.sleep(args.interval)
+                live.update(output.top_frame(client.usage(), client.ps()), refresh=True)
+
+
+def cmd_tenant(args) -> int:
+    with _client(args) as client:
+        client.set_tenant_weight(args.tenant, args.weight)
+    _say(f"tenant {args.tenant}: weight {args.weight:g}")
     return 0
 
 
@@ -245,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling")
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    p.add_argument("--ttft-slo", type=float, default=0.0, dest="ttft_slo_ms", metavar="MS",
+                   help="first token wanted within MS milliseconds (earliest deadline first)")
+
+    p = add("top", cmd_top, "live view of the scheduler, tenants and busiest processes")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+    p = add("tenant", cmd_tenant, "set a tenant's fair-share weight (admin)", json_output=False)
+    tsub_w = p.add_subparsers(dest="tenant_cmd", metavar="ACTION", required=True)
+    w = tsub_w.add_parser("weight", help="set the weight (default 1; 3 = three times the share)")
+    w.add_argument("tenant")
+    w.add_argument("weight", type=float)
 
     add("whoami", cmd_whoami, "show the identity (tenant) the kernel sees for you")
     p = add("token", cmd_token, "manage bearer tokens for TCP clients (admin)")

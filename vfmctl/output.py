@@ -10,7 +10,7 @@ from dataclasses import asdict, is_dataclass
 from rich.console import Console
 from rich.table import Table
 
-from libvfm.types import DaemonStatus, Process
+from libvfm.types import DaemonStatus, Process, SystemUsage
 
 
 def console() -> Console:
@@ -19,10 +19,10 @@ def console() -> Console:
 
 def print_json(value) -> None:
     def plain(v):
-        return asdict(v) if is_dataclass(v) else v
-    if isinstance(value, list):
-        value = [plain(v) for v in value]
-    print(json.dumps(plain(value), indent=2, sort_keys=True))
+        if is_dataclass(v):
+            return asdict(v)
+        raise TypeError(f"cannot print {type(v).__name__} as JSON")
+    print(json.dumps(value, indent=2, sort_keys=True, default=plain))
 
 
 def _quota_text(used: float, limit: float) -> str:
@@ -40,15 +40,23 @@ def _age(seconds: float) -> str:
 
 def process_table(procs: list[Process]) -> None:
     table = Table(box=None, pad_edge=False)
-    for col in ("PID", "NAME", "TENANT", "STATE", "PRI", "MODEL", "TOKENS", "ASKS", "AGE"):
-        table.add_column(col, justify="right" if col in ("PID", "PRI", "ASKS") else "left")
+    console().print(_process_rows(procs))
+
+
+def _process_rows(procs: list[Process]) -> Table:
+    table = Table(box=None, pad_edge=False)
+    for col in ("PID", "NAME", "TENANT", "STATE", "PRI", "MODEL", "TOKENS", "ASKS", "TTFT",
+                "COST", "AGE"):
+        table.add_column(col, justify="right" if col in ("PID", "PRI", "ASKS", "TTFT") else "left")
     now = time.time()
     for p in procs:
-        used = p.counters.tokens_in + p.counters.tokens_out
+        c = p.counters
+        used = c.tokens_in + c.tokens_out
+        ttft = f"{c.ttft_ms / c.asks:.0f}ms" if c.asks else "-"
         table.add_row(str(p.pid), p.name, p.tenant, p.state, str(p.spec.priority),
                       p.spec.model or "default", _quota_text(used, p.spec.quota.max_tokens),
-                      str(p.counters.asks), _age(now - p.created_at))
-    console().print(table)
+                      str(c.asks), ttft, f"{c.cost:.4g}", _age(now - p.created_at))
+    return table
 
 
 def process_detail(p: Process) -> None:
@@ -65,6 +73,11 @@ def process_detail(p: Process) -> None:
         ("max concurrent", q.max_concurrent or "unlimited"),
         ("cost", f"{c.cost:g} of {q.cost_budget or 'unlimited'}"),
         ("page faults/hits", f"{c.page_faults}/{c.page_hits}"),
+        ("time (total)", f"queue {c.queue_ms:.0f} ms, first token {c.ttft_ms:.0f} ms, "
+                         f"decode {c.decode_ms:.0f} ms"),
+        ("time (per ask)", f"queue {c.queue_ms / max(1, c.asks):.0f} ms, first token "
+                           f"{c.ttft_ms / max(1, c.asks):.0f} ms") if c.asks else ("time (per ask)", "-"),
+        ("preemptions", c.preemptions),
         ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.created_at))),
     ]
     table = Table(box=None, show_header=False, pad_edge=False)
@@ -89,3 +102,22 @@ def daemon_table(daemons: list[DaemonStatus]) -> None:
 
 def error(message: str) -> None:
     print(f"vfmctl: error: {message}", file=sys.stderr)
+
+
+def top_frame(usage: SystemUsage, procs: list[Process], limit: int = 15):
+    """One screen of `vfmctl top`: scheduler line, tenants, busiest processes."""
+    from rich.console import Group
+
+    head = (f"policy {usage.policy}   model slots {usage.running}/{usage.capacity} busy   "
+            f"queued {usage.queued}   {time.strftime('%H:%M:%S')}")
+    tenants = Table(box=None, pad_edge=False, title="tenants", title_justify="left")
+    for col in ("TENANT", "WEIGHT", "PROCS", "RUNNING", "QUEUED", "TOKENS IN", "TOKENS OUT",
+                "COST", "AVG QUEUE", "AVG TTFT"):
+        tenants.add_column(col)
+    for t in usage.tenants:
+        c, asks = t.counters, max(1, t.counters.asks)
+        tenants.add_row(t.tenant, f"{t.weight:g}", str(t.processes), str(t.running),
+                        str(t.queued), str(c.tokens_in), str(c.tokens_out), f"{c.cost:.4g}",
+                        f"{c.queue_ms / asks:.0f}ms", f"{c.ttft_ms / asks:.0f}ms")
+    busiest = sorted(procs, key=lambda p: (p.state != "RUNNING", -p.counters.tokens_out))[:limit]
+    return Group(head, tenants, _process_rows(busiest))
