@@ -21,6 +21,7 @@ class KernelConfig:
     health_interval_s: float = 2.0
     log_level: str = "INFO"
     policy: str = "fair"              # "fair" (weighted fair share) or "fifo" (baseline)
+    max_slots: int = 0                # cap on concurrent asks per model (0 = its max_batch)
     tenant_weights: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -44,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     parser.add_argument("--policy", choices=("fair", "fifo"),
                         help="scheduling: weighted fair share across tenants (default) or fifo")
+    parser.add_argument("--max-slots", type=int, help="at most this many asks per model "
+                        "generate at once (default: the model's batch size)")
     parser.add_argument("--tenant-weight", action="append", dest="tenant_weights",
                         metavar="TENANT=W", help="fair-share weight of a tenant (repeatable; "
                         "default 1; 'vfmctl tenant weight' changes it at run time)")
@@ -74,6 +77,10 @@ def load(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Ke
             values[key] = Path(values[key])
     if isinstance(values.get("tenant_weights"), (list, str)):
         values["tenant_weights"] = _weights(values["tenant_weights"])
+    if "max_slots" in values:
+        values["max_slots"] = int(values["max_slots"])
+        if values["max_slots"] < 0:
+            raise ValueError("--max-slots must be >= 0")
     if "health_interval_s" in values:
         values["health_interval_s"] = float(values["health_interval_s"])
     if bool(values.get("tls_cert")) != bool(values.get("tls_key")):

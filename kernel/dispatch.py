@@ -52,8 +52,9 @@ class Dispatcher:
     """Admission and ordering of asks across all tenants, one pool per model."""
 
     def __init__(self, policy: Policy = Policy.FAIR, weights: dict[str, float] | None = None,
-                 default_capacity: int = 8):
+                 default_capacity: int = 8, max_slots: int = 0):
         self.policy = policy
+        self.max_slots = max_slots
         self.fair = FairShare(weights)
         self.default_capacity = default_capacity
         self._pools: dict[str, Pool] = {}
@@ -65,12 +66,16 @@ class Dispatcher:
     def pool(self, model: str) -> Pool:
         pool = self._pools.get(model)
         if pool is None:
-            pool = Pool(Planner(self.policy, self.fair), self.default_capacity)
+            pool = Pool(Planner(self.policy, self.fair), self._cap(self.default_capacity))
             self._pools[model] = pool
         return pool
 
+    def _cap(self, capacity: int) -> int:
+        return min(capacity, self.max_slots) if self.max_slots else capacity
+
     def set_capacity(self, model: str, capacity: int) -> None:
         pool = self.pool(model)
+        capacity = self._cap(capacity)
         if capacity > 0 and capacity != pool.capacity:
             pool.capacity = capacity
             pool.schedule()

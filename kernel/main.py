@@ -40,7 +40,8 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     registry = ServiceRegistry(store, interval_s=cfg.health_interval_s)
     tickets = TicketBook(admin_uids=frozenset({0, os.geteuid()}))
     auth = Authenticator(tickets, TokenBook(store))
-    dispatcher = Dispatcher(Policy(cfg.policy), {**cfg.tenant_weights, **table.weights()})
+    dispatcher = Dispatcher(Policy(cfg.policy), {**cfg.tenant_weights, **table.weights()},
+                            max_slots=cfg.max_slots)
     servicer = KernelServicer(table, registry, auth, AskRunner(table, registry, dispatcher),
                               dispatcher, started)
     server_cfg = ServerConfig(unix_socket=cfg.socket, tcp_listen=cfg.listen,

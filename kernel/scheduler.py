@@ -85,19 +85,32 @@ class Planner:
         plan = Plan()
         picks = self._fair_order(queued, running, capacity + len(running))
         free = capacity
-        victims = sorted(running, key=self._victim_key)
+        victims = list(running)
         for request in picks:
             if free > 0:
                 plan.admit.append(request)
                 free -= 1
                 continue
-            victim = victims[-1] if victims else None
-            if victim is None or not self._should_preempt(request, victim):
-                break
-            victims.pop()
+            victim = self._victim_for(request, victims)
+            if victim is None:
+                continue  # a later pick (another tenant, a higher priority) may still displace one
+            victims.remove(victim)
             plan.preempt.append(victim)
             plan.admit.append(request)
         return plan
+
+    def _victim_for(self, incoming: Request, running: list[Request]) -> Request | None:
+        """Whom `incoming` may displace: first a lower-priority ask of its own tenant, else an
+        ask of a tenant that is ahead of it by more than the margin (the most served first)."""
+        own = [r for r in running if r.tenant == incoming.tenant and r.priority < incoming.priority]
+        if own:
+            return min(own, key=lambda r: (r.priority, -r.arrival))
+        vt = self.fair.vtime
+        others = [r for r in running if r.tenant != incoming.tenant and
+                  vt.get(r.tenant, 0.0) - vt.get(incoming.tenant, 0.0) > self.preempt_margin]
+        if not others:
+            return None
+        return max(others, key=lambda r: (vt.get(r.tenant, 0.0), -r.priority, r.arrival))
 
     def _fair_order(self, queued: list[Request], running: list[Request], limit: int) -> list[Request]:
         """Queued requests in the order fair share would serve them, up to `limit`."""
@@ -124,13 +137,3 @@ class Planner:
     def _slot_vtime(self, tenant: str, slots: int) -> float:
         return self.fair.vtime.get(tenant, self.fair.floor()) + \
             slots * self.preempt_margin / self.fair.weight(tenant)
-
-    def _victim_key(self, r: Request) -> tuple:
-        # Most over-served tenant last (popped first), lowest priority, newest.
-        return (self.fair.vtime.get(r.tenant, 0.0) / 1.0, -r.priority, r.arrival)
-
-    def _should_preempt(self, incoming: Request, victim: Request) -> bool:
-        if incoming.tenant == victim.tenant:
-            return incoming.priority > victim.priority
-        gap = self.fair.vtime.get(victim.tenant, 0.0) - self.fair.vtime.get(incoming.tenant, 0.0)
-        return gap > self.preempt_margin
