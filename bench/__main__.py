@@ -8,6 +8,7 @@ import sys
 BENCHES = {
     "syscall": "bench.syscall",
     "durability": "bench.durability",
+    "fairness": "bench.fairness",
 }
 
 

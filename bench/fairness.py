@@ -1,0 +1,179 @@
+"""Fairness bench: tenant A floods with 8 processes, tenant B has 1; shares of decode tokens,
+weighted shares, and an interactive process's time to first token; fair policy vs fifo.
+
+Both tenants are backlogged: A keeps 16 asks in flight, B's one process keeps 4, and the
+model has 8 slots; an interactive priority-39 process of B asks once a second."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import time
+from dataclasses import dataclass, field
+
+import uvloop
+
+from bench.common import (cleanup, percentile, report, spawn_daemon, stop, temp_state_dir,
+                          wait_until)
+from libvfm import AsyncClient, Client, VfmError
+
+PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm."
+QUESTION = "Say hello."
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Record:
+    """Completed asks per tenant: (start, end, tokens), for tokens inside a time window."""
+
+    asks: dict[str, list[tuple[float, float, int]]] = field(default_factory=dict)
+    ttft_ms: list[float] = field(default_factory=list)
+    window: tuple[float, float] = (0.0, 0.0)
+
+    def tokens_in(self, tenant: str, start: float, end: float) -> float:
+        total = 0.0
+        for a, b, tokens in self.asks.get(tenant, []):
+            overlap = max(0.0, min(b, end) - max(a, start))
+            total += tokens * overlap / max(b - a, 1e-9)
+        return total
+
+
+async def _loop(client: AsyncClient, pid: int, tenant: str, until: float, tokens: int,
+                rec: Record) -> None:
+    while time.monotonic() < until:
+        start = time.monotonic()
+        try:
+            result = await client.ask(pid, PROMPT, max_new_tokens=tokens)
+        except VfmError:
+            await asyncio.sleep(0.05)
+            continue
+        rec.asks.setdefault(tenant, []).append((start, time.monotonic(), result.usage.tokens_out))
+
+
+async def _interactive(client: AsyncClient, pid: int, until: float, rec: Record,
+                       every_s: float = 1.0) -> None:
+    await asyncio.sleep(every_s)
+    while time.monotonic() < until - every_s:
+        result = await client.ask(pid, QUESTION, max_new_tokens=4)
+        rec.ttft_ms.append(result.usage.ttft_ms)
+        await asyncio.sleep(every_s)
+
+
+async def _phase(target: str, tokens: dict[str, str], seconds: float, new_tokens: int,
+                 with_interactive: bool) -> Record:
+    """A floods: 8 processes with 2 asks each in flight; B: 1 process with 4 in flight.
+    Both stay backlogged (more asks than the model has slots)."""
+    rec = Record()
+    a = [AsyncClient(target=target, token=tokens["tenant-a"]) for _ in range(16)]
+    b = [AsyncClient(target=target, token=tokens["tenant-b"]) for _ in range(4)]
+    a_pids = [(await c.spawn(f"a{i}")).pid for i, c in enumerate(a[:8])] * 2
+    b_pid = (await b[0].spawn("b0")).pid
+    until = time.monotonic() + seconds
+    jobs = [_loop(c, pid, "tenant-a", until, new_tokens, rec) for c, pid in zip(a, a_pids)]
+    jobs += [_loop(c, b_pid, "tenant-b", until, new_tokens, rec) for c in b]
+    clients = [*a, *b]
+    if with_interactive:
+        inter = AsyncClient(target=target, token=tokens["tenant-b"])
+        clients.append(inter)
+        ipid = (await inter.spawn("interactive", priority=39)).pid
+        jobs.append(_interactive(inter, ipid, until, rec))
+    await asyncio.gather(*jobs)
+    for c in clients:
+        await c.close()
+    rec.window = (until - seconds + seconds * 0.25, until - new_tokens / 20)  # skip ramp-up/down
+    return rec
+
+
+async def _unloaded_ttft(target: str, token: str, n: int) -> list[float]:
+    client = AsyncClient(target=target, token=token)
+    pid = (await client.spawn("solo", priority=39)).pid
+    await client.ask(pid, QUESTION, max_new_tokens=2)  # warm-up
+    values = [(await client.ask(pid, QUESTION, max_new_tokens=4)).usage.ttft_ms for _ in range(n)]
+    await client.close()
+    return values
+
+
+def _shares(rec: Record) -> dict[str, float]:
+    start, end = rec.window
+    got = {t: rec.tokens_in(t, start, end) for t in ("tenant-a", "tenant-b")}
+    total = sum(got.values()) or 1.0
+    return {t: v / total for t, v in got.items()}
+
+
+def _jain(values: list[float]) -> float:
+    return sum(values) ** 2 / (len(values) * sum(v * v for v in values)) if any(values) else 0.0
+
+
+def run_policy(policy: str, seconds: float, new_tokens: int, state, port: int, modeld_ready) -> dict:
+    kernel = spawn_daemon(["-m", "kernel.main", "--state-dir", str(state), "--listen",
+                           f"127.0.0.1:{port}", "--policy", policy, "--log-level", "WARNING"],
+                          state / f"vfmd-{policy}.log")
+    try:
+        wait_until(modeld_ready, 120, "vfm-modeld to register")
+        with Client(state / "vfmd.sock") as admin:
+            tokens = {t: admin.token_create(t)[0] for t in ("tenant-a", "tenant-b")}
+            for t in tokens:
+                admin.set_tenant_weight(t, 1.0)
+        target = f"127.0.0.1:{port}"
+        unloaded = uvloop.run(_unloaded_ttft(target, tokens["tenant-b"], 5))
+        equal = uvloop.run(_phase(target, tokens, seconds, new_tokens, with_interactive=True))
+        with Client(state / "vfmd.sock") as admin:
+            admin.set_tenant_weight("tenant-a", 3.0)
+        weighted = uvloop.run(_phase(target, tokens, seconds, new_tokens, with_interactive=False))
+    finally:
+        stop(kernel)
+    eq, wt = _shares(equal), _shares(weighted)
+    return {
+        "share_b": eq["tenant-b"], "jain": _jain([eq["tenant-a"], eq["tenant-b"]]),
+        "weighted_share_a": wt["tenant-a"],
+        "weighted_error": max(abs(wt["tenant-a"] - 0.75), abs(wt["tenant-b"] - 0.25)) * 100,
+        "ttft_p95_loaded_ms": percentile(equal.ttft_ms, 95),
+        "ttft_p95_unloaded_ms": percentile(unloaded, 95),
+        "ttft_p95_ratio": percentile(equal.ttft_ms, 95) / max(percentile(unloaded, 95), 1e-9),
+        "interactive_asks": len(equal.ttft_ms),
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench fairness", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="shorter phases")
+    parser.add_argument("--seconds", type=float, default=0.0, help="length of each phase")
+    parser.add_argument("--tokens", type=int, default=24, help="new tokens per ask")
+    args = parser.parse_args(argv)
+    seconds = args.seconds or (12.0 if args.quick else 30.0)
+    state = temp_state_dir()
+    port = _port()
+    modeld = spawn_daemon(["-m", "services.model.main", "--state-dir", str(state),
+                           "--kernel-socket", str(state / "vfmd.sock")], state / "modeld.log")
+
+    def modeld_ready() -> bool:
+        try:
+            with Client(state / "vfmd.sock", timeout=2) as c:
+                return any(d.name == "vfm-modeld" and d.health == "SERVING" for d in c.services())
+        except VfmError:
+            return False
+
+    try:
+        results = {p: run_policy(p, seconds, args.tokens, state, port, modeld_ready)
+                   for p in ("fair", "fifo")}
+    finally:
+        stop(modeld)
+        cleanup(state)
+    ours, base = results["fair"], results["fifo"]
+    rows = [(k, f"{ours[k]:.3f}", f"{base[k]:.3f}") for k in
+            ("share_b", "jain", "weighted_share_a", "weighted_error", "ttft_p95_unloaded_ms",
+             "ttft_p95_loaded_ms", "ttft_p95_ratio")]
+    figures = {k: round(ours[k], 3) for k in ("jain", "share_b", "weighted_error",
+                                              "ttft_p95_ratio")}
+    figures.update({f"fifo_{k}": round(base[k], 3) for k in ("jain", "share_b", "weighted_error",
+                                                              "ttft_p95_ratio")})
+    report(f"fairness: A has 8 processes (16 asks in flight), B has 1 (4 in flight); "
+           f"{seconds:.0f}s phases, "
+           f"{args.tokens} tokens per ask", rows, ("figure", "fair", "fifo"), figures)
+    return 0
