@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import grpc
@@ -79,6 +79,15 @@ class Interrupt:
 
 
 @dataclass
+class _Answer:
+    """The answer so far: its text, and its token ids when the model service reports them
+    (they let a continuation resume exactly where the model stopped)."""
+
+    text: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+
+
+@dataclass
 class _Segment:
     """Outcome of one stretch of generation between two interruptions."""
 
@@ -101,7 +110,7 @@ class AskRunner:
         started = time.perf_counter()
         interrupt = Interrupt()
         record = self._table.begin_ask(caller, query.pid, interrupt.fire)
-        usage, answer, finish = Usage(), [], ""
+        usage, answer, finish = Usage(), _Answer(), ""
         try:
             await self._refresh_models()
             model = record.spec.model or self._default_model
@@ -163,14 +172,14 @@ class AskRunner:
         if interrupt.reason == "resumed":
             interrupt.reason = ""
 
-    async def _generate(self, record: ProcRecord, query: AskQuery, model: str, answer: list[str],
+    async def _generate(self, record: ProcRecord, query: AskQuery, model: str, answer: "_Answer",
                         usage: Usage, interrupt: Interrupt, segment: _Segment, started: float):
         """Stream one segment; the answer so far goes back in as the assistant's prefix."""
         quota, counters = record.spec.quota, record.counters
         asked = query.max_new_tokens or DEFAULT_NEW_TOKENS
         left = remaining_tokens(quota, counters)
         room = asked - usage.tokens_out
-        request = self._request(record.spec, query, model, "".join(answer),
+        request = self._request(record.spec, query, model, answer,
                                 room if left is None else max(1, min(room, left)))
         segment_start = time.perf_counter()
         prompt_seen = False
@@ -195,8 +204,9 @@ class AskRunner:
                 self._dispatcher.charge(record.tenant, chunk.tokens)
                 if not usage.ttft_ms and chunk.tokens:
                     usage.ttft_ms = (time.perf_counter() - started) * 1000
+                answer.ids.extend(chunk.token_ids)
                 if chunk.text:
-                    answer.append(chunk.text)
+                    answer.text.append(chunk.text)
                     yield chunk.text
         except asyncio.CancelledError:
             if not interrupt.reason or interrupt.reason == "resumed":
@@ -249,13 +259,14 @@ class AskRunner:
                 "max_tokens", f"pid {record.pid}")
 
     @staticmethod
-    def _request(spec, query: AskQuery, model: str, prefix: str,
+    def _request(spec, query: AskQuery, model: str, answer: "_Answer",
                  max_new: int) -> model_pb2.GenerateRequest:
         messages = []
         if spec.system_prompt:
             messages.append(model_pb2.ChatMessage(role="system", content=spec.system_prompt))
         messages.append(model_pb2.ChatMessage(role="user", content=query.prompt))
         return model_pb2.GenerateRequest(
-            model=model, messages=messages, max_new_tokens=max_new, assistant_prefix=prefix,
+            model=model, messages=messages, max_new_tokens=max_new,
+            assistant_prefix="".join(answer.text), assistant_prefix_ids=answer.ids,
             temperature=query.temperature, top_p=query.top_p, seed=query.seed,
             stop=list(query.stop))

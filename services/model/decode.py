@@ -1,13 +1,10 @@
-"""The decode loop of one request: sampling, incremental detokenisation, stop sequences."""
+"""Per-sequence decoding pieces: sampling, incremental detokenisation, stop sequences."""
 
 from __future__ import annotations
 
-import threading
-from typing import Callable
-
 import torch
 
-from services.model.types import GenParams, Piece
+from services.model.types import GenParams
 
 
 class TextStream:
@@ -44,7 +41,7 @@ class TextStream:
         return piece
 
 
-def _pick(logits: torch.Tensor, params: GenParams, generator: torch.Generator | None) -> int:
+def pick(logits: torch.Tensor, params: GenParams, generator: torch.Generator | None) -> int:
     if params.temperature <= 0:
         return int(torch.argmax(logits, dim=-1))
     probs = torch.softmax(logits / params.temperature, dim=-1)
@@ -56,42 +53,7 @@ def _pick(logits: torch.Tensor, params: GenParams, generator: torch.Generator | 
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@torch.inference_mode()
-def decode_loop(model, tokenizer, input_ids: list[int], params: GenParams,
-                cancel: threading.Event, emit: Callable[[Piece], None]) -> None:
-    """Prefill, then one token per step until EOS, a stop sequence, the cap, or cancellation."""
-    from transformers import DynamicCache
-
-    generator = None
-    if params.temperature > 0:
-        generator = torch.Generator().manual_seed(params.seed)
-    eos = set(_eos_ids(model, tokenizer))
-    stream = TextStream(tokenizer, params.stop)
-    cache = DynamicCache()
-    ids = torch.tensor([input_ids])
-    prompt_tokens = len(input_ids)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-    produced, finish = 0, "length"
-    while produced < params.max_new_tokens:
-        if cancel.is_set():
-            return
-        token = _pick(out.logits[0, -1], params, generator)
-        if token in eos:
-            finish = "stop"
-            break
-        produced += 1
-        text, stopped = stream.push(token)
-        emit(Piece(text=text, tokens=1, prompt_tokens=prompt_tokens))
-        if stopped:
-            finish = "stop"
-            break
-        if produced < params.max_new_tokens:
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-    emit(Piece(text=stream.flush(), tokens=0, prompt_tokens=prompt_tokens, done=True,
-               finish_reason=finish, completion_tokens=produced))
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
     if tokenizer.eos_token_id is not None:

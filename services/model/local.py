@@ -10,12 +10,11 @@ import queue
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
 
 from libvfm.errors import InvalidArgument, Unavailable
-from services.model.decode import decode_loop
+from services.model.batch import BatchEngine, Job
 from services.model.registry import ModelEntry
 from services.model.types import GenParams, Piece
 
@@ -81,23 +80,16 @@ def converted_dir(entry: ModelEntry, cache: Path) -> Path:
     return target
 
 
-@dataclass
-class _Job:
-    input_ids: list[int]
-    params: GenParams
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-
 class LocalTorchBackend:
     """One model, owned by one worker thread that runs jobs from a queue."""
 
-    def __init__(self, entry: ModelEntry, cache: Path, threads: int = 0):
+    def __init__(self, entry: ModelEntry, cache: Path, threads: int = 0, max_batch: int = 8):
         self.entry = entry
+        self.max_batch = max_batch
+        self.engine: BatchEngine | None = None
         self._cache = cache
         self._threads = threads or len(os.sched_getaffinity(0))
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._ready = threading.Event()
         self._error: Exception | None = None
         self.tokenizer = None
@@ -130,6 +122,10 @@ class LocalTorchBackend:
         started = time.monotonic()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        if _has_sliding_window(self.model.config):
+            # Left-padding merges assume one full-attention cache per layer.
+            self.max_batch = 1
+        self.engine = BatchEngine(self.model, self.tokenizer, self.max_batch)
         log.info("loaded %s in %.1f s (%d threads)", self.entry.name,
                  time.monotonic() - started, self._threads)
 
@@ -140,46 +136,47 @@ class LocalTorchBackend:
             log.exception("loading %s failed", self.entry.name)
             self._error = exc
         self._ready.set()
-        while (job := self._jobs.get()) is not None:
-            if self._error is not None:
-                self._emit(job, Unavailable(f"model {self.entry.name} is not loaded"))
-                continue
-            try:
-                self._generate(job)
-            except Exception as exc:
-                log.exception("generation failed")
-                self._emit(job, exc)
+        if self._error is not None:
+            while (job := self._jobs.get()) is not None:
+                job.emit(Unavailable(f"model {self.entry.name} is not loaded: {self._error}"))
+            return
+        self.engine.run(self._jobs)
 
-    @staticmethod
-    def _emit(job: _Job, item) -> None:
-        job.loop.call_soon_threadsafe(job.out.put_nowait, item)
-
-    def encode(self, messages: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=True, return_dict=True)["input_ids"]
+    def encode(self, messages: list[dict], params: GenParams) -> list[int]:
+        ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                      tokenize=True, return_dict=True)["input_ids"])
+        # Continue an interrupted answer from where it stopped: exactly, from its ids.
+        if params.assistant_prefix_ids:
+            vocab = self.model.config.vocab_size
+            if any(not 0 <= i < vocab for i in params.assistant_prefix_ids):
+                raise InvalidArgument(f"assistant_prefix_ids outside the vocabulary (0..{vocab})")
+            ids += list(params.assistant_prefix_ids)
+        elif params.assistant_prefix:
+            ids += self.tokenizer.encode(params.assistant_prefix, add_special_tokens=False)
         if len(ids) >= self.entry.context_window:
             raise InvalidArgument(f"the prompt is {len(ids)} tokens; model {self.entry.name} "
                                   f"holds {self.entry.context_window}")
-        return list(ids)
+        return ids
 
     async def generate(self, messages: list[dict], params: GenParams) -> AsyncIterator[Piece]:
         await self.wait_loaded()
-        ids = self.encode(messages)
-        room = self.entry.context_window - len(ids)
-        params.max_new_tokens = min(params.max_new_tokens, room)
-        job = _Job(ids, params, asyncio.get_running_loop(), asyncio.Queue())
+        ids = self.encode(messages, params)
+        params.max_new_tokens = min(params.max_new_tokens, self.entry.context_window - len(ids))
+        loop, out = asyncio.get_running_loop(), asyncio.Queue()
+        job = Job(ids, params, lambda item: loop.call_soon_threadsafe(out.put_nowait, item))
         self._jobs.put(job)
         try:
             while True:
-                item = await job.out.get()
+                item = await out.get()
                 if isinstance(item, Exception):
                     raise item
                 yield item
                 if item.done:
                     return
         finally:
-            job.cancel.set()  # the caller left (or finished): stop within one step
+            job.cancel.set()  # the caller left (or finished): the row is dropped within a step
 
-    def _generate(self, job: _Job) -> None:
-        decode_loop(self.model, self.tokenizer, job.input_ids, job.params, job.cancel,
-                    lambda piece: self._emit(job, piece))
+
+def _has_sliding_window(config) -> bool:
+    layer_types = getattr(config, "layer_types", None) or ()
+    return bool(getattr(config, "sliding_window", None)) and "sliding_attention" in layer_types

@@ -21,8 +21,10 @@ ROLES = ("system", "user", "assistant")
 class ModelService:
     """Holds the registry and one backend per model, started on first use (or preloaded)."""
 
-    def __init__(self, registry: ModelRegistry, cache: Path, threads: int = 0):
+    def __init__(self, registry: ModelRegistry, cache: Path, threads: int = 0,
+                 max_batch: int = 8):
         self.registry = registry
+        self._max_batch = max_batch
         self._cache = cache
         self._threads = threads
         self._backends: dict[str, LocalTorchBackend | OpenAIBackend] = {}
@@ -39,7 +41,17 @@ class ModelService:
     def _make(self, entry: ModelEntry):
         if entry.backend == "openai":
             return OpenAIBackend(entry)
-        return LocalTorchBackend(entry, self._cache, self._threads)
+        return LocalTorchBackend(entry, self._cache, self._threads, self._max_batch)
+
+    def max_batch(self, name: str) -> int:
+        """Sequences the model decodes together (what the kernel may send at once)."""
+        entry = self.registry.get(name)
+        backend = self._backends.get(entry.name)
+        if entry.backend == "openai":
+            return int(entry.options.get("max_batch", 64))
+        if backend is not None and backend.loaded:
+            return backend.max_batch
+        return self._max_batch
 
     def is_loaded(self, name: str) -> bool:
         backend = self._backends.get(self.registry.get(name).name)

@@ -22,14 +22,17 @@ class ModelServicer(model_pb2_grpc.ModelServicer):
     async def Generate(self, request: pb.GenerateRequest, context):
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         params = GenParams(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
-                           top_p=request.top_p, seed=request.seed, stop=tuple(request.stop))
+                           top_p=request.top_p, seed=request.seed, stop=tuple(request.stop),
+                           assistant_prefix=request.assistant_prefix,
+                           assistant_prefix_ids=tuple(request.assistant_prefix_ids))
         try:
             model = self.service.registry.get(request.model).name
             async for piece in self.service.generate(request.model, messages, params):
                 yield pb.GenerateChunk(
                     text=piece.text, tokens=piece.tokens, prompt_tokens=piece.prompt_tokens,
                     done=piece.done, finish_reason=piece.finish_reason,
-                    completion_tokens=piece.completion_tokens, model=model if piece.done else "")
+                    completion_tokens=piece.completion_tokens, model=model if piece.done else "",
+                    token_ids=piece.token_ids)
         except VfmError as err:
             await context.abort_with_status(to_status(err))
 
@@ -38,5 +41,6 @@ class ModelServicer(model_pb2_grpc.ModelServicer):
         return pb.ListModelsResponse(models=[
             pb.ModelInfo(name=e.name, backend=e.backend, context_window=e.context_window,
                          cost_per_1k_tokens=e.cost_per_1k_tokens,
-                         loaded=self.service.is_loaded(e.name), is_default=e.name == registry.default)
+                         loaded=self.service.is_loaded(e.name), is_default=e.name == registry.default,
+                         max_batch=self.service.max_batch(e.name))
             for e in registry.entries()])

@@ -12,6 +12,8 @@ class GenParams:
     top_p: float = 0.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    assistant_prefix: str = ""   # an interrupted answer to continue
+    assistant_prefix_ids: tuple[int, ...] = ()  # the same as token ids, when known
 
 
 @dataclass
@@ -24,3 +26,4 @@ class Piece:
     done: bool = False
     finish_reason: str = ""
     completion_tokens: int = 0
+    token_ids: tuple[int, ...] = ()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -35,10 +36,11 @@ def stack(tmp_path_factory):
     modeld = start_modeld(state)
     client = Client(state / "vfmd.sock")
     wait_for(lambda: modeld_serving(client), 600, "vfm-modeld to serve", log=modeld.log)
-    yield {"state": state, "kernel": kernel, "modeld": modeld, "client": client}
+    parts = {"state": state, "kernel": kernel, "modeld": modeld, "client": client}
+    yield parts
     client.close()
-    modeld.stop()
-    kernel.stop()
+    parts["modeld"].stop()  # the tests may have replaced either daemon
+    parts["kernel"].stop()
     shutil.rmtree(state, ignore_errors=True)
 
 
@@ -183,3 +185,64 @@ def test_cost_is_accounted_at_the_model_price(stack):
     assert result.usage.model == "smollm2-135m"
     assert result.usage.cost == pytest.approx(tokens / 1000 * 0.01)
     assert client.get(pid).counters.cost == pytest.approx(result.usage.cost)
+
+
+def _stream_in_thread(state, pid, prompt, tokens):
+    seen: list = []
+
+    def run():
+        with Client(state / "vfmd.sock") as c:
+            for item in c.ask_stream(pid, prompt, max_new_tokens=tokens):
+                seen.append(item)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, seen
+
+
+def test_suspend_pauses_and_resume_continues_the_same_answer(stack):
+    client = stack["client"]
+    prompt = "Explain how a bicycle works."
+    reference = client.ask(client.spawn("reference").pid, prompt, max_new_tokens=30)
+    pid = client.spawn("pausable").pid
+    thread, seen = _stream_in_thread(stack["state"], pid, prompt, 30)
+    wait_for(lambda: len(seen) >= 5, 60, "the answer to start")
+    assert client.suspend(pid).state == "SUSPENDED"
+    time.sleep(0.3)  # a step in flight may still land
+    paused_at = len(seen)
+    time.sleep(1.0)
+    assert len(seen) == paused_at, "generation went on while suspended"
+    assert client.get(pid).state == "SUSPENDED"
+    client.resume(pid)
+    thread.join(60)
+    result = seen[-1]
+    assert isinstance(result, AskResult) and result.finish_reason == reference.finish_reason
+    assert result.usage.tokens_out == reference.usage.tokens_out
+    assert result.text == reference.text  # a context switch, not a restart
+
+
+def test_kill_while_suspended_ends_the_answer(stack):
+    client = stack["client"]
+    pid = client.spawn("frozen").pid
+    thread, seen = _stream_in_thread(stack["state"], pid, "Count from one to fifty.", 60)
+    wait_for(lambda: len(seen) >= 3, 60, "the answer to start")
+    client.suspend(pid)
+    client.kill(pid)
+    thread.join(30)
+    assert isinstance(seen[-1], AskResult) and seen[-1].finish_reason == "killed"
+
+
+def test_tokens_per_minute_and_cost_budget_are_enforced(stack):
+    client = stack["client"]
+    pid = client.spawn("rate-limited", quota=Quota(tokens_per_minute=30)).pid
+    client.ask(pid, "Say something.", max_new_tokens=8)  # ~40 tokens: the bucket is in debt
+    with pytest.raises(QuotaExceeded, match="tokens/minute") as info:
+        client.ask(pid, "Again?", max_new_tokens=2)
+    assert info.value.quota == "tokens_per_minute"
+    pid = client.spawn("frugal", quota=Quota(cost_budget=0.0001)).pid
+    client.ask(pid, "Say something.", max_new_tokens=4)  # ~35 tokens at 0.01/1k = 0.00035
+    with pytest.raises(QuotaExceeded) as info:
+        client.ask(pid, "Again?", max_new_tokens=2)
+    assert info.value.quota == "cost_budget"
+    detail = client.get(pid)
+    assert detail.counters.cost >= 0.0001 and detail.counters.asks == 1

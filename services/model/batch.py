@@ -1,0 +1,239 @@
+"""Continuous batching: sequences join and leave one running batch between decode steps."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from services.model.decode import TextStream, eos_ids, pick
+from services.model.types import GenParams, Piece
+
+log = logging.getLogger("vfm-modeld.batch")
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, heads, T, dim]
+
+
+@dataclass
+class Job:
+    """One request handed to the engine; `emit` delivers pieces (thread-safe)."""
+
+    input_ids: list[int]
+    params: GenParams
+    emit: Callable[[Piece | Exception], None]
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Row:
+    job: Job
+    stream: TextStream
+    generator: torch.Generator | None
+    token: int = 0
+    produced: int = 0
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    rows_decoded: int = 0          # sum over steps of the batch size
+    max_rows: int = 0
+    prefill_tokens: int = 0
+    prefix_hits: int = 0
+    prefix_tokens_reused: int = 0
+
+
+class PrefixCache:
+    """KV of recent prompts; a new prompt reuses the longest common prefix it shares."""
+
+    def __init__(self, entries: int = 32, min_tokens: int = 8):
+        self._entries: OrderedDict[tuple[int, ...], KV] = OrderedDict()
+        self._size = entries
+        self._min = min_tokens
+
+    def lookup(self, ids: list[int]) -> tuple[int, KV | None]:
+        best, best_kv = 0, None
+        for key, kv in self._entries.items():
+            n = 0
+            for a, b in zip(key, ids):
+                if a != b:
+                    break
+                n += 1
+            if n > best:
+                best, best_kv = n, kv
+        # Keep at least one token to prefill: its logits start the answer.
+        best = min(best, len(ids) - 1)
+        if best < self._min or best_kv is None:
+            return 0, None
+        return best, [(k[:, :, :best], v[:, :, :best]) for k, v in best_kv]
+
+    def store(self, ids: list[int], kv: KV) -> None:
+        key = tuple(ids)
+        self._entries[key] = kv
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
+class BatchEngine:
+    """Owns the model in one thread. Between steps it admits queued jobs (prefilled alone,
+    then left-padded into the batch KV) and drops finished or cancelled rows; each step is
+    one forward pass for every active row."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, prefix_cache: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.stats = EngineStats()
+        self._prefixes = PrefixCache() if prefix_cache else None
+        self._eos = set(eos_ids(model, tokenizer))
+        self._rows: list[_Row] = []
+        self._kv: KV = []
+        self._mask = torch.zeros((0, 0), dtype=torch.long)
+        self._logits = torch.zeros((0, 0))
+
+    @torch.inference_mode()
+    def run(self, jobs: "queue.Queue[Job | None]") -> None:
+        """Serve jobs until a None arrives."""
+        while True:
+            if not self._admit(jobs):
+                return
+            if self._rows:
+                self._step()
+
+    def _admit(self, jobs: "queue.Queue[Job | None]") -> bool:
+        block = not self._rows  # idle: sleep until work comes
+        while len(self._rows) < self.max_batch:
+            try:
+                job = jobs.get(block=block)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            block = False
+            if job.cancel.is_set():
+                continue
+            try:
+                self._join(job)
+            except Exception as exc:  # a bad request must not take the batch down
+                log.exception("prefill failed")
+                job.emit(exc)
+        return True
+
+    def _join(self, job: Job) -> None:
+        from transformers import DynamicCache
+
+        ids = job.input_ids
+        reused, past = self._prefixes.lookup(ids) if self._prefixes else (0, None)
+        cache = DynamicCache(past) if past else DynamicCache()
+        out = self.model(input_ids=torch.tensor([ids[reused:]]), past_key_values=cache,
+                         use_cache=True)
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        self.stats.prefill_tokens += len(ids) - reused
+        if reused:
+            self.stats.prefix_hits += 1
+            self.stats.prefix_tokens_reused += reused
+        if self._prefixes is not None:
+            self._prefixes.store(ids, kv)
+        generator = None
+        if job.params.temperature > 0:
+            generator = torch.Generator().manual_seed(job.params.seed)
+        row = _Row(job, TextStream(self.tokenizer, job.params.stop), generator)
+        self._merge(row, kv, out.logits[:, -1])
+
+    def _merge(self, row: _Row, kv: KV, logits: torch.Tensor) -> None:
+        """Left-pad the new row or the batch so both share one sequence length, then stack."""
+        length = kv[0][0].shape[2]
+        width = self._mask.shape[1]
+        if not self._rows:
+            self._kv, self._mask = kv, torch.ones((1, length), dtype=torch.long)
+            self._logits = logits
+            self._rows = [row]
+            return
+        if length > width:
+            self._kv = [(_pad_left(k, length - width), _pad_left(v, length - width))
+                        for k, v in self._kv]
+            self._mask = torch.nn.functional.pad(self._mask, (length - width, 0))
+            width = length
+        new_mask = torch.zeros((1, width), dtype=torch.long)
+        new_mask[:, width - length:] = 1
+        self._kv = [(torch.cat([k, _pad_left(nk, width - length)]),
+                     torch.cat([v, _pad_left(nv, width - length)]))
+                    for (k, v), (nk, nv) in zip(self._kv, kv)]
+        self._mask = torch.cat([self._mask, new_mask])
+        self._logits = torch.cat([self._logits, logits])
+        self._rows.append(row)
+
+    def _step(self) -> None:
+        """Sample one token per row, emit, drop finished rows, then one forward for the rest."""
+        keep = []
+        for i, row in enumerate(self._rows):
+            if row.job.cancel.is_set():
+                continue
+            if self._advance(row, self._logits[i]):
+                keep.append(i)
+        if len(keep) != len(self._rows):
+            self._select(keep)
+        if not self._rows:
+            return
+        from transformers import DynamicCache
+
+        self._mask = torch.cat([self._mask, torch.ones((len(self._rows), 1), dtype=torch.long)],
+                               dim=1)
+        positions = (self._mask.sum(dim=1, keepdim=True) - 1)
+        out = self.model(input_ids=torch.tensor([[r.token] for r in self._rows]),
+                         attention_mask=self._mask, position_ids=positions,
+                         past_key_values=DynamicCache(self._kv), use_cache=True)
+        self._kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        self._logits = out.logits[:, -1]
+        self.stats.steps += 1
+        self.stats.rows_decoded += len(self._rows)
+        self.stats.max_rows = max(self.stats.max_rows, len(self._rows))
+
+    def _advance(self, row: _Row, logits: torch.Tensor) -> bool:
+        """Pick the row's next token and emit it; False when the row is finished."""
+        params = row.job.params
+        token = pick(logits, params, row.generator)
+        finish = ""
+        if token in self._eos:
+            finish = "stop"
+        else:
+            row.produced += 1
+            row.token = token
+            text, stopped = row.stream.push(token)
+            row.job.emit(Piece(text=text, tokens=1, prompt_tokens=len(row.job.input_ids),
+                               token_ids=(token,)))
+            if stopped:
+                finish = "stop"
+            elif row.produced >= params.max_new_tokens:
+                finish = "length"
+        if finish:
+            row.job.emit(Piece(text=row.stream.flush(), tokens=0,
+                               prompt_tokens=len(row.job.input_ids), done=True,
+                               finish_reason=finish, completion_tokens=row.produced))
+            return False
+        return True
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only rows `keep`, then drop the left columns that are padding for all of them."""
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._kv, self._mask = [], torch.zeros((0, 0), dtype=torch.long)
+            return
+        index = torch.tensor(keep)
+        mask = self._mask.index_select(0, index)
+        start = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())
+        self._mask = mask[:, start:]
+        self._kv = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+                    for k, v in self._kv]
+        self._logits = self._logits.index_select(0, index)
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, 0, n, 0)) if n > 0 else t
