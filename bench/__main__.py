@@ -9,6 +9,8 @@ BENCHES = {
     "syscall": "bench.syscall",
     "durability": "bench.durability",
     "fairness": "bench.fairness",
+    "batching": "bench.batching",
+    "stack": "bench.stack",
 }
 
 

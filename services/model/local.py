@@ -83,9 +83,11 @@ def converted_dir(entry: ModelEntry, cache: Path) -> Path:
 class LocalTorchBackend:
     """One model, owned by one worker thread that runs jobs from a queue."""
 
-    def __init__(self, entry: ModelEntry, cache: Path, threads: int = 0, max_batch: int = 8):
+    def __init__(self, entry: ModelEntry, cache: Path, threads: int = 0, max_batch: int = 8,
+                 prefix_cache: bool = True):
         self.entry = entry
         self.max_batch = max_batch
+        self._prefix_cache = prefix_cache
         self.engine: BatchEngine | None = None
         self._cache = cache
         self._threads = threads or len(os.sched_getaffinity(0))
@@ -125,7 +127,7 @@ class LocalTorchBackend:
         if _has_sliding_window(self.model.config):
             # Left-padding merges assume one full-attention cache per layer.
             self.max_batch = 1
-        self.engine = BatchEngine(self.model, self.tokenizer, self.max_batch)
+        self.engine = BatchEngine(self.model, self.tokenizer, self.max_batch, self._prefix_cache)
         log.info("loaded %s in %.1f s (%d threads)", self.entry.name,
                  time.monotonic() - started, self._threads)
 

@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-preload", action="store_true",
                         help="load the default model on first use instead of at start")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="recompute every prompt (no reuse of shared prompt prefixes)")
     parser.add_argument("--max-batch", type=int, default=8,
                         help="sequences decoded together by a local model (default 8)")
     parser.add_argument("--log-level", default="INFO")
@@ -76,7 +78,8 @@ async def serve(args: argparse.Namespace) -> None:
         raise DaemonStartError(f"bad model configuration: {exc}") from exc
     if not 1 <= args.max_batch <= 256:
         raise DaemonStartError("--max-batch must be between 1 and 256")
-    service = ModelService(registry, cache_root(), args.threads, args.max_batch)
+    service = ModelService(registry, cache_root(), args.threads, args.max_batch,
+                           prefix_cache=not args.no_prefix_cache)
     servicer = ModelServicer(service)
     server, health, _ = create_server(
         ServerConfig(unix_socket=socket),

@@ -1,0 +1,87 @@
+"""Batching bench: 8 FM processes asking at once through the stack, vs the same asks one at a
+time (the fifo baseline) and vs raw batched transformers `generate` on the same prompts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import torch
+import uvloop
+
+from bench.common import report
+from bench.stackutil import Stack, load_direct, story_prompts
+from libvfm import AsyncClient
+
+
+async def _through_stack(socket, prompts: list[str], tokens: int, concurrent: bool) -> tuple[int, float]:
+    client = AsyncClient(socket, timeout=600)
+    pids = [(await client.spawn(f"b{i}")).pid for i in range(len(prompts))]
+    await client.ask(pids[0], "Hi.", max_new_tokens=2)  # warm-up
+    start = time.perf_counter()
+    if concurrent:
+        results = await asyncio.gather(*(client.ask(pid, p, max_new_tokens=tokens)
+                                         for pid, p in zip(pids, prompts)))
+    else:
+        results = [await client.ask(pid, p, max_new_tokens=tokens)
+                   for pid, p in zip(pids, prompts)]
+    elapsed = time.perf_counter() - start
+    await client.close()
+    return sum(r.usage.tokens_out for r in results), elapsed
+
+
+@torch.inference_mode()
+def _raw_batch(prompts: list[str], tokens: int) -> tuple[int, float]:
+    model, tokenizer = load_direct()
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                           add_generation_prompt=True, tokenize=False)
+             for p in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    model.generate(**tokenizer(texts[:1], return_tensors="pt"), max_new_tokens=2)  # warm-up
+    start = time.perf_counter()
+    out = model.generate(**batch, max_new_tokens=tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    elapsed = time.perf_counter() - start
+    new = out[:, batch["input_ids"].shape[1]:]
+    eos = set(model.generation_config.eos_token_id if isinstance(
+        model.generation_config.eos_token_id, list) else [model.generation_config.eos_token_id])
+    produced = 0
+    for row in new.tolist():
+        for token in row:
+            if token in eos:
+                break
+            produced += 1
+    return produced, elapsed
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench batching", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer new tokens")
+    parser.add_argument("--tokens", type=int, default=0, help="new tokens per ask (default 64)")
+    parser.add_argument("--procs", type=int, default=8, help="FM processes asking at once")
+    args = parser.parse_args(argv)
+    tokens = args.tokens or (32 if args.quick else 64)
+    prompts = story_prompts(args.procs)
+    stack = Stack()
+    try:
+        batched = uvloop.run(_through_stack(stack.socket, prompts, tokens, concurrent=True))
+        sequential = uvloop.run(_through_stack(stack.socket, prompts, tokens, concurrent=False))
+    finally:
+        stack.close()  # the raw baseline must not share the cores with the daemons
+    raw = _raw_batch(prompts, tokens)
+    rate = {name: n / t for name, (n, t) in
+            (("stack, 8 at once", batched), ("stack, one at a time", sequential),
+             ("raw generate, batch of 8", raw))}
+    ours = rate["stack, 8 at once"]
+    figures = {"ratio_vs_sequential": round(ours / rate["stack, one at a time"], 3),
+               "ratio_vs_raw_batch": round(ours / rate["raw generate, batch of 8"], 3),
+               "tokens_per_s": round(ours, 1),
+               "sequential_tokens_per_s": round(rate["stack, one at a time"], 1),
+               "raw_batch_tokens_per_s": round(rate["raw generate, batch of 8"], 1)}
+    rows = [(name, n, f"{t:.2f}", f"{n / t:.1f}") for name, (n, t) in
+            zip(rate, (batched, sequential, raw))]
+    report(f"batching: {args.procs} FM processes, {tokens} new tokens each, SmolLM2 fp32",
+           rows, ("run", "tokens", "seconds", "tokens/s"), figures)
+    return 0
