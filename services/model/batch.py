@@ -28,6 +28,7 @@ class Job:
     params: GenParams
     emit: Callable[[Piece | Exception], None]
     cancel: threading.Event = field(default_factory=threading.Event)
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class _Row:
     generator: torch.Generator | None
     token: int = 0
     produced: int = 0
+    fresh: bool = False   # its next token is already sampled (at join); feed it, don't resample
 
 
 @dataclass
@@ -108,6 +110,9 @@ class BatchEngine:
                 self._step()
 
     def _admit(self, jobs: "queue.Queue[Job | None]") -> bool:
+        cancelled = [i for i, r in enumerate(self._rows) if r.job.cancel.is_set()]
+        if cancelled:  # free their slots before admitting: a preempted row makes room now
+            self._select([i for i in range(len(self._rows)) if i not in cancelled])
         block = not self._rows  # idle: sleep until work comes
         while len(self._rows) < self.max_batch:
             try:
@@ -130,6 +135,7 @@ class BatchEngine:
         from transformers import DynamicCache
 
         ids = job.input_ids
+        started = time.perf_counter()
         reused, past = self._prefixes.lookup(ids) if self._prefixes else (0, None)
         cache = DynamicCache(past) if past else DynamicCache()
         out = self.model(input_ids=torch.tensor([ids[reused:]]), past_key_values=cache,
@@ -141,11 +147,18 @@ class BatchEngine:
             self.stats.prefix_tokens_reused += reused
         if self._prefixes is not None:
             self._prefixes.store(ids, kv)
+        log.debug("joined after %.0f ms in queue; prefill %d tokens (%d reused) in %.0f ms; "
+                  "%d rows", (started - job.queued_at) * 1000, len(ids) - reused, reused,
+                  (time.perf_counter() - started) * 1000, len(self._rows) + 1)
         generator = None
         if job.params.temperature > 0:
             generator = torch.Generator().manual_seed(job.params.seed)
         row = _Row(job, TextStream(self.tokenizer, job.params.stop), generator)
-        self._merge(row, kv, out.logits[:, -1])
+        # Sample and send the first token now: time to first token is one prefill, not a
+        # prefill plus a wait for the batch's next step.
+        if self._advance(row, out.logits[0, -1]):
+            row.fresh = True
+            self._merge(row, kv, out.logits[:, -1])
 
     def _merge(self, row: _Row, kv: KV, logits: torch.Tensor) -> None:
         """Left-pad the new row or the batch so both share one sequence length, then stack."""
@@ -176,7 +189,10 @@ class BatchEngine:
         for i, row in enumerate(self._rows):
             if row.job.cancel.is_set():
                 continue
-            if self._advance(row, self._logits[i]):
+            if row.fresh:
+                row.fresh = False
+                keep.append(i)
+            elif self._advance(row, self._logits[i]):
                 keep.append(i)
         if len(keep) != len(self._rows):
             self._select(keep)
