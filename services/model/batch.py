@@ -114,22 +114,29 @@ class BatchEngine:
         if cancelled:  # free their slots before admitting: a preempted row makes room now
             self._select([i for i in range(len(self._rows)) if i not in cancelled])
         block = not self._rows  # idle: sleep until work comes
-        while len(self._rows) < self.max_batch:
+        arrivals: list[Job] = []
+        running = True
+        while len(self._rows) + len(arrivals) < self.max_batch:
             try:
                 job = jobs.get(block=block)
             except queue.Empty:
-                return True
+                break
             if job is None:
-                return False
+                running = False
+                break
             block = False
-            if job.cancel.is_set():
-                continue
-            try:
-                self._join(job)
-            except Exception as exc:  # a bad request must not take the batch down
-                log.exception("prefill failed")
+            if not job.cancel.is_set():
+                arrivals.append(job)
+        try:
+            if len(arrivals) == 1:
+                self._join(arrivals[0])
+            elif arrivals:
+                self._join_group(arrivals)
+        except Exception as exc:  # a bad request must not take the batch down
+            log.exception("prefill failed")
+            for job in arrivals:
                 job.emit(exc)
-        return True
+        return running
 
     def _join(self, job: Job) -> None:
         from transformers import DynamicCache
@@ -150,15 +157,42 @@ class BatchEngine:
         log.debug("joined after %.0f ms in queue; prefill %d tokens (%d reused) in %.0f ms; "
                   "%d rows", (started - job.queued_at) * 1000, len(ids) - reused, reused,
                   (time.perf_counter() - started) * 1000, len(self._rows) + 1)
+        self._start_row(job, kv, out.logits[:, -1])
+
+    def _join_group(self, group: list[Job]) -> None:
+        """Prefill several arrivals in one left-padded forward: one pass instead of one each."""
+        from transformers import DynamicCache
+
+        started = time.perf_counter()
+        width = max(len(j.input_ids) for j in group)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(j.input_ids)) + j.input_ids for j in group])
+        mask = torch.tensor([[0] * (width - len(j.input_ids)) + [1] * len(j.input_ids)
+                             for j in group])
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=DynamicCache(), use_cache=True)
+        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        self.stats.prefill_tokens += int(mask.sum())
+        log.debug("prefilled %d arrivals together (%d tokens wide) in %.0f ms", len(group),
+                  width, (time.perf_counter() - started) * 1000)
+        for i, job in enumerate(group):
+            start = width - len(job.input_ids)
+            kv = [(k[i:i + 1, :, start:], v[i:i + 1, :, start:]) for k, v in layers]
+            if self._prefixes is not None:
+                self._prefixes.store(job.input_ids, kv)
+            self._start_row(job, kv, out.logits[i:i + 1, -1])
+
+    def _start_row(self, job: Job, kv: KV, logits: torch.Tensor) -> None:
         generator = None
         if job.params.temperature > 0:
             generator = torch.Generator().manual_seed(job.params.seed)
         row = _Row(job, TextStream(self.tokenizer, job.params.stop), generator)
         # Sample and send the first token now: time to first token is one prefill, not a
         # prefill plus a wait for the batch's next step.
-        if self._advance(row, out.logits[0, -1]):
+        if self._advance(row, logits[0]):
             row.fresh = True
-            self._merge(row, kv, out.logits[:, -1])
+            self._merge(row, kv, logits)
 
     def _merge(self, row: _Row, kv: KV, logits: torch.Tensor) -> None:
         """Left-pad the new row or the batch so both share one sequence length, then stack."""
