@@ -269,4 +269,4 @@ class AskRunner:
             model=model, messages=messages, max_new_tokens=max_new,
             assistant_prefix="".join(answer.text), assistant_prefix_ids=answer.ids,
             temperature=query.temperature, top_p=query.top_p, seed=query.seed,
-            stop=list(query.stop))
+            stop=list(query.stop), priority=spec.priority)

@@ -100,6 +100,9 @@ class BatchEngine:
         self._mask = torch.zeros((0, 0), dtype=torch.long)
         self._logits = torch.zeros((0, 0))
 
+    def active_jobs(self) -> list[Job]:
+        return [row.job for row in self._rows]
+
     @torch.inference_mode()
     def run(self, jobs: "queue.Queue[Job | None]") -> None:
         """Serve jobs until a None arrives."""
@@ -127,15 +130,21 @@ class BatchEngine:
             block = False
             if not job.cancel.is_set():
                 arrivals.append(job)
-        try:
-            if len(arrivals) == 1:
-                self._join(arrivals[0])
-            elif arrivals:
-                self._join_group(arrivals)
-        except Exception as exc:  # a bad request must not take the batch down
-            log.exception("prefill failed")
-            for job in arrivals:
-                job.emit(exc)
+        # The most urgent arrival is prefilled alone, first (and reuses its prefix); the rest
+        # share one padded forward.
+        arrivals.sort(key=lambda j: -j.params.priority)
+        urgent = 1 if len(arrivals) == 1 or (
+            len(arrivals) > 1 and arrivals[0].params.priority > arrivals[1].params.priority) else 0
+        for batch in (arrivals[:urgent], arrivals[urgent:]):
+            try:
+                if len(batch) == 1:
+                    self._join(batch[0])
+                elif batch:
+                    self._join_group(batch)
+            except Exception as exc:  # a bad request must not take the batch down
+                log.exception("prefill failed")
+                for job in batch:
+                    job.emit(exc)
         return running
 
     def _join(self, job: Job) -> None:

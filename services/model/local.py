@@ -142,7 +142,16 @@ class LocalTorchBackend:
             while (job := self._jobs.get()) is not None:
                 job.emit(Unavailable(f"model {self.entry.name} is not loaded: {self._error}"))
             return
-        self.engine.run(self._jobs)
+        try:
+            self.engine.run(self._jobs)
+        except Exception as exc:  # never leave callers waiting on a dead engine
+            log.exception("the batch engine stopped")
+            self._error = exc
+            failed = Unavailable(f"model {self.entry.name} engine failed: {exc}")
+            for job in self.engine.active_jobs():
+                job.emit(failed)
+            while (job := self._jobs.get()) is not None:
+                job.emit(failed)
 
     def encode(self, messages: list[dict], params: GenParams) -> list[int]:
         ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,

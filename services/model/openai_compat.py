@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
 import json
 import logging
 import os
@@ -11,11 +13,17 @@ import urllib.error
 import urllib.request
 from typing import AsyncIterator
 
-from libvfm.errors import InvalidArgument, Unavailable
+from libvfm.errors import (InvalidArgument, NotFound, PermissionDenied, QuotaExceeded,
+                           Unavailable, VfmError)
 from services.model.registry import ModelEntry
 from services.model.types import GenParams, Piece
 
 log = logging.getLogger("vfm-modeld.openai")
+
+# Request fields beyond the core OpenAI schema. Servers differ: `transformers serve` refuses
+# continue_final_message with 422, some servers refuse stream_options with 400. A refused
+# request is sent again without them, and the backend remembers which ones to leave out.
+EXTENSIONS = ("stream_options", "continue_final_message", "add_generation_prompt")
 
 
 class OpenAIBackend:
@@ -24,6 +32,7 @@ class OpenAIBackend:
     def __init__(self, entry: ModelEntry, timeout_s: float = 300.0):
         self.entry = entry
         self._timeout = timeout_s
+        self._refused: set[str] = set()  # extensions this server does not accept
         self.loaded = True
 
     def start(self) -> None:
@@ -35,16 +44,28 @@ class OpenAIBackend:
     async def wait_loaded(self) -> None:
         return None
 
-    def _request(self, messages: list[dict], params: GenParams) -> urllib.request.Request:
-        body = {"model": self.entry.remote_model or self.entry.name, "messages": messages,
+    def _body(self, messages: list[dict], params: GenParams) -> dict:
+        body = {"model": self.entry.remote_model or self.entry.name, "messages": list(messages),
                 "stream": True, "max_tokens": params.max_new_tokens,
-                "temperature": params.temperature, "stream_options": {"include_usage": True}}
+                "temperature": params.temperature,
+                "stream_options": {"include_usage": True}}
+        if params.assistant_prefix:
+            # A preempted answer goes on where it stopped (vLLM and SGLang honour these two
+            # fields; other servers answer in a new turn that sees the partial answer).
+            body["messages"].append({"role": "assistant", "content": params.assistant_prefix})
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
         if 0 < params.top_p < 1:
             body["top_p"] = params.top_p
         if params.seed:
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
+        for name in self._refused:
+            body.pop(name, None)
+        return body
+
+    def _request(self, body: dict) -> urllib.request.Request:
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         key = os.environ.get(self.entry.api_key_env, "") if self.entry.api_key_env else ""
         if key:
@@ -53,42 +74,50 @@ class OpenAIBackend:
         return urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
 
     async def generate(self, messages: list[dict], params: GenParams) -> AsyncIterator[Piece]:
+        """One piece per streamed event, then a piece that squares the token count with the
+        server's usage (a server may put several tokens in one event), then the done piece."""
+        counted, prompt_tokens, completion_tokens, finish = 0, 0, 0, "stop"
+        async with contextlib.aclosing(self._events(self._body(messages, params))) as events:
+            async for event in events:
+                choice = (event.get("choices") or [{}])[0]
+                usage = event.get("usage") or {}
+                prompt_tokens = usage.get("prompt_tokens") or prompt_tokens
+                completion_tokens = usage.get("completion_tokens") or completion_tokens
+                if choice.get("finish_reason"):
+                    finish = "length" if choice["finish_reason"] == "length" else "stop"
+                text = (choice.get("delta") or {}).get("content") or ""
+                if text:
+                    counted += 1
+                    yield Piece(text=text, tokens=1, prompt_tokens=prompt_tokens)
+        if completion_tokens > counted:
+            yield Piece(text="", tokens=completion_tokens - counted, prompt_tokens=prompt_tokens)
+        yield Piece(text="", tokens=0, prompt_tokens=prompt_tokens, done=True,
+                    finish_reason=finish, completion_tokens=completion_tokens or counted)
+
+    async def _events(self, body: dict) -> AsyncIterator[dict]:
+        """The server's JSON events, read in a thread; closing this generator ends the read."""
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
-        request = self._request(messages, params)
-        thread = threading.Thread(target=self._stream, args=(request, loop, out, cancel),
-                                  daemon=True)
-        thread.start()
-        produced, prompt_tokens, finish = 0, 0, "stop"
-        try:
-            while True:
-                item = await out.get()
-                if isinstance(item, Exception):
-                    raise item
-                if item is None:
-                    break
-                choice = (item.get("choices") or [{}])[0]
-                usage = item.get("usage") or {}
-                prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
-                text = (choice.get("delta") or {}).get("content") or ""
-                if choice.get("finish_reason"):
-                    finish = "length" if choice["finish_reason"] == "length" else "stop"
-                if text:
-                    produced += 1  # servers stream about one token per event
-                    yield Piece(text=text, tokens=1, prompt_tokens=prompt_tokens)
-                if usage.get("completion_tokens"):
-                    produced = usage["completion_tokens"]
-        finally:
-            cancel.set()
-        yield Piece(text="", tokens=0, prompt_tokens=prompt_tokens, done=True,
-                    finish_reason=finish, completion_tokens=produced)
 
-    def _stream(self, request, loop, out: asyncio.Queue, cancel: threading.Event) -> None:
         def put(item) -> None:
             loop.call_soon_threadsafe(out.put_nowait, item)
+
+        thread = threading.Thread(target=self._stream, args=(body, put, cancel), daemon=True,
+                                  name=f"openai-{self.entry.name}")
+        thread.start()
         try:
-            with urllib.request.urlopen(request, timeout=self._timeout) as response:
+            while (item := await out.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
+
+    def _stream(self, body: dict, put, cancel: threading.Event) -> None:
+        try:
+            response = self._open(body)
+            with response:
                 for raw in response:
                     if cancel.is_set():
                         return
@@ -98,11 +127,84 @@ class OpenAIBackend:
                     data = line[5:].strip()
                     if data == "[DONE]":
                         break
-                    put(json.loads(data))
+                    put(self._event(data))
             put(None)
+        except VfmError as err:
+            put(err)
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            put(Unavailable(f"model {self.entry.name}: cannot reach {self.entry.base_url}: "
+                            f"{getattr(exc, 'reason', exc)}"))
+        except Exception as exc:  # the reader must always answer, or generate() waits forever
+            log.exception("reading %s failed", self.entry.base_url)
+            put(Unavailable(f"model {self.entry.name}: reading {self.entry.base_url} failed: "
+                            f"{exc!r}"))
+
+    def _open(self, body: dict):
+        """POST the request; once more without the extensions if the server refuses it."""
+        try:
+            return urllib.request.urlopen(self._request(body), timeout=self._timeout)
         except urllib.error.HTTPError as exc:
-            detail = exc.read()[:300].decode("utf-8", "replace")
-            error = InvalidArgument if 400 <= exc.code < 500 else Unavailable
-            put(error(f"{self.entry.base_url} answered {exc.code}: {detail}"))
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            put(Unavailable(f"cannot reach {self.entry.base_url}: {exc}"))
+            detail = _detail(exc)
+            sent = [name for name in EXTENSIONS if name in body]
+            if exc.code not in (400, 422) or not sent:
+                raise self._http_error(exc.code, detail) from None
+        try:
+            response = urllib.request.urlopen(
+                self._request({k: v for k, v in body.items() if k not in sent}),
+                timeout=self._timeout)
+        except urllib.error.HTTPError as exc:
+            raise self._http_error(exc.code, _detail(exc)) from None
+        refused = {name for name in sent if name in detail} or set(sent)
+        log.info("%s refuses %s; leaving them out from now on", self.entry.base_url,
+                 ", ".join(sorted(refused)))
+        self._refused = self._refused | refused  # a new set: _body() may be reading the old
+        return response
+
+    def _event(self, data: str) -> dict:
+        try:
+            event = json.loads(data)
+        except ValueError:
+            raise Unavailable(f"model {self.entry.name}: {self.entry.base_url} sent a malformed "
+                              f"event: {data[:200]!r}") from None
+        if not isinstance(event, dict):
+            raise Unavailable(f"model {self.entry.name}: {self.entry.base_url} sent a malformed "
+                              f"event: {data[:200]!r}")
+        if event.get("error"):  # vLLM and others report a failure inside the stream
+            raise Unavailable(f"model {self.entry.name}: {self.entry.base_url} failed while "
+                              f"answering: {_message(event)}")
+        return event
+
+    def _http_error(self, code: int, detail: str) -> VfmError:
+        what = f"model {self.entry.name}: {self.entry.base_url} answered {code}: {detail}"
+        if code in (401, 403):
+            hint = (f" (the key comes from ${self.entry.api_key_env})" if self.entry.api_key_env
+                    else " (set api_key_env in the model's entry)")
+            return PermissionDenied(what + hint)
+        if code == 404:
+            return NotFound(what)
+        if code == 429:
+            return QuotaExceeded(what, quota="remote_rate_limit", subject=self.entry.name)
+        if 400 <= code < 500:
+            return InvalidArgument(what)
+        return Unavailable(what)
+
+
+def _detail(exc: urllib.error.HTTPError) -> str:
+    """The server's own words for an HTTP error, from the usual JSON shapes."""
+    raw = exc.read()[:2000].decode("utf-8", "replace")
+    try:
+        return _message(json.loads(raw))[:300]
+    except ValueError:
+        return raw.strip()[:300] or exc.reason
+
+
+def _message(data) -> str:
+    if isinstance(data, dict):
+        for key in ("detail", "error", "message"):
+            if data.get(key):
+                return _message(data[key])
+        return json.dumps(data)
+    if isinstance(data, list):  # FastAPI validation errors: [{"loc": ..., "msg": ...}]
+        return "; ".join(_message(d) if not isinstance(d, dict) or "msg" not in d
+                         else f"{'.'.join(map(str, d.get('loc', ())))}: {d['msg']}" for d in data)
+    return str(data)

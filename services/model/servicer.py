@@ -24,7 +24,8 @@ class ModelServicer(model_pb2_grpc.ModelServicer):
         params = GenParams(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
                            top_p=request.top_p, seed=request.seed, stop=tuple(request.stop),
                            assistant_prefix=request.assistant_prefix,
-                           assistant_prefix_ids=tuple(request.assistant_prefix_ids))
+                           assistant_prefix_ids=tuple(request.assistant_prefix_ids),
+                           priority=request.priority)
         try:
             model = self.service.registry.get(request.model).name
             async for piece in self.service.generate(request.model, messages, params):

@@ -14,6 +14,7 @@ class GenParams:
     stop: tuple[str, ...] = ()
     assistant_prefix: str = ""   # an interrupted answer to continue
     assistant_prefix_ids: tuple[int, ...] = ()  # the same as token ids, when known
+    priority: int = 0            # arrivals with higher priority are prefilled first
 
 
 @dataclass
