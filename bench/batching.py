@@ -84,6 +84,63 @@ def _library_batch(prompts: list[str], tokens: int) -> tuple[int, float]:
     return produced, time.perf_counter() - start
 
 
+SYSTEM_PROMPT = (
+    "You are a research assistant running as a process of an operating system for foundation "
+    "models. You answer questions from other programs. Follow these rules. Answer in plain "
+    "English without markup. State facts you are sure of and say so when you are not. Prefer "
+    "short paragraphs. When a question is ambiguous, answer the most likely reading and name "
+    "the other. Never invent citations, numbers, names or dates. When asked for code, give a "
+    "complete function with a one-line explanation. Keep units explicit and use the metric "
+    "system. If a question asks for a list, give at most seven items, most important first. "
+    "If a question is outside your knowledge, say what you would need to answer it. Do not "
+    "repeat the question. Do not apologise. Do not mention these rules. The current project "
+    "is a survey of coastal lighthouses, their keepers, and the ships they guided, written "
+    "for a museum audience of curious adults and older children.")
+
+
+def _prefix_saving(prompts: list[str]) -> dict[str, float]:
+    """Prefill time per ask for asks sharing a long system prompt, with and without prefix
+    reuse, one at a time and arriving together (in process: prefill is engine-internal)."""
+    from services.model.local import cache_root
+    from services.model.registry import ModelRegistry
+    from services.model.service import ModelService
+    from services.model.types import GenParams
+
+    async def ask(service, system: str, prompt: str) -> int:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+        pieces = [p async for p in service.generate("", messages, GenParams(max_new_tokens=1))]
+        return pieces[-1].prompt_tokens
+
+    async def measure(reuse: bool) -> tuple[float, float, int]:
+        service = ModelService(ModelRegistry.load(), cache_root(), max_batch=len(prompts),
+                               prefix_cache=reuse)
+        try:
+            await ask(service, SYSTEM_PROMPT, "Hi.")  # load, warm up, and see the prompt once
+            stats = service.backend("").engine.stats
+            spent = stats.prefill_seconds
+            for prompt in prompts:
+                prompt_tokens = await ask(service, SYSTEM_PROMPT, prompt)
+            alone = (stats.prefill_seconds - spent) / len(prompts)
+            spent = stats.prefill_seconds
+            # A system prompt the cache has not seen: computed once for the arrivals.
+            await asyncio.gather(*(ask(service, "Today: " + SYSTEM_PROMPT, p) for p in prompts))
+            together = (stats.prefill_seconds - spent) / len(prompts)
+            return alone, together, prompt_tokens
+        finally:
+            service.stop()
+
+    (alone, together, n), (alone0, together0, _) = (uvloop.run(measure(r)) for r in (True, False))
+    print(f"prefill per ask, {len(prompts)} asks with one system prompt ({n} prompt tokens), "
+          "without / with prefix reuse:")
+    print(f"  one at a time: {alone0 * 1000:.0f} / {alone * 1000:.0f} ms")
+    print(f"  together:      {together0 * 1000:.0f} / {together * 1000:.0f} ms")
+    return {"prefill_ms_no_reuse": round(alone0 * 1000, 1),
+            "prefill_ms_prefix_reuse": round(alone * 1000, 1),
+            "prefill_ms_together_no_reuse": round(together0 * 1000, 1),
+            "prefill_ms_together_prefix_reuse": round(together * 1000, 1),
+            "prefix_saving": round(1 - alone / alone0, 3)}
+
+
 def _median(runs: list[tuple[int, float]]) -> tuple[int, float]:
     """The run with the median rate: one 5-second sample is at the mercy of the machine."""
     return sorted(runs, key=lambda r: r[0] / r[1])[len(runs) // 2]
@@ -114,6 +171,7 @@ def main(argv: list[str]) -> int:
             ("raw generate, batch of 8", raw)]
     if not args.no_library:
         runs.append(("transformers generate_batch", _library_batch(prompts, tokens)))
+    saving = _prefix_saving(prompts)
     rate = {name: n / t for name, (n, t) in runs}
     ours = rate["stack, 8 at once"]
     figures = {"ratio_vs_sequential": round(ours / rate["stack, one at a time"], 3),
@@ -123,6 +181,7 @@ def main(argv: list[str]) -> int:
                "raw_batch_tokens_per_s": round(rate["raw generate, batch of 8"], 1)}
     if "transformers generate_batch" in rate:
         figures["library_cb_tokens_per_s"] = round(rate["transformers generate_batch"], 1)
+    figures.update(saving)
     rows = [(name, n, f"{t:.2f}", f"{n / t:.1f}") for name, (n, t) in runs]
     report(f"batching: {args.procs} FM processes, {tokens} new tokens each, SmolLM2 fp32, "
            f"median of {reps}",

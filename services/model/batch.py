@@ -6,18 +6,18 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
+from libvfm.errors import Internal
 from services.model.decode import TextStream, eos_ids, pick
+from services.model.prefix import KV, PrefixCache, common_prefix
 from services.model.types import GenParams, Piece
 
 log = logging.getLogger("vfm-modeld.batch")
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, heads, T, dim]
 
 
 @dataclass
@@ -37,7 +37,7 @@ class _Row:
     stream: TextStream
     generator: torch.Generator | None
     token: int = 0
-    produced: int = 0
+    produced: list[int] = field(default_factory=list)
     fresh: bool = False   # its next token is already sampled (at join); feed it, don't resample
 
 
@@ -46,76 +46,130 @@ class EngineStats:
     steps: int = 0
     rows_decoded: int = 0          # sum over steps of the batch size
     max_rows: int = 0
-    prefill_tokens: int = 0
-    prefix_hits: int = 0
-    prefix_tokens_reused: int = 0
+    prefills: int = 0              # forward passes that admitted arrivals
+    prefill_tokens: int = 0        # prompt tokens computed
+    prefill_seconds: float = 0.0
+    prefix_hits: int = 0           # arrivals that skipped a shared prefix
+    prefix_tokens_reused: int = 0  # prompt tokens those arrivals did not compute
+    cancelled: int = 0             # rows dropped because their caller left
+    last_cancel_step: int = 0      # `steps` when the latest of them was dropped
 
 
-class PrefixCache:
-    """KV of recent prompts; a new prompt reuses the longest common prefix it shares."""
+class _GrowingLayer(DynamicLayer):
+    """A DynamicLayer that appends into spare room instead of concatenating: the stock one
+    copies the whole cache once per decoded token. Assigning `keys`/`values` adopts a tensor
+    as is (merges, row selection); the next append moves it into a buffer with room."""
 
-    def __init__(self, entries: int = 32, min_tokens: int = 8):
-        self._entries: OrderedDict[tuple[int, ...], KV] = OrderedDict()
-        self._size = entries
-        self._min = min_tokens
+    SPARE = 128  # tokens of room added per growth: one copy per 128 steps, not per step
 
-    def lookup(self, ids: list[int]) -> tuple[int, KV | None]:
-        best, best_kv = 0, None
-        for key, kv in self._entries.items():
-            n = 0
-            for a, b in zip(key, ids):
-                if a != b:
-                    break
-                n += 1
-            if n > best:
-                best, best_kv = n, kv
-        # Keep at least one token to prefill: its logits start the answer.
-        best = min(best, len(ids) - 1)
-        if best < self._min or best_kv is None:
-            return 0, None
-        return best, [(k[:, :, :best], v[:, :, :best]) for k, v in best_kv]
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        self._k = self._v = None
+        self._len, self._room = 0, 0
+        super().__init__()
+        if keys is not None:
+            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+            self.keys, self.values = keys, values
 
-    def store(self, ids: list[int], kv: KV) -> None:
-        key = tuple(ids)
-        self._entries[key] = kv
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+    @property
+    def keys(self):
+        return None if self._k is None else self._k[:, :, :self._len]
+
+    @keys.setter
+    def keys(self, tensor):
+        self._k, self._room = tensor, 0
+        self._len = 0 if tensor is None else tensor.shape[-2]
+
+    @property
+    def values(self):
+        return None if self._v is None else self._v[:, :, :self._len]
+
+    @values.setter
+    def values(self, tensor):
+        self._v = tensor
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self._len, self._len + key_states.shape[-2]
+        if end > self._len + self._room:
+            self._k, self._v = (_with_room(t, start, end + self.SPARE, new)
+                                for t, new in ((self._k, key_states), (self._v, value_states)))
+            self._room = self._k.shape[-2] - start
+        self._k[:, :, start:end] = key_states
+        self._v[:, :, start:end] = value_states
+        self._len, self._room = end, self._room - (end - start)
+        return self.keys, self.values
+
+
+def _with_room(old: torch.Tensor, length: int, capacity: int, like: torch.Tensor) -> torch.Tensor:
+    rows, heads, _, dim = like.shape
+    buffer = like.new_empty((rows, heads, capacity, dim))
+    buffer[:, :, :length] = old[:, :, :length]
+    return buffer
+
+
+def _cache(kv: KV | None = None) -> Cache:
+    if not kv:
+        return Cache(layer_class_to_replicate=_GrowingLayer)
+    return Cache(layers=[_GrowingLayer(k, v) for k, v in kv])
+
+
+def _layers(cache: Cache) -> KV:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, 0, n, 0)) if n > 0 else t
+
+
+@dataclass
+class _Prefill:
+    """Arrivals after their prompt forward: left-padded KV, mask, last-position logits."""
+
+    kv: KV
+    mask: torch.Tensor
+    logits: torch.Tensor
 
 
 class BatchEngine:
-    """Owns the model in one thread. Between steps it admits queued jobs (prefilled alone,
-    then left-padded into the batch KV) and drops finished or cancelled rows; each step is
-    one forward pass for every active row."""
+    """Owns the model in one thread. Between steps it drops cancelled rows, admits queued
+    jobs (prefilled together, a shared prompt prefix computed once) and left-pads them into
+    the batch; each step is one forward pass for every active row."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, prefix_cache: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.stats = EngineStats()
-        self._prefixes = PrefixCache() if prefix_cache else None
+        self.prefixes = PrefixCache() if prefix_cache else None
         self._eos = set(eos_ids(model, tokenizer))
+        self._pad = tokenizer.pad_token_id or 0
+        self._stopping = threading.Event()
         self._rows: list[_Row] = []
-        self._kv: KV = []
+        self._cache = _cache()
         self._mask = torch.zeros((0, 0), dtype=torch.long)
         self._logits = torch.zeros((0, 0))
 
     def active_jobs(self) -> list[Job]:
         return [row.job for row in self._rows]
 
+    def stop(self) -> None:
+        """Leave `run` after the current step (a full batch may not read the queue soon)."""
+        self._stopping.set()
+
     @torch.inference_mode()
     def run(self, jobs: "queue.Queue[Job | None]") -> None:
-        """Serve jobs until a None arrives."""
-        while True:
-            if not self._admit(jobs):
-                return
+        """Serve jobs until a None arrives; an exception here means the engine is dead."""
+        while not self._stopping.is_set() and self._admit(jobs):
             if self._rows:
                 self._step()
 
     def _admit(self, jobs: "queue.Queue[Job | None]") -> bool:
-        cancelled = [i for i, r in enumerate(self._rows) if r.job.cancel.is_set()]
-        if cancelled:  # free their slots before admitting: a preempted row makes room now
-            self._select([i for i in range(len(self._rows)) if i not in cancelled])
+        self._drop_cancelled()  # free their slots first: a preempted row makes room now
         block = not self._rows  # idle: sleep until work comes
         arrivals: list[Job] = []
         running = True
@@ -130,109 +184,128 @@ class BatchEngine:
             block = False
             if not job.cancel.is_set():
                 arrivals.append(job)
-        # The most urgent arrival is prefilled alone, first (and reuses its prefix); the rest
-        # share one padded forward.
+        # The most urgent arrival is prefilled alone, first; the rest share one forward.
         arrivals.sort(key=lambda j: -j.params.priority)
         urgent = 1 if len(arrivals) == 1 or (
             len(arrivals) > 1 and arrivals[0].params.priority > arrivals[1].params.priority) else 0
-        for batch in (arrivals[:urgent], arrivals[urgent:]):
-            try:
-                if len(batch) == 1:
-                    self._join(batch[0])
-                elif batch:
-                    self._join_group(batch)
-            except Exception as exc:  # a bad request must not take the batch down
-                log.exception("prefill failed")
-                for job in batch:
-                    job.emit(exc)
+        for group in (arrivals[:urgent], arrivals[urgent:]):
+            if group:
+                self._join(group)
         return running
 
-    def _join(self, job: Job) -> None:
-        from transformers import DynamicCache
-
-        ids = job.input_ids
+    def _join(self, group: list[Job]) -> None:
         started = time.perf_counter()
-        reused, past = self._prefixes.lookup(ids) if self._prefixes else (0, None)
-        cache = DynamicCache(past) if past else DynamicCache()
-        out = self.model(input_ids=torch.tensor([ids[reused:]]), past_key_values=cache,
-                         use_cache=True)
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        self.stats.prefill_tokens += len(ids) - reused
-        if reused:
-            self.stats.prefix_hits += 1
-            self.stats.prefix_tokens_reused += reused
-        if self._prefixes is not None:
-            self._prefixes.store(ids, kv)
-        log.debug("joined after %.0f ms in queue; prefill %d tokens (%d reused) in %.0f ms; "
-                  "%d rows", (started - job.queued_at) * 1000, len(ids) - reused, reused,
-                  (time.perf_counter() - started) * 1000, len(self._rows) + 1)
-        self._start_row(job, kv, out.logits[:, -1])
-
-    def _join_group(self, group: list[Job]) -> None:
-        """Prefill several arrivals in one left-padded forward: one pass instead of one each."""
-        from transformers import DynamicCache
-
-        started = time.perf_counter()
-        width = max(len(j.input_ids) for j in group)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (width - len(j.input_ids)) + j.input_ids for j in group])
-        mask = torch.tensor([[0] * (width - len(j.input_ids)) + [1] * len(j.input_ids)
-                             for j in group])
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=DynamicCache(), use_cache=True)
-        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        self.stats.prefill_tokens += int(mask.sum())
-        log.debug("prefilled %d arrivals together (%d tokens wide) in %.0f ms", len(group),
-                  width, (time.perf_counter() - started) * 1000)
-        for i, job in enumerate(group):
-            start = width - len(job.input_ids)
-            kv = [(k[i:i + 1, :, start:], v[i:i + 1, :, start:]) for k, v in layers]
-            if self._prefixes is not None:
-                self._prefixes.store(job.input_ids, kv)
-            self._start_row(job, kv, out.logits[i:i + 1, -1])
-
-    def _start_row(self, job: Job, kv: KV, logits: torch.Tensor) -> None:
-        generator = None
-        if job.params.temperature > 0:
-            generator = torch.Generator().manual_seed(job.params.seed)
-        row = _Row(job, TextStream(self.tokenizer, job.params.stop), generator)
-        # Sample and send the first token now: time to first token is one prefill, not a
-        # prefill plus a wait for the batch's next step.
-        if self._advance(row, logits[0]):
-            row.fresh = True
-            self._merge(row, kv, logits)
-
-    def _merge(self, row: _Row, kv: KV, logits: torch.Tensor) -> None:
-        """Left-pad the new row or the batch so both share one sequence length, then stack."""
-        length = kv[0][0].shape[2]
-        width = self._mask.shape[1]
-        if not self._rows:
-            self._kv, self._mask = kv, torch.ones((1, length), dtype=torch.long)
-            self._logits = logits
-            self._rows = [row]
+        try:
+            prefill = self._prefill([job.input_ids for job in group])
+        except Exception as exc:  # a bad request must not take the batch down
+            log.exception("prefill failed")
+            for job in group:
+                job.emit(Internal(f"prefill failed: {exc}"))
             return
-        if length > width:
-            self._kv = [(_pad_left(k, length - width), _pad_left(v, length - width))
-                        for k, v in self._kv]
-            self._mask = torch.nn.functional.pad(self._mask, (length - width, 0))
-            width = length
-        new_mask = torch.zeros((1, width), dtype=torch.long)
-        new_mask[:, width - length:] = 1
-        self._kv = [(torch.cat([k, _pad_left(nk, width - length)]),
-                     torch.cat([v, _pad_left(nv, width - length)]))
-                    for (k, v), (nk, nv) in zip(self._kv, kv)]
-        self._mask = torch.cat([self._mask, new_mask])
+        elapsed = time.perf_counter() - started
+        self.stats.prefills += 1
+        self.stats.prefill_seconds += elapsed
+        log.debug("prefilled %d arrival(s) in %.0f ms (waited %.0f ms); %d rows", len(group),
+                  elapsed * 1000, (started - min(j.queued_at for j in group)) * 1000,
+                  len(self._rows) + len(group))
+        rows, keep = [], []
+        for i, job in enumerate(group):
+            generator = None
+            if job.params.temperature > 0:
+                generator = torch.Generator().manual_seed(job.params.seed)
+            row = _Row(job, TextStream(self.tokenizer, job.params.stop), generator)
+            # Sample and send the first token now: time to first token is one prefill, not
+            # a prefill plus a wait for the batch's next step.
+            if self._advance(row, prefill.logits[i]):
+                row.fresh = True
+                rows.append(row)
+                keep.append(i)
+        if rows:
+            self._merge(rows, prefill, keep)
+
+    def _prefill(self, prompts: list[list[int]]) -> _Prefill:
+        """One forward for the arrivals. A prefix they share is taken from the prefix cache,
+        or computed once for all of them, and every row computes only the rest."""
+        shared = min(len(p) for p in prompts) - 1  # each row computes its last token at least
+        for prompt in prompts[1:]:
+            shared = min(shared, common_prefix(prompts[0], prompt))
+        reused, past, once = 0, None, 0
+        if self.prefixes is not None:
+            reused, past = self.prefixes.lookup(prompts[0], shared)
+            if len(prompts) > 1 and shared - reused >= self.prefixes.min_tokens:
+                once = shared - reused
+                past = self._extend(prompts[0][reused:shared], past)
+                self.stats.prefill_tokens += once
+                reused = shared
+        if reused:  # the part computed once here counts as paid by the first row
+            self.stats.prefix_hits += len(prompts) - (reused == once)
+            self.stats.prefix_tokens_reused += reused * len(prompts) - once
+        prefill = self._forward_suffixes(prompts, reused, past)
+        if self.prefixes is not None:
+            for i, prompt in enumerate(prompts):
+                start = prefill.mask.shape[1] - len(prompt)
+                self.prefixes.store(prompt, [(k[i:i + 1, :, start:], v[i:i + 1, :, start:])
+                                             for k, v in prefill.kv])
+        return prefill
+
+    def _extend(self, tokens: list[int], past: KV | None) -> KV:
+        cache = _cache(past)
+        self.model(input_ids=torch.tensor([tokens]), past_key_values=cache, use_cache=True,
+                   logits_to_keep=1)
+        return _layers(cache)
+
+    def _forward_suffixes(self, prompts: list[list[int]], reused: int, past: KV | None) -> _Prefill:
+        """Left-pad the unshared parts behind the shared prefix, run them, then move each
+        row's padding to the left end so the result merges like any left-padded row."""
+        rows = len(prompts)
+        width = max(len(p) for p in prompts) - reused
+        pads = [width - (len(p) - reused) for p in prompts]
+        ids = torch.tensor([[self._pad] * pad + p[reused:] for pad, p in zip(pads, prompts)])
+        mask = torch.tensor([[1] * reused + [0] * pad + [1] * (width - pad) for pad in pads])
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, reused:]
+        cache = _cache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
+                        for k, v in past] if past else None)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.stats.prefill_tokens += int(mask[:, reused:].sum())
+        kv = _layers(cache)
+        if reused and any(pads):
+            order = torch.tensor([list(range(reused, reused + pad)) + list(range(reused))
+                                  + list(range(reused + pad, reused + width)) for pad in pads])
+            mask = mask.gather(1, order)
+            index = order[:, None, :, None].expand(-1, kv[0][0].shape[1], -1, kv[0][0].shape[3])
+            kv = [(k.gather(2, index), v.gather(2, index)) for k, v in kv]
+        return _Prefill(kv, mask, out.logits[:, -1])
+
+    def _merge(self, rows: list[_Row], prefill: _Prefill, keep: list[int]) -> None:
+        """Left-pad the arrivals or the batch so both share one length, then stack them."""
+        kv, mask, logits = prefill.kv, prefill.mask, prefill.logits
+        if len(keep) < mask.shape[0]:
+            index = torch.tensor(keep)
+            kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in kv]
+            mask, logits = mask.index_select(0, index), logits.index_select(0, index)
+            kv, mask = _trim(kv, mask)
+        if not self._rows:
+            self._cache, self._mask, self._logits, self._rows = _cache(kv), mask, logits, rows
+            return
+        old, new = self._mask.shape[1], mask.shape[1]
+        width = max(old, new)
+        merged = [(torch.cat([_pad_left(k, width - old), _pad_left(nk, width - new)]),
+                   torch.cat([_pad_left(v, width - old), _pad_left(nv, width - new)]))
+                  for (k, v), (nk, nv) in zip(_layers(self._cache), kv)]
+        self._cache = _cache(merged)
+        self._mask = torch.cat([torch.nn.functional.pad(self._mask, (width - old, 0)),
+                                torch.nn.functional.pad(mask, (width - new, 0))])
         self._logits = torch.cat([self._logits, logits])
-        self._rows.append(row)
+        self._rows += rows
 
     def _step(self) -> None:
         """Sample one token per row, emit, drop finished rows, then one forward for the rest."""
         keep = []
         for i, row in enumerate(self._rows):
             if row.job.cancel.is_set():
-                continue
-            if row.fresh:
+                self._release(i)
+            elif row.fresh:
                 row.fresh = False
                 keep.append(i)
             elif self._advance(row, self._logits[i]):
@@ -241,15 +314,16 @@ class BatchEngine:
             self._select(keep)
         if not self._rows:
             return
-        from transformers import DynamicCache
-
-        self._mask = torch.cat([self._mask, torch.ones((len(self._rows), 1), dtype=torch.long)],
-                               dim=1)
-        positions = (self._mask.sum(dim=1, keepdim=True) - 1)
-        out = self.model(input_ids=torch.tensor([[r.token] for r in self._rows]),
-                         attention_mask=self._mask, position_ids=positions,
-                         past_key_values=DynamicCache(self._kv), use_cache=True)
-        self._kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        self._mask = torch.nn.functional.pad(self._mask, (0, 1), value=1)
+        positions = self._mask.sum(dim=1, keepdim=True) - 1
+        try:
+            out = self.model(input_ids=torch.tensor([[r.token] for r in self._rows]),
+                             attention_mask=self._mask, position_ids=positions,
+                             past_key_values=self._cache, use_cache=True)
+        except Exception as exc:  # e.g. out of memory: these requests fail, the engine goes on
+            log.exception("decode step failed")
+            self._fail_all(Internal(f"decode step failed: {exc}"))
+            return
         self._logits = out.logits[:, -1]
         self.stats.steps += 1
         self.stats.rows_decoded += len(self._rows)
@@ -259,40 +333,67 @@ class BatchEngine:
         """Pick the row's next token and emit it; False when the row is finished."""
         params = row.job.params
         token = pick(logits, params, row.generator)
+        prompt = len(row.job.input_ids)
         finish = ""
         if token in self._eos:
             finish = "stop"
         else:
-            row.produced += 1
+            row.produced.append(token)
             row.token = token
             text, stopped = row.stream.push(token)
-            row.job.emit(Piece(text=text, tokens=1, prompt_tokens=len(row.job.input_ids),
-                               token_ids=(token,)))
+            row.job.emit(Piece(text=text, tokens=1, prompt_tokens=prompt, token_ids=(token,)))
             if stopped:
                 finish = "stop"
-            elif row.produced >= params.max_new_tokens:
+            elif len(row.produced) >= params.max_new_tokens:
                 finish = "length"
         if finish:
-            row.job.emit(Piece(text=row.stream.flush(), tokens=0,
-                               prompt_tokens=len(row.job.input_ids), done=True,
-                               finish_reason=finish, completion_tokens=row.produced))
+            row.job.emit(Piece(text=row.stream.flush(), tokens=0, prompt_tokens=prompt,
+                               done=True, finish_reason=finish,
+                               completion_tokens=len(row.produced)))
             return False
         return True
+
+    def _drop_cancelled(self) -> None:
+        cancelled = [i for i, r in enumerate(self._rows) if r.job.cancel.is_set()]
+        for i in cancelled:
+            self._release(i)
+        if cancelled:
+            self._select([i for i in range(len(self._rows)) if i not in cancelled])
+
+    def _release(self, i: int) -> None:
+        """A cancelled row leaves. Its KV is kept as a prefix: a preempted answer resumes
+        (its prompt plus what it said so far) without recomputing any of it."""
+        row = self._rows[i]
+        self.stats.cancelled += 1
+        self.stats.last_cancel_step = self.stats.steps
+        if self.prefixes is None or not row.produced:
+            return
+        real = self._mask[i].bool()
+        said = row.job.input_ids + row.produced
+        self.prefixes.store(said[:int(real.sum())], [(k[i:i + 1, :, real], v[i:i + 1, :, real])
+                                                     for k, v in _layers(self._cache)])
 
     def _select(self, keep: list[int]) -> None:
         """Keep only rows `keep`, then drop the left columns that are padding for all of them."""
         self._rows = [self._rows[i] for i in keep]
         if not keep:
-            self._kv, self._mask = [], torch.zeros((0, 0), dtype=torch.long)
+            self._cache, self._mask = _cache(), torch.zeros((0, 0), dtype=torch.long)
             return
         index = torch.tensor(keep)
-        mask = self._mask.index_select(0, index)
-        start = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())
-        self._mask = mask[:, start:]
-        self._kv = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-                    for k, v in self._kv]
+        kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in _layers(self._cache)]
+        kv, self._mask = _trim(kv, self._mask.index_select(0, index))
+        self._cache = _cache(kv)
         self._logits = self._logits.index_select(0, index)
 
+    def _fail_all(self, error: Exception) -> None:
+        for row in self._rows:
+            row.job.emit(error)
+        self._select([])
 
-def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, 0, n, 0)) if n > 0 else t
+
+def _trim(kv: KV, mask: torch.Tensor) -> tuple[KV, torch.Tensor]:
+    """Drop the left columns that are padding in every row."""
+    start = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())
+    if not start:
+        return kv, mask
+    return [(k[:, :, start:], v[:, :, start:]) for k, v in kv], mask[:, start:]

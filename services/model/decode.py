@@ -9,30 +9,49 @@ from services.model.types import GenParams
 
 class TextStream:
     """Turns a growing token list into text pieces, holding back what may still change:
-    an incomplete UTF-8 character, or a tail that could be the start of a stop sequence."""
+    an incomplete UTF-8 character, or a tail that could be the start of a stop sequence.
+    Only a window of recent tokens is decoded per token, so a long answer costs the same
+    per token as a short one."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
         self._tokenizer = tokenizer
         self._stop = tuple(s for s in stop if s)
-        self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self._longest_stop = max((len(s) for s in self._stop), default=0)
+        self._hold = max(self._longest_stop, 1) - 1
         self._tokens: list[int] = []
+        self._window = 0   # tokens before it are in `text` for good
+        self._read = 0     # tokens before it are in `text`
         self._sent = 0
         self.text = ""
 
     def push(self, token: int) -> tuple[str, bool]:
         """Add a token; return (new text safe to emit, whether a stop sequence was hit)."""
         self._tokens.append(token)
-        self.text = self._tokenizer.decode(self._tokens, skip_special_tokens=True)
+        # Decode the last complete token(s) with the new ones: a token's text can depend on
+        # its neighbour (a character split across tokens), never on anything earlier.
+        before = self._decode(self._tokens[self._window:self._read])
+        after = self._decode(self._tokens[self._window:])
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return "", False  # an incomplete character: wait for its next token
+        new = after[len(before):]
+        self._window, self._read = self._read, len(self._tokens)
+        self.text += new
         for stop in self._stop:
-            at = self.text.find(stop)
+            at = self.text.find(stop, max(0, len(self.text) - len(new) - len(stop) + 1))
             if at != -1:
                 self.text = self.text[:at]
                 return self._take(len(self.text)), True
-        if self.text.endswith("\ufffd"):
-            return "", False
         return self._take(max(self._sent, len(self.text) - self._hold)), False
 
+    def _decode(self, tokens: list[int]) -> str:
+        return self._tokenizer.decode(tokens, skip_special_tokens=True) if tokens else ""
+
     def flush(self) -> str:
+        """All text not yet emitted, an incomplete last character included."""
+        if self._read < len(self._tokens):
+            before = self._decode(self._tokens[self._window:self._read])
+            self.text += self._decode(self._tokens[self._window:])[len(before):]
+            self._window = self._read = len(self._tokens)
         return self._take(len(self.text))
 
     def _take(self, upto: int) -> str:

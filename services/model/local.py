@@ -110,8 +110,14 @@ class LocalTorchBackend:
     def loaded(self) -> bool:
         return self._ready.is_set() and self._error is None
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker and wait for it: a process that exits while torch is still
+        working in another thread aborts (SIGABRT) instead of exiting cleanly."""
+        if self.engine is not None:
+            self.engine.stop()
         self._jobs.put(None)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def _load(self) -> None:
         import torch
