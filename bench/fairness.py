@@ -16,6 +16,7 @@ import uvloop
 
 from bench.common import (cleanup, percentile, report, spawn_daemon, stop, temp_state_dir,
                           wait_until)
+from bench.stackutil import model_service_serving
 from libvfm import AsyncClient, Client, VfmError
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm."
@@ -153,11 +154,7 @@ def main(argv: list[str]) -> int:
                            "--kernel-socket", str(state / "vfmd.sock")], state / "modeld.log")
 
     def modeld_ready() -> bool:
-        try:
-            with Client(state / "vfmd.sock", timeout=2) as c:
-                return any(d.name == "vfm-modeld" and d.health == "SERVING" for d in c.services())
-        except VfmError:
-            return False
+        return model_service_serving(state / "vfmd.sock")
 
     try:
         results = {p: run_policy(p, seconds, args.tokens, state, port, modeld_ready)

@@ -17,6 +17,16 @@ def story_prompts(n: int) -> list[str]:
             for i in range(n)]
 
 
+def model_service_serving(socket: Path) -> bool:
+    """Whether the kernel at `socket` reports vfm-modeld registered and SERVING."""
+    try:
+        with Client(socket, timeout=2) as client:
+            return any(d.name == "vfm-modeld" and d.health == "SERVING"
+                       for d in client.services())
+    except VfmError:
+        return False
+
+
 class Stack:
     def __init__(self, *kernel_args: str, modeld_args: tuple[str, ...] = ()):
         self.state: Path = temp_state_dir()
@@ -31,12 +41,7 @@ class Stack:
         wait_until(self.ready, 600, "vfm-modeld to serve")
 
     def ready(self) -> bool:
-        try:
-            with Client(self.socket, timeout=2) as client:
-                return any(d.name == "vfm-modeld" and d.health == "SERVING"
-                           for d in client.services())
-        except VfmError:
-            return False
+        return model_service_serving(self.socket)
 
     def close(self) -> None:
         stop(self.modeld)

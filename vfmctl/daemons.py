@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 
 from libvfm import Client
-from libvfm.errors import Unavailable, VfmError
+from libvfm.errors import VfmError
 from libvfm.paths import KERNEL_SOCKET
 
 
@@ -166,4 +166,4 @@ def supervise(state_dir: Path, say) -> None:
     down(state_dir, say)
 
 
-__all__ = ["Unavailable", "UpError", "down", "running_pid", "supervise", "up"]
+__all__ = ["UpError", "down", "running_pid", "supervise", "up"]
