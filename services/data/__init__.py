@@ -1,0 +1,1 @@
+"""vfm-datad: the Data Agent (knowledge collections, episodic memory, retrieval)."""
