@@ -10,7 +10,9 @@ from typing import AsyncIterator
 
 import grpc
 
+from kernel.context import ContextManager
 from kernel.dispatch import Dispatcher, Lease
+from kernel.memory import render
 from kernel.identity import Caller
 from kernel.process import ProcRecord, ProcState
 from kernel.quota import new_token_cap, remaining_tokens
@@ -38,6 +40,7 @@ class AskQuery:
     seed: int = 0
     stop: tuple[str, ...] = ()
     ttft_slo_ms: float = 0.0
+    context: str = ""  # the working set, rendered (set by the kernel, not the caller)
 
     def validate(self) -> None:
         if not self.prompt.strip():
@@ -96,7 +99,9 @@ class _Segment:
 
 
 class AskRunner:
-    def __init__(self, table: ProcessTable, registry: ServiceRegistry, dispatcher: Dispatcher):
+    def __init__(self, table: ProcessTable, registry: ServiceRegistry, dispatcher: Dispatcher,
+                 context: ContextManager):
+        self._context = context
         self._table = table
         self._registry = registry
         self._dispatcher = dispatcher
@@ -113,6 +118,7 @@ class AskRunner:
         usage, answer, finish = Usage(), _Answer(), ""
         try:
             await self._refresh_models()
+            query.context = render(await self._context.for_ask(record, query.prompt))
             model = record.spec.model or self._default_model
             usage.model = model
             deadline = time.monotonic() + query.ttft_slo_ms / 1000 if query.ttft_slo_ms else None
@@ -145,6 +151,8 @@ class AskRunner:
             usage.total_ms = (time.perf_counter() - started) * 1000
             usage.cost = (usage.tokens_in + usage.tokens_out) / 1000 * self._price(usage.model)
             self._table.end_ask(query.pid, interrupt.fire, usage)
+            if finish and finish != "killed":
+                self._context.remember_exchange(record, query.prompt, "".join(answer.text))
         yield AskDone(finish, usage)
 
     async def _acquire(self, model: str, lease: Lease, interrupt: Interrupt) -> bool:
@@ -262,8 +270,9 @@ class AskRunner:
     def _request(spec, query: AskQuery, model: str, answer: "_Answer",
                  max_new: int) -> model_pb2.GenerateRequest:
         messages = []
-        if spec.system_prompt:
-            messages.append(model_pb2.ChatMessage(role="system", content=spec.system_prompt))
+        system = "\n\n".join(part for part in (spec.system_prompt, query.context) if part)
+        if system:
+            messages.append(model_pb2.ChatMessage(role="system", content=system))
         messages.append(model_pb2.ChatMessage(role="user", content=query.prompt))
         return model_pb2.GenerateRequest(
             model=model, messages=messages, max_new_tokens=max_new,

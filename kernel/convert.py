@@ -12,7 +12,7 @@ def spec_from_pb(msg: pb.ProcessSpec) -> ProcessSpec:
     priority = msg.priority if msg.HasField("priority") else DEFAULT_PRIORITY
     return ProcessSpec(name=msg.name, priority=priority, model=msg.model,
                        context_budget=msg.context_budget, quota=quota_from_pb(msg.quota),
-                       system_prompt=msg.system_prompt)
+                       system_prompt=msg.system_prompt, collections=list(msg.collections))
 
 
 def process_to_pb(record: ProcRecord, running: int) -> pb.Process:

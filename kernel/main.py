@@ -13,7 +13,9 @@ from grpc_health.v1 import health_pb2
 
 from kernel import config as kconfig
 from kernel.ask import AskRunner
+from kernel.context import ContextManager
 from kernel.dispatch import Dispatcher
+from kernel.memory import PageTable
 from kernel.scheduler import Policy
 from kernel.identity import Authenticator, CredentialsServer, TicketBook, TokenBook
 from kernel.registry import ServiceRegistry
@@ -42,8 +44,10 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     auth = Authenticator(tickets, TokenBook(store))
     dispatcher = Dispatcher(Policy(cfg.policy), {**cfg.tenant_weights, **table.weights()},
                             max_slots=cfg.max_slots)
-    servicer = KernelServicer(table, registry, auth, AskRunner(table, registry, dispatcher),
-                              dispatcher, started)
+    context = ContextManager(table, registry, PageTable(store))
+    servicer = KernelServicer(table, registry, auth,
+                              AskRunner(table, registry, dispatcher, context), dispatcher,
+                              started, context)
     server_cfg = ServerConfig(unix_socket=cfg.socket, tcp_listen=cfg.listen,
                               tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
     try:

@@ -14,6 +14,7 @@ MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 0, 39, 20
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_SYSTEM_PROMPT = 64 * 1024
 MAX_QUOTA = 10**15
+MAX_COLLECTIONS = 16
 
 
 class ProcState(enum.IntEnum):
@@ -83,6 +84,12 @@ def validate_spec(spec: ProcessSpec) -> ProcessSpec:
         raise InvalidArgument("model name is longer than 256 characters")
     if len(spec.system_prompt) > MAX_SYSTEM_PROMPT:
         raise InvalidArgument(f"system prompt is longer than {MAX_SYSTEM_PROMPT} characters")
+    if len(spec.collections) > MAX_COLLECTIONS:
+        raise InvalidArgument(f"at most {MAX_COLLECTIONS} collections per process")
+    for name in spec.collections:
+        if not NAME_RE.match(name):
+            raise InvalidArgument(f"bad collection name {name!r}: use 1-64 letters, digits, "
+                                  "'.', '_' or '-'")
     validate_quota(spec.quota)
     return spec
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -10,6 +9,9 @@ import time
 import grpc
 
 from kernel.ask import AskDone, AskQuery, AskRunner
+from kernel.context import ContextManager
+from kernel.memory_syscalls import MemorySyscalls
+from kernel.syscall import abort, syscall
 from kernel.convert import process_to_pb, quota_from_pb, spec_from_pb
 from kernel.dispatch import Dispatcher
 from libvfm.convert import counters_to_pb, usage_to_pb
@@ -24,30 +26,11 @@ from vfmos.kernel.v1 import kernel_pb2_grpc
 log = logging.getLogger("vfmd.syscall")
 
 
-async def _abort(context, err: VfmError):
-    await context.abort_with_status(to_status(err))
-
-
-def syscall(fn):
-    """Wrap a unary handler `fn(self, caller, request)`: identity first, errors mapped once."""
-
-    @functools.wraps(fn)
-    async def handler(self, request, context):
-        try:
-            caller = self.auth.identify(context.invocation_metadata(), context.peer())
-            return fn(self, caller, request)
-        except VfmError as err:
-            await _abort(context, err)
-        except Exception:
-            log.exception("%s failed", fn.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__} "
-                                "(see the vfmd log)")
-    return handler
-
-
-class KernelServicer(kernel_pb2_grpc.KernelServicer):
+class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServicer):
     def __init__(self, table: ProcessTable, registry: ServiceRegistry, auth: Authenticator,
-                 asks: AskRunner, dispatcher: Dispatcher, started_at: float):
+                 asks: AskRunner, dispatcher: Dispatcher, started_at: float,
+                 context: ContextManager):
+        self.context = context
         self.dispatcher = dispatcher
         self.table = table
         self.registry = registry
@@ -168,7 +151,7 @@ class KernelServicer(kernel_pb2_grpc.KernelServicer):
                 else:
                     yield pb.AskChunk(text=item)
         except VfmError as err:
-            await _abort(context, err)
+            await abort(context, err)
         except Exception:
             log.exception("Ask failed")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in Ask (see the vfmd log)")

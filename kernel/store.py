@@ -34,6 +34,7 @@ class KernelStore:
         self._procs = self._env.open_db(b"procs")
         self._tokens = self._env.open_db(b"tokens")
         self._services = self._env.open_db(b"services")
+        self._pages = self._env.open_db(b"pages")
 
     def close(self) -> None:
         self._env.close()
@@ -99,3 +100,17 @@ class KernelStore:
     def services(self) -> dict[str, dict]:
         with self._env.begin() as txn:
             return {k.decode(): _unpack(v) for k, v in txn.cursor(db=self._services)}
+
+    # page tables of the virtual context memory: one record per process
+    def put_page_table(self, pid: int, table: dict) -> None:
+        with self._env.begin(write=True) as txn:
+            txn.put(_PID.pack(pid), _pack(table), db=self._pages)
+
+    def get_page_table(self, pid: int) -> dict | None:
+        with self._env.begin() as txn:
+            raw = txn.get(_PID.pack(pid), db=self._pages)
+        return _unpack(raw) if raw else None
+
+    def delete_page_table(self, pid: int) -> None:
+        with self._env.begin(write=True) as txn:
+            txn.delete(_PID.pack(pid), db=self._pages)

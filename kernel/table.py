@@ -155,6 +155,19 @@ class ProcessTable:
         self._store.put_process(record)
         return record
 
+    def count_pages(self, pid: int, faults: int, hits: int) -> None:
+        """Page faults and hits of the virtual context memory (from each working set)."""
+        record = self._procs[pid]
+        record.counters.page_faults += faults
+        record.counters.page_hits += hits
+        self._store.put_process(record)
+
+    def fork(self, caller: Caller, pid: int, name: str) -> tuple[ProcRecord, ProcRecord]:
+        """A new process with the parent's spec; its memory is shared by the caller."""
+        parent = self._live(caller, pid)
+        child = self.spawn(caller, replace(parent.spec, name=name or f"{parent.spec.name}-fork"))
+        return parent, child
+
     # tenants
     def weights(self) -> dict[str, float]:
         return dict(self._weights)

@@ -107,10 +107,10 @@ class AsyncClient:
     # process syscalls
     async def spawn(self, name: str, *, priority: int = 20, model: str = "",
                     context_budget: int = 0, quota: Quota | None = None,
-                    system_prompt: str = "") -> Process:
+                    system_prompt: str = "", collections: list[str] | None = None) -> Process:
         spec = ProcessSpec(name=name, priority=priority, model=model,
                            context_budget=context_budget, quota=quota or Quota(),
-                           system_prompt=system_prompt)
+                           system_prompt=system_prompt, collections=list(collections or ()))
         reply = await self._call("Spawn", pb.SpawnRequest(spec=convert.spec_to_pb(spec)))
         return convert.process_from_pb(reply)
 

@@ -21,7 +21,7 @@ def quota_from_pb(msg: pb.Quota) -> Quota:
 def spec_to_pb(spec: ProcessSpec) -> pb.ProcessSpec:
     return pb.ProcessSpec(name=spec.name, priority=spec.priority, model=spec.model,
                           context_budget=spec.context_budget, quota=quota_to_pb(spec.quota),
-                          system_prompt=spec.system_prompt)
+                          system_prompt=spec.system_prompt, collections=spec.collections)
 
 
 def process_from_pb(msg: pb.Process) -> Process:
@@ -30,6 +30,7 @@ def process_from_pb(msg: pb.Process) -> Process:
         pid=msg.pid, tenant=msg.tenant, state=pb.ProcState.Name(msg.state),
         spec=ProcessSpec(name=s.name, priority=s.priority, model=s.model,
                          context_budget=s.context_budget, system_prompt=s.system_prompt,
+                         collections=list(s.collections),
                          quota=quota_from_pb(q)),
         counters=counters_from_pb(c),
         created_at=msg.created_at, updated_at=msg.updated_at, running=msg.running)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 KERNEL_SOCKET = "vfmd.sock"
 MODEL_SOCKET = "modeld.sock"
+DATA_SOCKET = "datad.sock"
 SYSTEM_SOCKET = Path("/run/vfmos") / KERNEL_SOCKET
 
 

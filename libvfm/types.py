@@ -24,6 +24,7 @@ class ProcessSpec:
     context_budget: int = 0
     quota: Quota = field(default_factory=Quota)
     system_prompt: str = ""
+    collections: list[str] = field(default_factory=list)
 
 
 @dataclass

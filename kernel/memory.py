@@ -1,0 +1,163 @@
+"""Virtual context memory: page tables, and the working set assembled for each question."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from kernel.store import KernelStore
+
+DEFAULT_BUDGET = 1024
+RECENT_TURNS = 4            # the conversation's last turns are always worth their tokens...
+RECENT_SHARE = 0.10         # ...up to this share of the budget
+KNOWLEDGE_SHARE = 0.40      # at most this share goes to knowledge chunks when memory competes
+RANKED_LIMIT = 400          # ranked memory candidates asked of the data service
+
+
+@dataclass
+class Item:
+    """One piece of a working set, before it is rendered into the context."""
+
+    kind: str               # "pinned", "recent", "memory", "knowledge", "summary"
+    text: str
+    tokens: int
+    source_ids: list[str]
+    score: float = 0.0
+    page: int = -1          # memory pages only
+    seq: int = -1           # memory entries only
+    speaker: str = ""
+    time: float = 0.0
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Candidates:
+    """What the data service offered, in its order of preference."""
+
+    pinned: list[Item]
+    recent: list[Item]      # oldest first
+    ranked: list[Item]      # best first
+    knowledge: list[Item]   # best first
+    summaries: list[Item] = field(default_factory=list)
+
+
+@dataclass
+class Assembly:
+    items: list[Item]
+    used: int
+    budget: int
+
+
+def assemble(c: Candidates, budget: int, max_pages: int = 0) -> Assembly:
+    """Fill the budget: pinned entries, the latest turns (a small reserve), knowledge (capped
+    while memory competes for room), ranked memory, then summaries of ranges left out.
+
+    Greedy with skipping: an item that does not fit is passed over and smaller ones after it
+    still get their chance. The result reads in a fixed order: pinned, summaries, memory in
+    time order, knowledge, then the latest turns, closest to the question."""
+    chosen: list[Item] = []
+    seen: set[str] = set()
+    left = budget
+
+    def take(item: Item, cap: int | None = None) -> bool:
+        nonlocal left
+        key = item.source_ids[0] if item.source_ids else id(item)
+        if key in seen or item.tokens > left or (cap is not None and item.tokens > cap):
+            return False
+        seen.add(key)
+        chosen.append(item)
+        left -= item.tokens
+        return True
+
+    for item in c.pinned:
+        take(item)
+    reserve = int(budget * RECENT_SHARE)
+    for item in reversed(c.recent[-RECENT_TURNS:]):
+        if take(item, reserve):
+            reserve -= item.tokens
+    share = int(budget * KNOWLEDGE_SHARE) if c.ranked else left
+    for item in c.knowledge:
+        if take(item, share):
+            share -= item.tokens
+    for item in c.ranked:
+        take(item)
+    covered = {i.page for i in chosen if i.page >= 0}
+    for item in c.summaries:
+        if item.meta.get("pages") and not covered & _pages(item):
+            take(item)
+    if max_pages:
+        chosen = _within_pages(chosen, max_pages)
+    return Assembly(_reading_order(chosen), sum(i.tokens for i in chosen), budget)
+
+
+def _pages(summary: Item) -> set[int]:
+    first, _, last = summary.meta["pages"].partition("-")
+    return set(range(int(first), int(last or first) + 1))
+
+
+def _within_pages(items: list[Item], max_pages: int) -> list[Item]:
+    """Keep the items of the `max_pages` most valuable pages (pinned ones first)."""
+    value: dict[int, float] = {}
+    for rank, item in enumerate(items):
+        if item.page >= 0:
+            bonus = 1e9 if item.kind == "pinned" else 0.0
+            value[item.page] = max(value.get(item.page, -1e18), bonus - rank)
+    keep = set(sorted(value, key=value.get, reverse=True)[:max_pages])
+    return [i for i in items if i.page < 0 or i.page in keep]
+
+
+_ORDER = {"pinned": 0, "summary": 1, "memory": 2, "knowledge": 3, "recent": 4}
+
+
+def _reading_order(items: list[Item]) -> list[Item]:
+    return sorted(items, key=lambda i: (_ORDER[i.kind], i.seq if i.seq >= 0 else 0))
+
+
+def render(items: list[Item]) -> str:
+    """The context block that goes into the model's system message."""
+    lines, section = [], ""
+    titles = {"pinned": "Rules", "summary": "Earlier (summarised)", "memory": "From memory",
+              "knowledge": "From the knowledge base", "recent": "Latest conversation"}
+    for item in items:
+        if item.kind != section:
+            section = item.kind
+            lines.append(f"## {titles[section]}")
+        lines.append(item.text)
+    return "\n".join(lines)
+
+
+class PageTable:
+    """Residency of each process's memory pages, kept in the kernel store.
+
+    A page is resident while it is part of the process's current working set. A page the
+    next working set needs counts as a hit if it is resident and as a fault if it is not
+    (never loaded, or evicted by an earlier assembly)."""
+
+    def __init__(self, store: KernelStore):
+        self._store = store
+
+    def touch(self, pid: int, items: list[Item]) -> tuple[int, int, int]:
+        """Make the items' pages the resident set; returns (faults, hits, resident pages)."""
+        raw = self._store.get_page_table(pid) or {"pages": []}
+        pages = {p[0]: p for p in raw["pages"]}  # page -> [page, resident, last_use, rel, pinned]
+        needed: dict[int, tuple[float, bool]] = {}
+        for item in items:
+            if item.page >= 0:
+                score, pinned = needed.get(item.page, (0.0, False))
+                needed[item.page] = (max(score, item.score), pinned or item.kind == "pinned")
+        hits = sum(1 for page in needed if page in pages and pages[page][1])
+        for row in pages.values():
+            row[1] = False
+        now = time.time()
+        for page, (score, pinned) in needed.items():
+            pages[page] = [page, True, now, score, pinned]
+        faults = len(needed) - hits
+        self._store.put_page_table(pid, {"pages": sorted(pages.values())})
+        return faults, hits, len(needed)
+
+    def resident(self, pid: int) -> int:
+        raw = self._store.get_page_table(pid) or {"pages": []}
+        return sum(1 for p in raw["pages"] if p[1])
+
+    def drop(self, pid: int) -> None:
+        self._store.delete_page_table(pid)

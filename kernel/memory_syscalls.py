@@ -1,0 +1,117 @@
+"""Syscalls of memory and knowledge: the kernel names the tenant, checks the pid, forwards."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from kernel.context import ContextManager
+from kernel.convert import process_to_pb
+from kernel.identity import Caller
+from kernel.memory import Item
+from kernel.syscall import abort, syscall
+from kernel.table import ProcessTable
+from libvfm.errors import InvalidArgument, VfmError
+from vfmos.data.v1 import data_pb2 as dpb
+from vfmos.kernel.v1 import kernel_pb2 as pb
+
+log = logging.getLogger("vfmd.syscall")
+MAX_QUESTION_CHARS = 64 * 1024
+
+
+def item_to_pb(item: Item) -> pb.ContextItem:
+    return pb.ContextItem(kind=item.kind, text=item.text, tokens=item.tokens,
+                          source_ids=item.source_ids, meta=item.meta, score=item.score,
+                          page=item.page, speaker=item.speaker, time=item.time)
+
+
+class MemorySyscalls:
+    """Mixed into KernelServicer: needs `self.auth`, `self.table` and `self.context`."""
+
+    table: ProcessTable
+    context: ContextManager
+
+    def _owned(self, caller: Caller, pid: int):
+        return self.table.get(caller, pid)  # another tenant's pid is NOT_FOUND
+
+    @syscall
+    async def Context(self, caller: Caller, request: pb.ContextRequest) -> pb.WorkingSet:
+        record = self._owned(caller, request.pid)
+        if len(request.question) > MAX_QUESTION_CHARS:
+            raise InvalidArgument(f"the question is longer than {MAX_QUESTION_CHARS} characters")
+        ws = await self.context.working_set(record, request.question, request.budget,
+                                            request.now, request.touch)
+        return pb.WorkingSet(pid=record.pid, budget=ws.assembly.budget, used=ws.assembly.used,
+                             items=[item_to_pb(i) for i in ws.assembly.items],
+                             page_faults=ws.faults, page_hits=ws.hits,
+                             resident_pages=ws.resident, pages=ws.pages, pagein_ms=ws.pagein_ms)
+
+    @syscall
+    async def Remember(self, caller: Caller, request: dpb.RememberRequest):
+        record = self._owned(caller, request.pid)
+        request.tenant = record.tenant
+        return await self.context.call("Remember", request)
+
+    @syscall
+    async def Recall(self, caller: Caller, request: dpb.RecallRequest):
+        record = self._owned(caller, request.pid)
+        request.tenant = record.tenant
+        return await self.context.call("Recall", request)
+
+    @syscall
+    async def Fork(self, caller: Caller, request: pb.ForkRequest) -> pb.Process:
+        parent, child = self.table.fork(caller, request.pid, request.name)
+        try:
+            await self.context.call("ForkMemory", dpb.ForkMemoryRequest(
+                tenant=parent.tenant, parent=parent.pid, child=child.pid))
+        except VfmError as err:
+            log.warning("fork %d -> %d without memory: %s", parent.pid, child.pid, err.message)
+        return process_to_pb(child, 0)
+
+    # knowledge: the caller's own tenant, whatever the request says
+    @syscall
+    async def CreateCollection(self, caller: Caller, request: dpb.CreateCollectionRequest):
+        request.tenant = caller.tenant
+        return await self.context.call("CreateCollection", request)
+
+    @syscall
+    async def ListCollections(self, caller: Caller, request: dpb.ListCollectionsRequest):
+        request.tenant = caller.tenant
+        return await self.context.call("ListCollections", request)
+
+    @syscall
+    async def DeleteCollection(self, caller: Caller, request: dpb.CollectionRequest):
+        request.tenant = caller.tenant
+        return await self.context.call("DeleteCollection", request)
+
+    @syscall
+    async def DeleteSource(self, caller: Caller, request: dpb.DeleteSourceRequest):
+        request.tenant = caller.tenant
+        return await self.context.call("DeleteSource", request)
+
+    @syscall
+    async def Search(self, caller: Caller, request: dpb.SearchRequest):
+        request.tenant = caller.tenant
+        return await self.context.call("Search", request)
+
+    async def Ingest(self, request_iterator, context):
+        """A document streamed through: parts are forwarded as they come, tenant rewritten."""
+        try:
+            caller = self.auth.identify(context.invocation_metadata(), context.peer())
+
+            async def parts():
+                async for part in request_iterator:
+                    part.tenant = caller.tenant
+                    yield part
+
+            try:
+                return await self.context.stub().Ingest(parts(), timeout=3600)
+            except grpc.RpcError as exc:
+                raise self.context.error(exc) from None
+        except VfmError as err:
+            await abort(context, err)
+        except Exception:
+            log.exception("Ingest failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in Ingest "
+                                "(see the vfmd log)")

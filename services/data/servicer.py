@@ -1,0 +1,169 @@
+"""Thin gRPC servicer for vfmos.data.v1: translate, delegate to DataService, map errors."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+
+from libvfm.errors import InvalidArgument, VfmError, to_status
+from services.data.memory import Stored
+from services.data.service import DataService, check_tenant
+from vfmos.data.v1 import data_pb2 as pb
+from vfmos.data.v1 import data_pb2_grpc
+
+log = logging.getLogger("vfm-datad.rpc")
+MAX_DOCUMENT_BYTES = 512 << 20
+
+
+def rpc(fn):
+    """Wrap an async unary handler: domain errors become statuses, surprises INTERNAL."""
+
+    @functools.wraps(fn)
+    async def handler(self, request, context):
+        try:
+            return await fn(self, request)
+        except VfmError as err:
+            await context.abort_with_status(to_status(err))
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"internal error in {fn.__name__} (see the vfm-datad log)")
+    return handler
+
+
+def entry_to_pb(s: Stored) -> pb.MemoryEntry:
+    return pb.MemoryEntry(seq=s.seq, speaker=s.speaker, text=s.text, time=s.time, meta=s.meta,
+                          pinned=s.pinned, tokens=s.tokens, page=s.page, line=s.line)
+
+
+def hit_to_pb(hit) -> pb.Hit:
+    return pb.Hit(chunk_id=hit.chunk_id, score=hit.score, text=hit.text, source=hit.source,
+                  title=hit.title, position=str(hit.position), meta=hit.meta,
+                  tokens=getattr(hit, "tokens", 0), collection=getattr(hit, "collection", ""))
+
+
+class DataServicer(data_pb2_grpc.DataServicer):
+    def __init__(self, service: DataService):
+        self.s = service
+
+    # knowledge
+    @rpc
+    async def CreateCollection(self, request: pb.CreateCollectionRequest) -> pb.Collection:
+        c = await self.s.run(self.s.knowledge.create_collection, check_tenant(request.tenant),
+                             request.name, request.description)
+        return _collection(c)
+
+    @rpc
+    async def ListCollections(self, request: pb.ListCollectionsRequest):
+        items = await self.s.run(self.s.knowledge.list_collections, check_tenant(request.tenant))
+        return pb.ListCollectionsResponse(collections=[_collection(c) for c in items])
+
+    @rpc
+    async def DeleteCollection(self, request: pb.CollectionRequest):
+        n = await self.s.run(self.s.knowledge.delete_collection, check_tenant(request.tenant),
+                             request.name)
+        return pb.DeleteCollectionResponse(chunks=n)
+
+    async def Ingest(self, request_iterator, context):
+        try:
+            head, data = await _read_document(request_iterator)
+            result = await self.s.run(
+                self.s.knowledge.ingest, check_tenant(head.tenant), head.collection, head.source,
+                data, kind=head.kind or None, mtime=head.mtime or None, meta=dict(head.meta))
+            return pb.IngestResponse(source=head.source, chunks=result.chunks,
+                                     unchanged=result.skipped_unchanged, replaced=result.replaced)
+        except VfmError as err:
+            await context.abort_with_status(to_status(err))
+        except Exception:
+            log.exception("Ingest failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in Ingest "
+                                "(see the vfm-datad log)")
+
+    @rpc
+    async def DeleteSource(self, request: pb.DeleteSourceRequest):
+        n = await self.s.run(self.s.knowledge.delete_source, check_tenant(request.tenant),
+                             request.collection, request.source)
+        return pb.DeleteSourceResponse(chunks=n)
+
+    @rpc
+    async def Search(self, request: pb.SearchRequest) -> pb.SearchResponse:
+        hits = await self.s.run(self.s.knowledge.search, check_tenant(request.tenant),
+                                request.collection, request.query, k=request.k or 10,
+                                filters=dict(request.filters) or None,
+                                since=_when(request.since), until=_when(request.until))
+        return pb.SearchResponse(hits=[hit_to_pb(h) for h in hits])
+
+    # episodic memory
+    @rpc
+    async def Remember(self, request: pb.RememberRequest) -> pb.RememberResponse:
+        items = [{"speaker": e.speaker, "text": e.text, "time": e.time, "meta": dict(e.meta),
+                  "pinned": e.pinned} for e in request.entries]
+        first, count, pages = await self.s.run(self.s.memory.remember,
+                                               check_tenant(request.tenant), request.pid, items)
+        return pb.RememberResponse(first_seq=first, count=count, pages=pages)
+
+    @rpc
+    async def Recall(self, request: pb.RecallRequest) -> pb.RecallResponse:
+        hits = await self.s.run(self.s.memory.recall, check_tenant(request.tenant), request.pid,
+                                request.query, request.k or 10, request.now)
+        return pb.RecallResponse(hits=[pb.RecallHit(entry=entry_to_pb(s), score=score)
+                                       for s, score in hits])
+
+    @rpc
+    async def Candidates(self, request: pb.CandidatesRequest) -> pb.CandidatesResponse:
+        tenant = check_tenant(request.tenant)
+        found = await self.s.run(self.s.memory.candidates, tenant, request.pid, request.question,
+                                 request.limit or 200, request.recent, request.now)
+        knowledge = []
+        if request.collections and request.question.strip():
+            knowledge = await self.s.run(self.s.knowledge.search_many, tenant,
+                                         list(request.collections), request.question,
+                                         request.knowledge_k or 8)
+        return pb.CandidatesResponse(
+            pinned=[entry_to_pb(s) for s in found.pinned],
+            recent=[entry_to_pb(s) for s in found.recent],
+            ranked=[pb.RecallHit(entry=entry_to_pb(s), score=score) for s, score in found.ranked],
+            knowledge=[hit_to_pb(h) for h in knowledge], pages=found.pages,
+            entries=found.entries)
+
+    @rpc
+    async def Forget(self, request: pb.ForgetRequest) -> pb.ForgetResponse:
+        n = await self.s.run(self.s.memory.forget, check_tenant(request.tenant), request.pid)
+        return pb.ForgetResponse(entries=n)
+
+    @rpc
+    async def ForkMemory(self, request: pb.ForkMemoryRequest) -> pb.ForkMemoryResponse:
+        n = await self.s.run(self.s.memory.fork, check_tenant(request.tenant), request.parent,
+                             request.child)
+        return pb.ForkMemoryResponse(shared=n)
+
+
+def _collection(c) -> pb.Collection:
+    return pb.Collection(name=c.name, description=c.description, chunks=c.chunks,
+                         sources=c.sources, created_at=c.created_at)
+
+
+def _when(seconds: float):
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(seconds, timezone.utc) if seconds else None
+
+
+async def _read_document(parts) -> tuple[pb.IngestPart, bytes]:
+    """The header (first part) and the whole document, refusing oversize uploads early."""
+    head, chunks, size = None, [], 0
+    async for part in parts:
+        if head is None:
+            head = part
+        size += len(part.data)
+        if size > MAX_DOCUMENT_BYTES:
+            raise InvalidArgument(f"document larger than {MAX_DOCUMENT_BYTES >> 20} MiB; "
+                                  "split it before ingesting")
+        chunks.append(part.data)
+    if head is None:
+        raise InvalidArgument("empty ingest stream: no document header")
+    if not head.source:
+        raise InvalidArgument("a document needs a source name")
+    return head, b"".join(chunks)
