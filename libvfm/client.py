@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket as _socket
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import grpc
 import msgpack
@@ -13,13 +13,16 @@ import msgpack
 from libvfm import convert
 from libvfm.errors import Unauthenticated, Unavailable, VfmError, from_rpc_error
 from libvfm.paths import credentials_socket, kernel_socket
-from libvfm.types import (AskResult, DaemonStatus, Identity, Process, ProcessSpec, Quota,
-                          SystemUsage, TokenInfo, Usage)
+from libvfm.types import (AskResult, Collection, DaemonStatus, Identity, IngestResult,
+                          MemoryEntry, Process, ProcessSpec, Quota, RecallHit, SearchHit,
+                          SystemUsage, TokenInfo, Usage, WorkingSet)
+from vfmos.data.v1 import data_pb2 as dpb
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos.kernel.v1 import kernel_pb2_grpc
 
 TICKET_HEADER = "x-vfm-ticket"
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+INGEST_PART_BYTES = 1 << 20
 
 
 def fetch_ticket(sock_path: Path, timeout: float = 5.0) -> str:
@@ -177,6 +180,79 @@ class AsyncClient:
             if isinstance(item, AskResult):
                 result = item
         return result
+
+    # virtual context memory
+    async def remember(self, pid: int, entries: list[MemoryEntry]) -> tuple[int, int]:
+        """Append entries to a process's memory in one call; returns (first seq, count)."""
+        reply = await self._call("Remember", dpb.RememberRequest(
+            pid=pid, entries=[convert.entry_to_pb(e) for e in entries]))
+        return reply.first_seq, reply.count
+
+    async def recall(self, pid: int, query: str, k: int = 10,
+                     now: float = 0.0) -> list[RecallHit]:
+        reply = await self._call("Recall", dpb.RecallRequest(pid=pid, query=query, k=k, now=now))
+        return [RecallHit(convert.entry_from_pb(h.entry), h.score) for h in reply.hits]
+
+    async def context(self, pid: int, question: str = "", *, budget: int = 0, now: float = 0.0,
+                      touch: bool = False) -> WorkingSet:
+        """The working set an Ask of `question` would use; `touch` counts it as paged in."""
+        reply = await self._call("Context", pb.ContextRequest(
+            pid=pid, question=question, budget=budget, now=now, touch=touch))
+        return convert.working_set_from_pb(reply)
+
+    async def fork(self, pid: int, name: str = "") -> Process:
+        """A child process sharing the parent's memory copy-on-write."""
+        return convert.process_from_pb(await self._call("Fork", pb.ForkRequest(pid=pid, name=name)))
+
+    # knowledge collections of the caller's tenant
+    async def collection_create(self, name: str, description: str = "") -> Collection:
+        reply = await self._call("CreateCollection", dpb.CreateCollectionRequest(
+            name=name, description=description))
+        return convert.collection_from_pb(reply)
+
+    async def collections(self) -> list[Collection]:
+        reply = await self._call("ListCollections", dpb.ListCollectionsRequest())
+        return [convert.collection_from_pb(c) for c in reply.collections]
+
+    async def collection_delete(self, name: str) -> int:
+        return (await self._call("DeleteCollection", dpb.CollectionRequest(name=name))).chunks
+
+    async def ingest(self, collection: str, source: str, data: bytes, *, kind: str = "",
+                     mtime: float = 0.0, meta: dict[str, str] | None = None,
+                     progress: Callable[[int], None] | None = None) -> IngestResult:
+        """Stream one document; `progress(n)` hears each part's size as it is sent."""
+        def parts():
+            head = dpb.IngestPart(collection=collection, source=source, kind=kind, mtime=mtime,
+                                  meta=meta or {})
+            for start in range(0, max(len(data), 1), INGEST_PART_BYTES):
+                part = head if start == 0 else dpb.IngestPart()
+                part.data = data[start:start + INGEST_PART_BYTES]
+                yield part
+                if progress is not None:
+                    progress(len(part.data))
+
+        for attempt in (0, 1):
+            try:
+                reply = await self._stub.Ingest(parts(), metadata=self._metadata(attempt == 1),
+                                                timeout=max(self._timeout, 3600))
+                return IngestResult(reply.source, reply.chunks, reply.unchanged, reply.replaced)
+            except grpc.RpcError as exc:
+                err = from_rpc_error(exc)
+                if isinstance(err, Unauthenticated) and attempt == 0 and not self._token:
+                    continue
+                raise err from None
+
+    async def delete_source(self, collection: str, source: str) -> int:
+        return (await self._call("DeleteSource", dpb.DeleteSourceRequest(
+            collection=collection, source=source))).chunks
+
+    async def search(self, collection: str, query: str, k: int = 10, *,
+                     filters: dict[str, str] | None = None, since: float = 0.0,
+                     until: float = 0.0) -> list[SearchHit]:
+        reply = await self._call("Search", dpb.SearchRequest(
+            collection=collection, query=query, k=k, filters=filters or {}, since=since,
+            until=until))
+        return [convert.hit_from_pb(h) for h in reply.hits]
 
     # introspection and administration
     async def ping(self, payload: bytes = b"") -> bytes:

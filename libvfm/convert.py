@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from libvfm.types import (Counters, DaemonStatus, Identity, Process, ProcessSpec, Quota,
-                          SystemUsage, TenantUsage, TokenInfo, Usage)
+from libvfm.types import (Collection, ContextItem, Counters, DaemonStatus, Identity,
+                          MemoryEntry, Process, ProcessSpec, Quota, SearchHit, SystemUsage,
+                          TenantUsage, TokenInfo, Usage, WorkingSet)
+from vfmos.data.v1 import data_pb2 as dpb
 from vfmos.kernel.v1 import kernel_pb2 as pb
 
 
@@ -75,3 +77,32 @@ def daemon_from_pb(msg: pb.DaemonStatus) -> DaemonStatus:
 
 def token_from_pb(msg: pb.TokenInfo) -> TokenInfo:
     return TokenInfo(msg.token_id, msg.tenant, msg.admin, msg.label, msg.created_at)
+
+
+def entry_to_pb(e: MemoryEntry) -> dpb.MemoryEntry:
+    return dpb.MemoryEntry(speaker=e.speaker, text=e.text, time=e.time, meta=e.meta,
+                           pinned=e.pinned)
+
+
+def entry_from_pb(m: dpb.MemoryEntry) -> MemoryEntry:
+    return MemoryEntry(text=m.text, speaker=m.speaker, time=m.time, meta=dict(m.meta),
+                       pinned=m.pinned, seq=m.seq, tokens=m.tokens, page=m.page, line=m.line)
+
+
+def working_set_from_pb(m: pb.WorkingSet) -> WorkingSet:
+    items = [ContextItem(kind=i.kind, text=i.text, tokens=i.tokens,
+                         source_ids=list(i.source_ids), meta=dict(i.meta), score=i.score,
+                         page=i.page, speaker=i.speaker, time=i.time) for i in m.items]
+    return WorkingSet(pid=m.pid, budget=m.budget, used=m.used, items=items,
+                      page_faults=m.page_faults, page_hits=m.page_hits,
+                      resident_pages=m.resident_pages, pages=m.pages, pagein_ms=m.pagein_ms)
+
+
+def collection_from_pb(m: dpb.Collection) -> Collection:
+    return Collection(m.name, m.description, m.chunks, m.sources, m.created_at)
+
+
+def hit_from_pb(m: dpb.Hit) -> SearchHit:
+    return SearchHit(chunk_id=m.chunk_id, score=m.score, text=m.text, source=m.source,
+                     title=m.title, position=m.position, meta=dict(m.meta),
+                     collection=m.collection)

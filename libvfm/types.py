@@ -131,3 +131,82 @@ class TokenInfo:
     admin: bool
     label: str
     created_at: float
+
+
+@dataclass
+class MemoryEntry:
+    """One remembered turn of an FM process; `time` in unix seconds (0 = now)."""
+
+    text: str
+    speaker: str = "user"
+    time: float = 0.0
+    meta: dict[str, str] = field(default_factory=dict)
+    pinned: bool = False
+    seq: int = -1
+    tokens: int = 0
+    page: int = -1
+    line: str = ""
+
+
+@dataclass
+class RecallHit:
+    entry: MemoryEntry
+    score: float
+
+
+@dataclass
+class ContextItem:
+    kind: str
+    text: str
+    tokens: int
+    source_ids: list[str]
+    meta: dict[str, str]
+    score: float
+    page: int
+    speaker: str
+    time: float
+
+
+@dataclass
+class WorkingSet:
+    pid: int
+    budget: int
+    used: int
+    items: list[ContextItem]
+    page_faults: int
+    page_hits: int
+    resident_pages: int
+    pages: int
+    pagein_ms: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Collection:
+    name: str
+    description: str
+    chunks: int
+    sources: int
+    created_at: float
+
+
+@dataclass
+class SearchHit:
+    chunk_id: str
+    score: float
+    text: str
+    source: str
+    title: str
+    position: str
+    meta: dict[str, str]
+    collection: str = ""
+
+
+@dataclass
+class IngestResult:
+    source: str
+    chunks: int
+    unchanged: bool
+    replaced: int

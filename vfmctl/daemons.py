@@ -26,8 +26,9 @@ class Daemon:
 
 KERNEL = Daemon("vfmd", "kernel.main")
 # Every service daemon registered so far; `up` starts them after the kernel.
-SERVICES = (Daemon("vfm-modeld", "services.model.main",
-                   "loading the default model (the first start converts it, ~30 s)"),)
+SERVICES = (Daemon("vfm-datad", "services.data.main", "loading the embedding model"),
+            Daemon("vfm-modeld", "services.model.main",
+                   "loading the default model (the first start converts it, ~30 s)"))
 
 
 class UpError(Exception):
@@ -90,7 +91,8 @@ def _wait(what: str, check, timeout_s: float, daemon: Daemon, state_dir: Path, s
                   f"see {log_file(state_dir, daemon)}")
 
 
-def up(state_dir: Path, say, timeout_s: float = 600.0, kernel_args: list[str] | None = None) -> list[str]:
+def up(state_dir: Path, say, timeout_s: float = 600.0, kernel_args: list[str] | None = None,
+       service_args: dict[str, list[str]] | None = None) -> list[str]:
     """Start whatever is not running yet and wait until each daemon serves."""
     state_dir.mkdir(parents=True, exist_ok=True)
     sock = state_dir / KERNEL_SOCKET
@@ -105,7 +107,8 @@ def up(state_dir: Path, say, timeout_s: float = 600.0, kernel_args: list[str] | 
         for daemon in SERVICES:
             if running_pid(state_dir, daemon) is None:
                 say(f"starting {daemon.name}: {daemon.ready_hint}")
-                start(state_dir, daemon, ["--kernel-socket", str(sock)])
+                start(state_dir, daemon, ["--kernel-socket", str(sock),
+                                          *(service_args or {}).get(daemon.name, [])])
                 started.append(daemon.name)
             _wait("starting", lambda d=daemon: _serving(client, d.name), timeout_s,
                   daemon, state_dir, say)

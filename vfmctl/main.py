@@ -13,7 +13,7 @@ from libvfm import Client, Quota
 from libvfm.errors import NotFound, VfmError
 from libvfm.paths import KERNEL_SOCKET, default_state_dir, kernel_socket
 from libvfm.types import AskResult
-from vfmctl import daemons, output
+from vfmctl import daemons, knowledge, output
 
 EXIT_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT: 2, grpc.StatusCode.NOT_FOUND: 3,
@@ -63,7 +63,10 @@ def cmd_up(args) -> int:
     for flag in ("listen", "tls_cert", "tls_key"):
         if getattr(args, flag):
             kernel_args += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    started = daemons.up(state_dir, _say, timeout_s=args.timeout, kernel_args=kernel_args)
+    service_args = {"vfm-modeld": ["--models", str(Path(args.models).resolve())]} \
+        if args.models else {}
+    started = daemons.up(state_dir, _say, timeout_s=args.timeout, kernel_args=kernel_args,
+                         service_args=service_args)
     _say(f"VFMOS is up ({', '.join(started) or 'already running'}); "
          f"socket {state_dir / KERNEL_SOCKET}")
     if not args.detach:
@@ -91,7 +94,7 @@ def cmd_spawn(args) -> int:
     with _client(args) as client:
         proc = client.spawn(args.name, priority=args.priority, model=args.model,
                             context_budget=args.context_budget, quota=quota,
-                            system_prompt=args.system_prompt)
+                            system_prompt=args.system_prompt, collections=args.collection)
     _show(args, proc, lambda p: output.process_table([p]))
     return 0
 
@@ -236,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="let vfmd also serve TCP on HOST:PORT (bearer tokens)")
     p.add_argument("--tls-cert", help="PEM certificate for --listen")
     p.add_argument("--tls-key", help="PEM private key for --listen")
+    p.add_argument("--models", help="JSON file of extra models for vfm-modeld (local paths, "
+                   "OpenAI-compatible servers); see README")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds to wait for each daemon (default 600: a first start converts "
                         "the model)")
@@ -250,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=0, help="concurrent asks (0 = unlimited)")
     p.add_argument("--cost-budget", type=float, default=0.0, help="cost budget (0 = unlimited)")
     p.add_argument("--context-budget", type=int, default=0,
-                   help="working-set budget in tokens (0 = the model's window)")
+                   help="working-set budget in tokens (0 = 1,024)")
+    p.add_argument("--collection", action="append", default=[], metavar="NAME",
+                   help="a knowledge collection the process retrieves from (repeatable)")
     p.add_argument("--model", default="", help="physical model (default: the default model)")
     p.add_argument("--system-prompt", default="", help="pinned system prompt")
 
@@ -283,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("tenant")
     w.add_argument("weight", type=float)
 
+    knowledge.add_commands(add, _client, _pid)
     add("whoami", cmd_whoami, "show the identity (tenant) the kernel sees for you")
     p = add("token", cmd_token, "manage bearer tokens for TCP clients (admin)")
     tsub = p.add_subparsers(dest="token_cmd", metavar="ACTION", required=True)

@@ -10,7 +10,8 @@ from dataclasses import asdict, is_dataclass
 from rich.console import Console
 from rich.table import Table
 
-from libvfm.types import DaemonStatus, Process, SystemUsage
+from libvfm.types import (Collection, DaemonStatus, Process, RecallHit, SearchHit,
+                          SystemUsage, WorkingSet)
 
 
 def console() -> Console:
@@ -65,7 +66,10 @@ def process_detail(p: Process) -> None:
     rows = [
         ("pid", p.pid), ("name", p.name), ("tenant", p.tenant), ("state", p.state),
         ("priority", p.spec.priority), ("model", p.spec.model or "default"),
-        ("context budget", p.spec.context_budget or "model window"),
+        ("context budget", f"{p.spec.context_budget or 1024} tokens"
+                           f"{'' if p.spec.context_budget else ' (default)'}"),
+        ("collections", ", ".join(p.spec.collections) or "-"),
+        ("max resident pages", q.max_resident_pages or "unlimited"),
         ("asks", f"{c.asks} ({p.running} running)"),
         ("tokens", f"{used} (in {c.tokens_in}, out {c.tokens_out}) of "
                    f"{q.max_tokens or 'unlimited'}"),
@@ -100,6 +104,10 @@ def daemon_table(daemons: list[DaemonStatus]) -> None:
     console().print(table)
 
 
+def err_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
 def error(message: str) -> None:
     print(f"vfmctl: error: {message}", file=sys.stderr)
 
@@ -121,3 +129,55 @@ def top_frame(usage: SystemUsage, procs: list[Process], limit: int = 15):
                         f"{c.queue_ms / asks:.0f}ms", f"{c.ttft_ms / asks:.0f}ms")
     busiest = sorted(procs, key=lambda p: (p.state != "RUNNING", -p.counters.tokens_out))[:limit]
     return Group(head, tenants, _process_rows(busiest))
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds)) if seconds else "-"
+
+
+def _clip(text: str, width: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def collections_table(items: list[Collection]) -> None:
+    table = Table(box=None, pad_edge=False)
+    for col in ("COLLECTION", "SOURCES", "CHUNKS", "CREATED", "DESCRIPTION"):
+        table.add_column(col, justify="right" if col in ("SOURCES", "CHUNKS") else "left")
+    for c in items:
+        table.add_row(c.name, str(c.sources), str(c.chunks), _when(c.created_at), c.description)
+    console().print(table)
+
+
+def search_table(hits: list[SearchHit]) -> None:
+    table = Table(box=None, pad_edge=False)
+    for col in ("#", "SCORE", "SOURCE", "WHERE", "TEXT"):
+        table.add_column(col, justify="right" if col in ("#", "SCORE") else "left")
+    for rank, h in enumerate(hits, 1):
+        table.add_row(str(rank), f"{h.score:.3f}", h.source, h.title or h.position,
+                      _clip(h.text))
+    console().print(table)
+
+
+def recall_table(hits: list[RecallHit]) -> None:
+    table = Table(box=None, pad_edge=False)
+    for col in ("#", "SCORE", "SEQ", "WHEN", "SPEAKER", "TEXT"):
+        table.add_column(col, justify="right" if col in ("#", "SCORE", "SEQ") else "left")
+    for rank, h in enumerate(hits, 1):
+        e = h.entry
+        table.add_row(str(rank), f"{h.score:.3f}", str(e.seq), _when(e.time), e.speaker,
+                      _clip(e.text))
+    console().print(table)
+
+
+def working_set_table(ws: WorkingSet) -> None:
+    table = Table(box=None, pad_edge=False)
+    for col in ("KIND", "TOKENS", "SCORE", "SOURCES", "TEXT"):
+        table.add_column(col, justify="right" if col in ("TOKENS", "SCORE") else "left")
+    for item in ws.items:
+        table.add_row(item.kind, str(item.tokens), f"{item.score:.3f}" if item.score else "-",
+                      " ".join(item.source_ids), _clip(item.text, 80))
+    console().print(table)
+    console().print(f"{ws.used}/{ws.budget} tokens, {len(ws.items)} items; pages resident "
+                    f"{ws.resident_pages} of {ws.pages}; faults {ws.page_faults}, hits "
+                    f"{ws.page_hits}; page-in {ws.pagein_ms:.1f} ms")
