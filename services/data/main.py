@@ -17,10 +17,12 @@ from kernel.runtime.registration import register_forever
 from kernel.runtime.server import (DaemonStartError, ServerConfig, create_server, run_daemon,
                                    serve_until_signal, setup_logging)
 from libvfm.errors import VfmError
-from libvfm.paths import DATA_SOCKET, KERNEL_SOCKET, default_data_dir, default_state_dir
+from libvfm.paths import (DATA_SOCKET, KERNEL_SOCKET, MODEL_SOCKET, default_data_dir,
+                          default_state_dir)
 from services.data.embed import load_embedder
 from services.data.service import DataService
 from services.data.servicer import DataServicer
+from services.data.summarize import Summarizer
 from services.data.tokens import TokenCounter
 from services.model.local import cache_root
 from vfmos.data.v1 import data_pb2, data_pb2_grpc
@@ -47,6 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"(default: {DEFAULT_MODEL}, from vfm-modeld's model cache)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for embeddings (default 1: the models keep the rest)")
+    parser.add_argument("--summary-pages", type=int, default=4,
+                        help="pages per background summary (default 4; 0 = no summaries)")
+    parser.add_argument("--summary-interval", type=float, default=10.0,
+                        help="seconds between looks for ranges to summarise (default 10)")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -78,6 +84,12 @@ async def serve(args: argparse.Namespace) -> None:
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     register = asyncio.create_task(register_forever(
         args.kernel_socket or state_dir / KERNEL_SOCKET, NAME, f"unix:{socket}"))
+    summarize = None
+    if args.summary_pages > 0:
+        summarizer = Summarizer(service.memory, service.summaries, service.counter,
+                                f"unix:{state_dir / MODEL_SOCKET}", args.summary_pages,
+                                args.summary_interval)
+        summarize = asyncio.create_task(summarizer.run(service.run))
     log.info("%s serving on %s (data in %s, embeddings %s)", NAME, socket, data_dir,
              embedder.name)
     notify_ready(f"serving on {socket}")
@@ -85,6 +97,8 @@ async def serve(args: argparse.Namespace) -> None:
     async def on_stop() -> None:
         notify_stopping()
         register.cancel()
+        if summarize is not None:
+            summarize.cancel()
         await health.enter_graceful_shutdown()
 
     try:

@@ -91,6 +91,12 @@ class EpisodicMemory:
         self._indexes: OrderedDict[tuple[str, int], tuple[EpisodicIndex, list[Stored]]] = \
             OrderedDict()
         self._cached = cached_indexes
+        # Processes whose memory grew: the summariser looks at these (all of them after a start).
+        self.dirty: set[tuple[str, int]] = set()
+        with env.begin() as txn:
+            for key, _ in txn.cursor(db=self._heads):
+                tenant, _, pid = bytes(key).rpartition(b"\x00")
+                self.dirty.add((tenant.decode(), struct.unpack(">Q", pid)[0]))
 
     # writing
     def remember(self, tenant: str, pid: int, items: list[dict]) -> tuple[int, int, int]:
@@ -124,6 +130,7 @@ class EpisodicMemory:
                     stored.append(s)
                     head.next_seq += 1
                 self._put_head(txn, tenant, pid, head)
+            self.dirty.add((tenant, pid))
             cached = self._indexes.get((tenant, pid))
             if cached is not None:
                 index, all_entries = cached

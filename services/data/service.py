@@ -10,10 +10,11 @@ from typing import Callable, TypeVar
 
 import lmdb
 
-from libvfm.errors import InvalidArgument
+from libvfm.errors import InvalidArgument, NotFound
 from services.data.embed import Embedder
 from services.data.knowledge import KnowledgeBase
 from services.data.memory import EpisodicMemory
+from services.data.summarize import SummaryStore
 from services.data.tokens import TokenCounter
 
 log = logging.getLogger("vfm-datad")
@@ -40,11 +41,27 @@ class DataService:
         self.counter = counter
         self.memory = EpisodicMemory(self.env, embedder, counter)
         self.knowledge = KnowledgeBase(self.env, embedder)
+        self.summaries = SummaryStore(self.env)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="datad")
 
     async def run(self, fn: Callable[..., T], *args, **kwargs) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    def knowledge_for(self, tenant: str, collections: list[str], question: str,
+                      k: int) -> list[tuple[object, int]]:
+        """The best chunks over several collections, each with its token count. A collection
+        the tenant does not have contributes nothing (it may be another tenant's name)."""
+        hits = []
+        for name in dict.fromkeys(collections):
+            try:
+                hits += [(h, name) for h in self.knowledge.search(tenant, name, question, k=k)]
+            except NotFound:
+                log.info("process of %s names unknown collection %r", tenant, name)
+        hits.sort(key=lambda pair: -pair[0].score)
+        hits = hits[:k]
+        lines = [f"[{h.title or h.source}] {h.text}" for h, _ in hits]
+        return [(h, name, n) for (h, name), n in zip(hits, self.counter.count(lines))]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

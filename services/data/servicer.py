@@ -38,10 +38,11 @@ def entry_to_pb(s: Stored) -> pb.MemoryEntry:
                           pinned=s.pinned, tokens=s.tokens, page=s.page, line=s.line)
 
 
-def hit_to_pb(hit) -> pb.Hit:
-    return pb.Hit(chunk_id=hit.chunk_id, score=hit.score, text=hit.text, source=hit.source,
-                  title=hit.title, position=str(hit.position), meta=hit.meta,
-                  tokens=getattr(hit, "tokens", 0), collection=getattr(hit, "collection", ""))
+def hit_to_pb(hit, collection: str = "", tokens: int = 0) -> pb.Hit:
+    return pb.Hit(chunk_id=str(hit.chunk_id), score=hit.score, text=hit.text, source=hit.source,
+                  title=hit.title or "", position=str(hit.position),
+                  meta={str(k): str(v) for k, v in (hit.meta or {}).items()}, tokens=tokens,
+                  collection=collection)
 
 
 class DataServicer(data_pb2_grpc.DataServicer):
@@ -93,7 +94,7 @@ class DataServicer(data_pb2_grpc.DataServicer):
                                 request.collection, request.query, k=request.k or 10,
                                 filters=dict(request.filters) or None,
                                 since=_when(request.since), until=_when(request.until))
-        return pb.SearchResponse(hits=[hit_to_pb(h) for h in hits])
+        return pb.SearchResponse(hits=[hit_to_pb(h, request.collection) for h in hits])
 
     # episodic memory
     @rpc
@@ -118,14 +119,17 @@ class DataServicer(data_pb2_grpc.DataServicer):
                                  request.limit or 200, request.recent, request.now)
         knowledge = []
         if request.collections and request.question.strip():
-            knowledge = await self.s.run(self.s.knowledge.search_many, tenant,
-                                         list(request.collections), request.question,
-                                         request.knowledge_k or 8)
+            chunks = await self.s.run(self.s.knowledge_for, tenant, list(request.collections),
+                                      request.question, request.knowledge_k or 8)
+            knowledge = [hit_to_pb(h, name, n) for h, name, n in chunks]
+        summaries = await self.s.run(self.s.summaries.list, tenant, request.pid)
         return pb.CandidatesResponse(
+            summaries=[pb.Summary(first_page=x.first_page, last_page=x.last_page, text=x.text,
+                                  tokens=x.tokens) for x in summaries],
             pinned=[entry_to_pb(s) for s in found.pinned],
             recent=[entry_to_pb(s) for s in found.recent],
             ranked=[pb.RecallHit(entry=entry_to_pb(s), score=score) for s, score in found.ranked],
-            knowledge=[hit_to_pb(h) for h in knowledge], pages=found.pages,
+            knowledge=knowledge, pages=found.pages,
             entries=found.entries)
 
     @rpc
