@@ -11,6 +11,8 @@ BENCHES = {
     "fairness": "bench.fairness",
     "batching": "bench.batching",
     "stack": "bench.stack",
+    "locomo": "bench.locomo_stack",
+    "ingest": "bench.ingest",
 }
 
 

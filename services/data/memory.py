@@ -95,8 +95,8 @@ class EpisodicMemory:
         self.dirty: set[tuple[str, int]] = set()
         with env.begin() as txn:
             for key, _ in txn.cursor(db=self._heads):
-                tenant, _, pid = bytes(key).rpartition(b"\x00")
-                self.dirty.add((tenant.decode(), struct.unpack(">Q", pid)[0]))
+                key = bytes(key)  # tenant, NUL, 8-byte pid (which may hold NULs itself)
+                self.dirty.add((key[:-9].decode(), struct.unpack(">Q", key[-8:])[0]))
 
     # writing
     def remember(self, tenant: str, pid: int, items: list[dict]) -> tuple[int, int, int]:
