@@ -1,0 +1,224 @@
+"""Episodic memory ranking: which remembered turns belong in the working set for a question."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+
+from services.data import fusion
+from services.data.lexical import BM25Index
+from services.data.timeparse import question_window
+
+
+@dataclass
+class Entry:
+    seq: int               # position in the process's memory, 0-based, increasing
+    speaker: str
+    text: str              # image turns: the text plus " [shares a photo: <caption>]"
+    time: datetime | None  # UTC-aware
+    meta: dict[str, str] = field(default_factory=dict)
+    tokens: int = 0        # tokens of render(entry) in the model's tokenizer
+
+
+def render(entry: Entry) -> str:
+    """The line that goes into the model context: '[8 May 2023] Caroline: text'."""
+    text = entry.text.replace(" [shares a photo: ", " [photo: ")
+    if entry.time is None:
+        return f"{entry.speaker}: {text}"
+    return f"[{entry.time.day} {entry.time:%b %Y}] {entry.speaker}: {text}"
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    """The ranking's knobs; the defaults are the measured best (bench/locomo.py)."""
+
+    dense_weight: float = 1.5
+    lexical_weight: float = 1.0
+    neighbour_share: float = 0.7      # how much of a better neighbour's score a turn gets
+    speaker_boost: float = 1.0        # added (in z units) to turns by a person the question names
+    time_boost: float = 0.5           # added to turns inside the window the question names
+    feedback_docs: int = 3            # pseudo-relevance feedback: top hits folded into the query
+    feedback_weight: float = 0.5
+    fusion: str = "z"                 # "z": weighted z-scores; "rrf": reciprocal rank fusion
+    rrf_k: float = 60.0
+    bm25_k1: float = 1.5
+    bm25_b: float = 0.75
+    lexical_speaker: bool = True      # index "speaker: text", so a named person's turns match
+    neighbour_sum: float = 0.0        # linear smoothing: plus this times the neighbours' mean
+    lexical_feedback_terms: int = 0   # RM3-like: top terms of the feedback docs added to BM25
+    session_penalty: float = 0.0      # diversity: minus this per better turn of the same session
+    token_power: float = 0.0          # cost: divide the (shifted) score by tokens**power
+    drop_names: bool = True          # match speakers' names by speaker, not by words in turns
+
+
+class EpisodicIndex:
+    """Dense (MiniLM) and lexical (BM25) views of one process's memory, ranked together."""
+
+    def __init__(self, embedder, config: RankConfig | None = None):
+        self._embedder = embedder
+        self.config = config or RankConfig()
+        self._lexical = BM25Index(k1=self.config.bm25_k1, b=self.config.bm25_b)
+        self._seqs: list[int] = []
+        self._speakers: list[str] = []
+        self._times: list[float] = []
+        self._tokens: list[int] = []
+        self._vectors = np.zeros((0, getattr(embedder, "dim", 384) if embedder else 384),
+                                 dtype=np.float32)
+        self._groups = np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def add(self, entries: list[Entry], vectors: np.ndarray | None = None) -> None:
+        if not entries:
+            return
+        if vectors is None:
+            vectors = self._embedder.embed([e.text for e in entries])
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(entries), -1)
+        self._vectors = np.vstack([self._vectors, vectors]) if len(self._seqs) else vectors
+        self._lexical.add([f"{e.speaker}: {e.text}" if self.config.lexical_speaker else e.text
+                           for e in entries])
+        self._tokens.extend(max(1, e.tokens) for e in entries)
+        self._seqs.extend(e.seq for e in entries)
+        self._speakers.extend(e.speaker for e in entries)
+        self._times.extend(e.time.timestamp() if e.time else 0.0 for e in entries)
+        self._groups = self._session_groups()
+
+    def _session_groups(self) -> np.ndarray:
+        """Turns closer than six hours apart are one conversation, for neighbour spreading."""
+        times = np.asarray(self._times)
+        breaks = np.abs(np.diff(times)) > 6 * 3600
+        return np.concatenate([[0], np.cumsum(breaks)]).astype(np.int64)
+
+    def rank(self, question: str, now: datetime | None = None, limit: int = 400,
+             query_vector: np.ndarray | None = None,
+             config: RankConfig | None = None) -> list[tuple[int, float]]:
+        """(seq, score) of the entries most worth their tokens for the question, best first."""
+        if not self._seqs:
+            return []
+        cfg = config or self.config
+        asked = question
+        if cfg.drop_names:
+            question = self._without_names(question)
+        if query_vector is None:
+            query_vector = self._embedder.embed([question])[0]
+        scores = self._scores(question, np.asarray(query_vector, dtype=np.float32), now, cfg,
+                              asked)
+        if cfg.token_power:
+            # Shifted positive first, so dividing by the cost never turns a loss into a gain.
+            scores = (scores - scores.min() + 1e-3) / np.asarray(self._tokens) ** cfg.token_power
+        top = np.argsort(-scores, kind="stable")[:limit]
+        if cfg.session_penalty:
+            return self._diversify(scores, top, cfg.session_penalty)
+        return [(self._seqs[i], float(scores[i])) for i in top]
+
+    def _without_names(self, question: str) -> str:
+        """The question less the speakers' names: turns say "Wow, John!" to John, so the
+        name in a turn points away from him; who a question is about is a speaker match."""
+        names = {s.split()[0] for s in set(self._speakers) if s.strip()}
+        if not names:
+            return question
+        pattern = r"\b(" + "|".join(re.escape(n) for n in names) + r")('s|’s)?\b"
+        cleaned = re.sub(pattern, " ", question, flags=re.I)
+        return re.sub(r"\s+", " ", cleaned).strip() or question
+
+    def _diversify(self, scores: np.ndarray, top: np.ndarray,
+                   penalty: float) -> list[tuple[int, float]]:
+        """Greedy re-rank: each turn already taken from a session costs the session's other
+        turns `penalty` (in score units), so evidence spread over sessions gets room."""
+        taken: dict[int, int] = {}
+        left = list(top)
+        out = []
+        while left:
+            best = max(range(len(left)), key=lambda j: scores[left[j]]
+                       - penalty * taken.get(int(self._groups[left[j]]), 0))
+            i = left.pop(best)
+            group = int(self._groups[i])
+            out.append((self._seqs[i], float(scores[i] - penalty * taken.get(group, 0))))
+            taken[group] = taken.get(group, 0) + 1
+        return out
+
+    def _scores(self, question: str, qv: np.ndarray, now: datetime | None,
+                cfg: RankConfig, asked: str) -> np.ndarray:
+        dense = self._vectors @ qv
+        lexical = self._lexical.scores(question)
+        scores = self._fuse(dense, lexical, cfg)
+        if cfg.feedback_docs and (cfg.feedback_weight or cfg.lexical_feedback_terms):
+            top = np.argsort(-scores)[:cfg.feedback_docs]
+            if cfg.feedback_weight:
+                q2 = qv + cfg.feedback_weight * self._vectors[top].mean(axis=0)
+                dense = self._vectors @ (q2 / (np.linalg.norm(q2) or 1.0))
+            if cfg.lexical_feedback_terms:
+                terms = self._lexical.tokenize(question)
+                lexical = self._lexical.term_scores(terms + self._feedback_terms(top, terms, cfg))
+            scores = self._fuse(dense, lexical, cfg)
+        if cfg.speaker_boost:
+            scores = scores + cfg.speaker_boost * self._named_speakers(asked)
+        if cfg.time_boost:
+            scores = scores + cfg.time_boost * self._in_window(question, now)
+        if cfg.neighbour_sum:
+            scores = scores + cfg.neighbour_sum * fusion.neighbour_mean(scores, self._groups)
+        if cfg.neighbour_share:
+            scores = fusion.spread(scores, self._groups, cfg.neighbour_share)
+        return scores
+
+    def _feedback_terms(self, top: np.ndarray, asked: list[str], cfg: RankConfig) -> list[str]:
+        """The feedback docs' terms that are rarest in the memory (idf-weighted counts)."""
+        asked = set(asked)
+        weights: dict[str, float] = {}
+        for i in top:
+            for term in set(self._lexical.docs[i]) - asked:
+                weights[term] = weights.get(term, 0.0) + self._lexical.idf(term)
+        best = sorted(weights, key=weights.get, reverse=True)
+        return best[:cfg.lexical_feedback_terms]
+
+    @staticmethod
+    def _fuse(dense: np.ndarray, lexical: np.ndarray, cfg: RankConfig) -> np.ndarray:
+        if cfg.fusion == "rrf":
+            return fusion.rrf([dense, lexical], cfg.rrf_k, [cfg.dense_weight, cfg.lexical_weight])
+        return fusion.weighted([dense, lexical], [cfg.dense_weight, cfg.lexical_weight])
+
+    def _named_speakers(self, question: str) -> np.ndarray:
+        """1 for turns by a speaker whose (first) name the question mentions."""
+        words = set(re.findall(r"[a-z]+", question.lower()))
+        named = {s for s in set(self._speakers) if s.split()[0].lower() in words} if words else set()
+        return np.array([s in named for s in self._speakers], dtype=np.float64)
+
+    def _in_window(self, question: str, now: datetime | None) -> np.ndarray:
+        window = question_window(question, now)
+        if window is None:
+            return np.zeros(len(self._seqs))
+        start, end = window.start.timestamp(), window.end.timestamp()
+        times = np.asarray(self._times)
+        return ((times >= start) & (times < end)).astype(np.float64)
+
+
+def pack(ranked: list[tuple[int, float]] | list[int], entries_by_seq: dict[int, Entry],
+         budget: int, recent_seqs: list[int], recent_turns: int = 4,
+         recent_share: float = 0.10) -> list[int]:
+    """The working set's seqs: the latest turns (a reserve of min(recent_turns, recent_share of
+    the budget)), then ranked entries greedily, skipping any that no longer fit."""
+    chosen: list[int] = []
+    taken: set[int] = set()
+    left = budget
+    reserve = int(budget * recent_share)
+    for seq in reversed(recent_seqs[-recent_turns:]):
+        tokens = entries_by_seq[seq].tokens
+        if tokens <= reserve and tokens <= left:
+            chosen.append(seq)
+            taken.add(seq)
+            reserve -= tokens
+            left -= tokens
+    for item in ranked:
+        seq = item[0] if isinstance(item, tuple) else item
+        entry = entries_by_seq.get(seq)
+        if entry is None or seq in taken or entry.tokens > left:
+            continue
+        chosen.append(seq)
+        taken.add(seq)
+        left -= entry.tokens
+    return chosen
+
