@@ -32,7 +32,9 @@ def zscore(scores: np.ndarray) -> np.ndarray:
 
 def minmax(scores: np.ndarray) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)
-    lo, hi = scores.min(initial=0.0), scores.max(initial=0.0)
+    if scores.size == 0:
+        return scores
+    lo, hi = scores.min(), scores.max()
     return (scores - lo) / (hi - lo) if hi - lo > 1e-12 else np.zeros_like(scores)
 
 
