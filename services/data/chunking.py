@@ -109,13 +109,16 @@ class _Packer:
         self._key: tuple = ()
         self._records: list[int] = []
 
-    def add(self, text: str, key: tuple, record: int | None) -> None:
+    def add(self, text: str, key: tuple, record: int | None, same_block: bool) -> None:
         words = len(text.split())
         full = (self._words + words > self.target or self._chars + len(text) > MAX_CHARS
                 or (record is not None and len(self._records) >= MAX_RECORDS))
         if self._parts and (key != self._key or full):
             self.flush()
         self._key = key
+        if self._parts:
+            # Sentences of one paragraph stay one paragraph; blocks stay apart.
+            self._parts.append(" " if same_block else "\n\n")
         self._parts.append(text)
         self._words += words
         self._chars += len(text) + 2
@@ -127,7 +130,7 @@ class _Packer:
             return
         headings, page, _ = self._key
         records = (self._records[0], self._records[-1]) if self._records else None
-        self.chunks.append(Chunk(index=len(self.chunks), text="\n\n".join(self._parts),
+        self.chunks.append(Chunk(index=len(self.chunks), text="".join(self._parts),
                                  headings=headings, page=page, records=records))
         self._parts, self._words, self._chars, self._records = [], 0, 0, []
 
@@ -143,9 +146,9 @@ def chunk_blocks(blocks: list[Block], target: int = TARGET_WORDS,
         is_record = block.record is not None
         key = (block.headings, block.page, is_record)
         # A record that must be split keeps its number on every piece.
-        for piece in units(block.text, target, limit):
+        for n, piece in enumerate(units(block.text, target, limit)):
             if piece:
-                packer.add(piece, key, block.record)
+                packer.add(piece, key, block.record, same_block=n > 0)
         if is_record and not _fits(block.text, limit):
             packer.flush()  # the pieces of one big record are not mixed with the next record
     packer.flush()

@@ -317,7 +317,9 @@ def parse_csv(text: str) -> Document:
     try:
         dialect = csv.Sniffer().sniff(sample, delimiters=",;\t|")
     except csv.Error:
-        dialect = csv.excel
+        # Ragged rows defeat the sniffer; the header line still shows the delimiter.
+        header = sample.split("\n", 1)[0]
+        dialect = csv.excel_tab if header.count("\t") > header.count(",") else csv.excel
     csv.field_size_limit(64 << 20)
     rows = csv.reader(io.StringIO(text), dialect)
     try:
