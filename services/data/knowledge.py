@@ -356,8 +356,10 @@ class KnowledgeBase:
     """Knowledge collections of every tenant over one LMDB environment; thread-safe."""
 
     def __init__(self, env: lmdb.Environment, embedder: Embedder,
-                 ann_threshold: int = ANN_THRESHOLD, cached_collections: int = 16):
+                 ann_threshold: int = ANN_THRESHOLD, cached_collections: int = 16,
+                 embed_batch: int = EMBED_BATCH):
         self.store = KnowledgeStore(env)
+        self._embed_batch = embed_batch
         self._env = env
         self._embedder = embedder
         self._ann_threshold = ann_threshold
@@ -447,8 +449,8 @@ class KnowledgeBase:
                 for c in chunks]
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        parts = [self._embedder.embed(texts[i:i + EMBED_BATCH])
-                 for i in range(0, len(texts), EMBED_BATCH)]
+        step = self._embed_batch
+        parts = [self._embedder.embed(texts[i:i + step]) for i in range(0, len(texts), step)]
         return np.concatenate(parts) if parts else np.zeros((0, self._embedder.dim), np.float32)
 
     def _commit(self, tenant: str, collection: str, source: str, digest: str, kind: str,
