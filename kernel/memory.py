@@ -11,6 +11,7 @@ DEFAULT_BUDGET = 1024
 RECENT_TURNS = 4            # the conversation's last turns are always worth their tokens...
 RECENT_SHARE = 0.10         # ...up to this share of the budget
 KNOWLEDGE_SHARE = 0.40      # at most this share goes to knowledge chunks when memory competes
+SUMMARY_SHARE = 0.10        # kept for summaries of left-out ranges, when there are any
 RANKED_LIMIT = 400          # ranked memory candidates asked of the data service
 
 
@@ -50,7 +51,8 @@ class Assembly:
 
 def assemble(c: Candidates, budget: int, max_pages: int = 0) -> Assembly:
     """Fill the budget: pinned entries, the latest turns (a small reserve), knowledge (capped
-    while memory competes for room), ranked memory, then summaries of ranges left out.
+    while memory competes for room), ranked memory, and summaries of ranges left out (up
+    to SUMMARY_SHARE of the budget).
 
     Greedy with skipping: an item that does not fit is passed over and smaller ones after it
     still get their chance. The result reads in a fixed order: pinned, summaries, memory in
@@ -79,12 +81,17 @@ def assemble(c: Candidates, budget: int, max_pages: int = 0) -> Assembly:
     for item in c.knowledge:
         if take(item, share):
             share -= item.tokens
+    # Summaries stand in for ranges left out: room is kept for them while memory is ranked
+    # in, then whatever they do not use goes back to memory.
+    reserve = min(int(budget * SUMMARY_SHARE), sum(s.tokens for s in c.summaries))
     for item in c.ranked:
-        take(item)
+        take(item, left - reserve)
     covered = {i.page for i in chosen if i.page >= 0}
     for item in c.summaries:
         if item.meta.get("pages") and not covered & _pages(item):
             take(item)
+    for item in c.ranked:
+        take(item)
     if max_pages:
         chosen = _within_pages(chosen, max_pages)
     return Assembly(_reading_order(chosen), sum(i.tokens for i in chosen), budget)

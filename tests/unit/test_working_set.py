@@ -59,6 +59,14 @@ def test_summaries_stand_in_only_for_ranges_left_out():
     assert [i.text for i in ws.items if i.kind == "summary"] == ["pages 2-3"]
 
 
+def test_summaries_keep_room_when_memory_would_fill_the_budget():
+    ranked = [mem(s, 10, page=s) for s in range(20)]
+    summary = Item("summary", "pages 30-31", 9, ["pages:30-31"], meta={"pages": "30-31"})
+    ws = assemble(Candidates([], [], ranked, [], [summary]), budget=100)
+    assert [i.kind for i in ws.items].count("summary") == 1
+    assert ws.used == 99 and [i.kind for i in ws.items].count("memory") == 9
+
+
 def test_max_resident_pages_keeps_the_best_pages():
     ranked = [mem(1, page=7), mem(2, page=3), mem(3, page=7), mem(4, page=9)]
     ws = assemble(Candidates([mem(0, kind="pinned", page=0)], [], ranked, []), 1000, max_pages=2)
