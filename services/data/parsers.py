@@ -263,7 +263,6 @@ def parse_html(text: str) -> Document:
 def parse_pdf(data: bytes) -> Document:
     """Text of each page (pypdf), paragraphs by blank lines, the page number on each."""
     from pypdf import PdfReader
-    from pypdf.errors import PyPdfError
 
     try:
         reader = PdfReader(io.BytesIO(data))
@@ -276,8 +275,10 @@ def parse_pdf(data: bytes) -> Document:
             blocks += [Block(_unwrap(p), page=number) for p in _paragraphs(text)]
     except InvalidArgument:
         raise
-    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InvalidArgument(f"cannot read the PDF: {exc}") from None
+    except Exception as exc:  # noqa: BLE001
+        # Malformed PDFs make pypdf raise nearly anything (KeyError, struct.error, zlib.error,
+        # RecursionError...): each is the document's fault, not ours.
+        raise InvalidArgument(f"cannot read the PDF: {type(exc).__name__}: {exc}") from None
     return Document("pdf", title, blocks)
 
 
@@ -320,7 +321,7 @@ def parse_csv(text: str) -> Document:
         # Ragged rows defeat the sniffer; the header line still shows the delimiter.
         header = sample.split("\n", 1)[0]
         dialect = csv.excel_tab if header.count("\t") > header.count(",") else csv.excel
-    csv.field_size_limit(64 << 20)
+    csv.field_size_limit(64 << 20)  # process-wide, but the default 128 KiB refuses real files
     rows = csv.reader(io.StringIO(text), dialect)
     try:
         header = [h.strip() or f"column{i + 1}" for i, h in enumerate(next(rows, []))]

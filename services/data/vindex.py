@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
-# Measured with `python -m bench.ingest` (384-d MiniLM-like vectors, 2 cores): exact search
-# is 0.06 ms at 5k rows, 0.26 ms at 20k, 1.3 ms at 50k and ~3 ms at 100k, HNSW ~0.06-0.1 ms
-# throughout. HNSW wins on latency from ~5k rows, but below ~20k the saving is under 0.2 ms
-# per query while the graph costs ~1 s to build after each load and gives up exact recall.
+# Measured with `python -m bench.ingest` (MiniLM vectors replicated with noise, 2 shared
+# cores): exact search p50 0.07 ms at 2k rows, 0.13-0.26 ms at 10k, 0.5-1.0 ms at 20k,
+# 2.6 ms at 50k, 9 ms at 100k; HNSW 0.07-0.3 ms throughout at recall@10 0.98-1.0, after a
+# build of ~2 s at 10k, 5 s at 20k and 6-30 s at 100k. HNSW is faster from 2k-10k rows, but
+# until ~20k exact costs well under the query's own embedding (7-15 ms), is exact, and
+# needs no graph built at load; past 20k its cost grows linearly and HNSW pays.
 ANN_THRESHOLD = 20_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64
@@ -32,6 +36,7 @@ class VectorIndex:
         self._row_of: dict[int, int] = {}
         self._hnsw = None              # faiss index over rows [0, _hnsw_rows)
         self._hnsw_rows = 0
+        self._blas = None
 
     def __len__(self) -> int:
         return len(self._row_of)
@@ -117,7 +122,8 @@ class VectorIndex:
             matrix = self._vectors[:self._size]
         else:
             matrix = self._vectors[rows]
-        scores = matrix @ query
+        with self._one_blas_thread():
+            scores = matrix @ query
         k = min(k, len(rows))
         top = np.argpartition(-scores, k - 1)[:k] if k < len(rows) else np.arange(len(rows))
         top = top[np.argsort(-scores[top], kind="stable")]
@@ -151,3 +157,17 @@ class VectorIndex:
             self._hnsw.add(self._vectors[self._hnsw_rows:self._size])
             self._hnsw_rows = self._size
         return self._hnsw
+
+    def _one_blas_thread(self):
+        """One query is a memory-bound matrix-vector product: BLAS threads buy nothing, and
+        on a busy machine (the models own the cores) they turn 0.2 ms into ~10 ms waiting
+        for each other. threadpoolctl is optional; without it, BLAS does as it likes."""
+        if self._blas is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+
+                self._blas = ThreadpoolController()
+            except ImportError:
+                self._blas = False
+        return (self._blas.limit(limits=1, user_api="blas") if self._blas
+                else contextlib.nullcontext())
