@@ -65,6 +65,15 @@ def start(state_dir: Path, daemon: Daemon, extra: list[str]) -> int:
     return proc.pid
 
 
+def _starting(state_dir: Path, daemon: Daemon) -> bool:
+    """Just forked, not yet exec'd: the pid lives but does not show the daemon's command."""
+    try:
+        proc = psutil.Process(int(pid_file(state_dir, daemon).read_text().strip()))
+        return proc.status() != psutil.STATUS_ZOMBIE and "vfmctl" in " ".join(proc.cmdline())
+    except (OSError, ValueError, psutil.Error):
+        return False
+
+
 def _last_line(path: Path) -> str:
     try:
         lines = path.read_text(errors="replace").strip().splitlines()
@@ -79,7 +88,7 @@ def _wait(what: str, check, timeout_s: float, daemon: Daemon, state_dir: Path, s
     while time.monotonic() < deadline:
         if check():
             return
-        if running_pid(state_dir, daemon) is None:
+        if running_pid(state_dir, daemon) is None and not _starting(state_dir, daemon):
             raise UpError(f"{daemon.name} exited while {what}; see {log_file(state_dir, daemon)}:"
                           f" {_last_line(log_file(state_dir, daemon))}")
         line = _last_line(log_file(state_dir, daemon))

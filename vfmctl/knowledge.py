@@ -57,16 +57,16 @@ def cmd_collection(args, client_for: Callable) -> int:
         if args.collection_cmd == "create":
             value = client.collection_create(args.name, args.description)
             output.print_json(value) if args.output == "json" else \
-                output.console().print(f"created collection {value.name}")
+                output.say(f"created collection {value.name}")
         elif args.collection_cmd == "list":
             items = client.collections()
             output.print_json(items) if args.output == "json" else output.collections_table(items)
         elif args.collection_cmd == "delete":
             n = client.collection_delete(args.name)
-            output.console().print(f"deleted collection {args.name} ({n} chunks)")
+            output.say(f"deleted collection {args.name} ({n} chunks)")
         else:  # rm-source
             n = client.delete_source(args.name, _source_name(args.source))
-            output.console().print(f"removed {n} chunks of {args.source} from {args.name}")
+            output.say(f"removed {n} chunks of {args.source} from {args.name}")
     return 0
 
 
@@ -109,7 +109,7 @@ def cmd_ingest(args, client_for: Callable) -> int:
     else:
         chunks = sum(r.chunks for r in results if not r.unchanged)
         same = sum(1 for r in results if r.unchanged)
-        output.console().print(f"{len(results)} file(s) into {args.collection}: {chunks} chunks"
+        output.say(f"{len(results)} file(s) into {args.collection}: {chunks} chunks"
                                f"{f', {same} unchanged' if same else ''}")
         for source, error in failed:
             output.error(f"{source}: {error}")
@@ -135,7 +135,7 @@ def cmd_remember(args, client_for: Callable, pid_of: Callable) -> int:
     if args.output == "json":
         output.print_json({"seq": first, "count": count})
     else:
-        output.console().print(f"remembered as entry {first}")
+        output.say(f"remembered as entry {first}")
     return 0
 
 
@@ -162,8 +162,10 @@ def cmd_fork(args, client_for: Callable, pid_of: Callable) -> int:
     return 0
 
 
-def add_commands(add: Callable, client_for: Callable, pid_of: Callable) -> None:
-    """Register the commands on vfmctl's parser (`add` as in vfmctl.main.build_parser)."""
+def add_commands(add: Callable, client_for: Callable, pid_of: Callable,
+                 common: Callable) -> None:
+    """Register the commands on vfmctl's parser (`add` as in vfmctl.main.build_parser;
+    `common` adds the connection options to a sub-action's parser)."""
     def bind(fn, with_pid: bool = False):
         return (lambda a: fn(a, client_for, pid_of)) if with_pid else (lambda a: fn(a, client_for))
 
@@ -172,11 +174,14 @@ def add_commands(add: Callable, client_for: Callable, pid_of: Callable) -> None:
     c = sub.add_parser("create", help="create a collection")
     c.add_argument("name")
     c.add_argument("--description", default="")
-    sub.add_parser("list", help="list collections with their sizes")
-    sub.add_parser("delete", help="delete a collection and its chunks").add_argument("name")
+    listing = sub.add_parser("list", help="list collections with their sizes")
+    d = sub.add_parser("delete", help="delete a collection and its chunks")
+    d.add_argument("name")
     r = sub.add_parser("rm-source", help="remove one ingested source from a collection")
     r.add_argument("name")
     r.add_argument("source", help="the path it was ingested from")
+    for action in (c, listing, d, r):
+        common(action)
 
     p = add("ingest", bind(cmd_ingest), "ingest files (text, Markdown, HTML, PDF, CSV, JSON; "
             "directories recursively) into a collection; a changed file replaces its old chunks")

@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("tenant")
     w.add_argument("weight", type=float)
 
-    knowledge.add_commands(add, _client, _pid)
+    knowledge.add_commands(add, _client, _pid, _common)
     add("whoami", cmd_whoami, "show the identity (tenant) the kernel sees for you")
     p = add("token", cmd_token, "manage bearer tokens for TCP clients (admin)")
     tsub = p.add_subparsers(dest="token_cmd", metavar="ACTION", required=True)
@@ -298,8 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("tenant")
     t.add_argument("--admin", action="store_true", help="the token may act for every tenant")
     t.add_argument("--label", default="", help="a note to recognise the token by")
-    tsub.add_parser("revoke", help="revoke a token by its id").add_argument("token_id")
-    tsub.add_parser("list", help="list tokens (ids and tenants, never secrets)")
+    r = tsub.add_parser("revoke", help="revoke a token by its id")
+    r.add_argument("token_id")
+    listing = tsub.add_parser("list", help="list tokens (ids and tenants, never secrets)")
+    for action in (w, t, r, listing):
+        _common(action, json_output=action is not w)
     return parser
 
 

@@ -8,6 +8,7 @@ import time
 from dataclasses import asdict, is_dataclass
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from libvfm.types import (Collection, DaemonStatus, Process, RecallHit, SearchHit,
@@ -131,13 +132,18 @@ def top_frame(usage: SystemUsage, procs: list[Process], limit: int = 15):
     return Group(head, tenants, _process_rows(busiest))
 
 
+def say(text: str) -> None:
+    """A line for people; names and paths in it are never read as rich markup."""
+    console().print(text, markup=False)
+
+
 def _when(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds)) if seconds else "-"
 
 
 def _clip(text: str, width: int = 100) -> str:
     text = " ".join(text.split())
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return escape(text if len(text) <= width else text[:width - 1] + "…")
 
 
 def collections_table(items: list[Collection]) -> None:
@@ -145,7 +151,8 @@ def collections_table(items: list[Collection]) -> None:
     for col in ("COLLECTION", "SOURCES", "CHUNKS", "CREATED", "DESCRIPTION"):
         table.add_column(col, justify="right" if col in ("SOURCES", "CHUNKS") else "left")
     for c in items:
-        table.add_row(c.name, str(c.sources), str(c.chunks), _when(c.created_at), c.description)
+        table.add_row(c.name, str(c.sources), str(c.chunks), _when(c.created_at),
+                      escape(c.description))
     console().print(table)
 
 
@@ -154,8 +161,8 @@ def search_table(hits: list[SearchHit]) -> None:
     for col in ("#", "SCORE", "SOURCE", "WHERE", "TEXT"):
         table.add_column(col, justify="right" if col in ("#", "SCORE") else "left")
     for rank, h in enumerate(hits, 1):
-        table.add_row(str(rank), f"{h.score:.3f}", h.source, h.title or h.position,
-                      _clip(h.text))
+        table.add_row(str(rank), f"{h.score:.3f}", escape(h.source),
+                      escape(h.title or h.position), _clip(h.text))
     console().print(table)
 
 
@@ -165,8 +172,8 @@ def recall_table(hits: list[RecallHit]) -> None:
         table.add_column(col, justify="right" if col in ("#", "SCORE", "SEQ") else "left")
     for rank, h in enumerate(hits, 1):
         e = h.entry
-        table.add_row(str(rank), f"{h.score:.3f}", str(e.seq), _when(e.time), e.speaker,
-                      _clip(e.text))
+        table.add_row(str(rank), f"{h.score:.3f}", str(e.seq), _when(e.time),
+                      escape(e.speaker), _clip(e.text))
     console().print(table)
 
 
@@ -176,7 +183,7 @@ def working_set_table(ws: WorkingSet) -> None:
         table.add_column(col, justify="right" if col in ("TOKENS", "SCORE") else "left")
     for item in ws.items:
         table.add_row(item.kind, str(item.tokens), f"{item.score:.3f}" if item.score else "-",
-                      " ".join(item.source_ids), _clip(item.text, 80))
+                      escape(" ".join(item.source_ids)), _clip(item.text, 80))
     console().print(table)
     console().print(f"{ws.used}/{ws.budget} tokens, {len(ws.items)} items; pages resident "
                     f"{ws.resident_pages} of {ws.pages}; faults {ws.page_faults}, hits "

@@ -34,7 +34,7 @@ def stack(tmp_path_factory):
 def test_status_lists_every_daemon_serving(stack):
     out = json.loads(vfmctl(stack, "status", "-o", "json").stdout)
     by_name = {d["name"]: d for d in out}
-    assert set(by_name) >= {"vfmd", "vfm-modeld"}
+    assert set(by_name) >= {"vfmd", "vfm-modeld", "vfm-datad"}
     for d in by_name.values():
         assert d["health"] == "SERVING" and d["pid"] > 0 and d["rss_mb"] > 0 and d["uptime_s"] > 0
 
@@ -78,6 +78,9 @@ def test_process_lifecycle_and_streamed_answer(stack):
     (("spawn", "ok", "--max-tokens", "-3"), 2, "max_tokens"),
     (("spawn", "ok", "--priority", "77"), 2, "priority"),
     (("inspect", "nosuchname"), 3, "no live process named"),
+    (("search", "no-such-collection", "anything"), 3, "no-such-collection"),
+    (("remember", "1", "text", "--time", "yesterday-ish"), 2, "ISO 8601"),
+    (("ingest", "kb", "/no/such/file"), 2, "no such file"),
 ])
 def test_errors_are_one_line_with_exit_codes(stack, args, code, text):
     done = vfmctl(stack, *args, check=False)
@@ -88,7 +91,8 @@ def test_errors_are_one_line_with_exit_codes(stack, args, code, text):
 
 def test_every_command_has_help():
     for cmd in ("up", "down", "status", "spawn", "ps", "kill", "suspend", "resume", "inspect",
-                "ask", "whoami", "token"):
+                "ask", "whoami", "token", "collection", "ingest", "search", "remember",
+                "recall", "context", "fork"):
         done = subprocess.run([*VFMCTL, cmd, "--help"], capture_output=True, text=True, cwd=REPO)
         assert done.returncode == 0 and "usage: vfmctl" in done.stdout
 
@@ -107,3 +111,41 @@ def test_socket_found_through_environment(stack):
     env = {**os.environ, "VFM_SOCKET": os.path.join(stack, "vfmd.sock")}
     done = subprocess.run([*VFMCTL, "whoami"], capture_output=True, text=True, cwd=REPO, env=env)
     assert done.returncode == 0 and "root" in done.stdout
+
+
+def test_knowledge_and_memory_as_typed(stack, tmp_path):
+    docs = tmp_path / "kb"
+    (docs / "faq").mkdir(parents=True)
+    (docs / "faq" / "returns.md").write_text("# Returns\n\nReturns are free within 60 days.\n")
+    (docs / "plans.csv").write_text("plan,price\nbasic,5 EUR\npro,12 EUR\n")
+    (docs / ".hidden").write_text("never ingested")
+    vfmctl(stack, "collection", "create", "support", "--description", "support KB")
+    done = vfmctl(stack, "ingest", "support", str(docs))
+    assert "2 file(s) into support" in done.stdout, done.stdout
+    listed = json.loads(vfmctl(stack, "collection", "list", "-o", "json").stdout)
+    assert [c["sources"] for c in listed if c["name"] == "support"] == [2]
+    hits = json.loads(vfmctl(stack, "search", "support", "how many days to return",
+                             "-o", "json").stdout)
+    assert "60 days" in hits[0]["text"] and hits[0]["source"].endswith("returns.md")
+    assert "60 days" in vfmctl(stack, "search", "support", "return days").stdout
+
+    pid = str(json.loads(vfmctl(stack, "spawn", "memo", "--collection", "support",
+                                "-o", "json").stdout)["pid"])
+    vfmctl(stack, "remember", pid, "Caroline went to the support group on Monday",
+           "--speaker", "Caroline", "--time", "2023-05-08T13:56", "--meta", "dia_id=D1:3")
+    recalled = json.loads(vfmctl(stack, "recall", pid, "support group", "-o", "json").stdout)
+    assert recalled[0]["entry"]["speaker"] == "Caroline"
+    assert recalled[0]["entry"]["meta"] == {"dia_id": "D1:3"}
+    ws = json.loads(vfmctl(stack, "context", pid, "--question", "when can I return things?",
+                           "--budget", "300", "-o", "json").stdout)
+    kinds = {i["kind"] for i in ws["items"]}
+    assert ws["used"] <= 300 and "knowledge" in kinds and kinds & {"memory", "recent"}
+    table = vfmctl(stack, "context", pid, "--question", "support group").stdout
+    assert "mem:0" in table and "tokens" in table
+    child = json.loads(vfmctl(stack, "fork", pid, "--name", "memo-2", "-o", "json").stdout)
+    assert child["spec"]["collections"] == ["support"]
+    shared = json.loads(vfmctl(stack, "recall", str(child["pid"]), "support group",
+                               "-o", "json").stdout)
+    assert shared and shared[0]["entry"]["text"].startswith("Caroline went")
+    removed = vfmctl(stack, "collection", "rm-source", "support", str(docs / "plans.csv"))
+    assert "removed" in removed.stdout
