@@ -13,7 +13,7 @@ import pytest
 from libvfm import Client
 from libvfm.types import MemoryEntry
 from tests.conftest import Daemon, start_kernel, wait_for
-from tests.integration.test_data_service import serving, start_datad
+from tests.integration.test_data_service import _port, serving
 from tests.integration.test_stack_ask import start_modeld
 
 
@@ -21,7 +21,8 @@ from tests.integration.test_stack_ask import start_modeld
 def full_stack():
     state = Path(tempfile.mkdtemp(prefix="vfmm", dir="/tmp"))
     os.chmod(state, 0o755)
-    kernel = start_kernel(state)
+    port = _port()
+    kernel = start_kernel(state, "--listen", f"127.0.0.1:{port}")
     modeld = start_modeld(state)
     datad: Daemon = Daemon(["-m", "services.data.main", "--state-dir", str(state),
                             "--kernel-socket", str(state / "vfmd.sock"), "--summary-pages", "1",
@@ -30,7 +31,10 @@ def full_stack():
     client = Client(state / "vfmd.sock")
     wait_for(lambda: serving(client, "vfm-modeld") and serving(client, "vfm-datad"), 600,
              "vfm-modeld and vfm-datad to serve", log=modeld.log)
-    yield {"client": client, "datad": datad}
+    bob_token, _ = client.token_create("bob")
+    bob = Client(target=f"127.0.0.1:{port}", token=bob_token)
+    yield {"client": client, "datad": datad, "bob": bob}
+    bob.close()
     client.close()
     for daemon in (datad, modeld, kernel):
         daemon.stop()
@@ -55,6 +59,13 @@ def test_ask_answers_from_the_collection(full_stack):
     bare = client.spawn("no-docs").pid
     assert "7431" not in client.ask(bare, "What is the access code of the Zephyr vault?",
                                     max_new_tokens=24).text
+    # Another tenant naming the same collection gets nothing from it, in Ask too.
+    bob = full_stack["bob"]
+    spy = bob.spawn("spy", collections=["vault-docs"]).pid
+    assert not [i for i in bob.context(spy, "Zephyr vault access code").items
+                if i.kind == "knowledge"]
+    assert "7431" not in bob.ask(spy, "What is the access code of the Zephyr vault?",
+                                 max_new_tokens=24).text
 
 
 def test_exchanges_are_remembered_and_recalled(full_stack):
