@@ -23,12 +23,18 @@ class Entry:
     tokens: int = 0        # tokens of render(entry) in the model's tokenizer
 
 
+_PHOTO = re.compile(r" \[shares a photo: (?:a photo of |a photography of |a picture of )?")
+
+
 def render(entry: Entry) -> str:
-    """The line that goes into the model context: '[8 May 2023] Caroline: text'."""
-    text = entry.text.replace(" [shares a photo: ", " [photo: ")
+    """The line that goes into the model context: '8 May 2023 Caroline: text'.
+
+    Every token here is paid once per entry in every working set, so the line is terse:
+    no brackets around the date (2 tokens a line), caption boilerplate cut."""
+    text = _PHOTO.sub(" [photo: ", entry.text)
     if entry.time is None:
         return f"{entry.speaker}: {text}"
-    return f"[{entry.time.day} {entry.time:%b %Y}] {entry.speaker}: {text}"
+    return f"{entry.time.day} {entry.time:%b %Y} {entry.speaker}: {text}"
 
 
 @dataclass(frozen=True)
@@ -37,12 +43,12 @@ class RankConfig:
 
     dense_weight: float = 1.5
     lexical_weight: float = 1.0
-    neighbour_share: float = 0.7      # how much of a better neighbour's score a turn gets
+    neighbour_share: float = 0.4      # how much of a better neighbour's score a turn gets
     speaker_boost: float = 1.0        # added (in z units) to turns by a person the question names
-    time_boost: float = 0.5           # added to turns inside the window the question names
+    time_boost: float = 1.5           # added to turns inside the window the question names
     feedback_docs: int = 3            # pseudo-relevance feedback: top hits folded into the query
     feedback_weight: float = 0.5
-    fusion: str = "z"                 # "z": weighted z-scores; "rrf": reciprocal rank fusion
+    fusion: str = "minmax"            # or "z" (z-scores), "zlog", "qnorm", "rrf"
     rrf_k: float = 60.0
     bm25_k1: float = 1.5
     bm25_b: float = 0.75
@@ -51,7 +57,13 @@ class RankConfig:
     lexical_feedback_terms: int = 0   # RM3-like: top terms of the feedback docs added to BM25
     session_penalty: float = 0.0      # diversity: minus this per better turn of the same session
     token_power: float = 0.0          # cost: divide the (shifted) score by tokens**power
-    drop_names: bool = True          # match speakers' names by speaker, not by words in turns
+    drop_names: bool = True           # match speakers' names by speaker, not by words in turns
+    reply_share: float | None = None  # neighbour_share for the turn after a hit (None: same)
+    declarative: bool = False         # embed the question without its wh-word and auxiliary
+    hop_docs: int = 0                 # second hop: similarity to the best of the top hits...
+    hop_weight: float = 0.0           # ...added with this weight (z units)
+    context_prev: float = 0.5         # a turn's vector plus this much of the turn before...
+    context_next: float = 0.2         # ...and of the turn after (same session), renormalised
 
 
 class EpisodicIndex:
@@ -65,8 +77,9 @@ class EpisodicIndex:
         self._speakers: list[str] = []
         self._times: list[float] = []
         self._tokens: list[int] = []
-        self._vectors = np.zeros((0, getattr(embedder, "dim", 384) if embedder else 384),
-                                 dtype=np.float32)
+        self._raw = np.zeros((0, getattr(embedder, "dim", 384) if embedder else 384),
+                             dtype=np.float32)
+        self._vectors = self._raw
         self._groups = np.zeros(0, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -78,7 +91,7 @@ class EpisodicIndex:
         if vectors is None:
             vectors = self._embedder.embed([e.text for e in entries])
         vectors = np.asarray(vectors, dtype=np.float32).reshape(len(entries), -1)
-        self._vectors = np.vstack([self._vectors, vectors]) if len(self._seqs) else vectors
+        self._raw = np.vstack([self._raw, vectors]) if len(self._seqs) else vectors
         self._lexical.add([f"{e.speaker}: {e.text}" if self.config.lexical_speaker else e.text
                            for e in entries])
         self._tokens.extend(max(1, e.tokens) for e in entries)
@@ -86,6 +99,19 @@ class EpisodicIndex:
         self._speakers.extend(e.speaker for e in entries)
         self._times.extend(e.time.timestamp() if e.time else 0.0 for e in entries)
         self._groups = self._session_groups()
+        self._vectors = self._in_context(self._raw)
+
+    def _in_context(self, raw: np.ndarray) -> np.ndarray:
+        """Each turn's vector with some of its neighbours': "Yes, last Friday!" means little
+        alone; the question it answers says what it is about."""
+        cfg = self.config
+        if not (cfg.context_prev or cfg.context_next) or len(raw) < 2:
+            return raw
+        same = (self._groups[1:] == self._groups[:-1])[:, None]
+        mixed = raw.copy()
+        mixed[1:] += cfg.context_prev * np.where(same, raw[:-1], 0.0)
+        mixed[:-1] += cfg.context_next * np.where(same, raw[1:], 0.0)
+        return mixed / np.maximum(np.linalg.norm(mixed, axis=1, keepdims=True), 1e-9)
 
     def _session_groups(self) -> np.ndarray:
         """Turns closer than six hours apart are one conversation, for neighbour spreading."""
@@ -104,7 +130,8 @@ class EpisodicIndex:
         if cfg.drop_names:
             question = self._without_names(question)
         if query_vector is None:
-            query_vector = self._embedder.embed([question])[0]
+            query_vector = self._embedder.embed(
+                [_declarative(question) if cfg.declarative else question])[0]
         scores = self._scores(question, np.asarray(query_vector, dtype=np.float32), now, cfg,
                               asked)
         if cfg.token_power:
@@ -144,7 +171,11 @@ class EpisodicIndex:
     def _scores(self, question: str, qv: np.ndarray, now: datetime | None,
                 cfg: RankConfig, asked: str) -> np.ndarray:
         dense = self._vectors @ qv
-        lexical = self._lexical.scores(question)
+        terms = self._lexical.tokenize(question)
+        lexical = self._lexical.term_scores(terms)
+        if cfg.fusion == "qnorm":
+            # BM25 as a share of what a turn holding every asked word would score.
+            lexical = lexical / max(1e-9, sum(self._lexical.idf(t) for t in set(terms)))
         scores = self._fuse(dense, lexical, cfg)
         if cfg.feedback_docs and (cfg.feedback_weight or cfg.lexical_feedback_terms):
             top = np.argsort(-scores)[:cfg.feedback_docs]
@@ -152,9 +183,13 @@ class EpisodicIndex:
                 q2 = qv + cfg.feedback_weight * self._vectors[top].mean(axis=0)
                 dense = self._vectors @ (q2 / (np.linalg.norm(q2) or 1.0))
             if cfg.lexical_feedback_terms:
-                terms = self._lexical.tokenize(question)
                 lexical = self._lexical.term_scores(terms + self._feedback_terms(top, terms, cfg))
             scores = self._fuse(dense, lexical, cfg)
+        if cfg.hop_docs and cfg.hop_weight:
+            top = np.argsort(-scores)[:cfg.hop_docs]
+            hop = (self._vectors @ self._vectors[top].T).max(axis=1)
+            hop[top] = dense[top]  # a hit is not its own second hop
+            scores = scores + cfg.hop_weight * fusion.zscore(hop)
         if cfg.speaker_boost:
             scores = scores + cfg.speaker_boost * self._named_speakers(asked)
         if cfg.time_boost:
@@ -162,7 +197,7 @@ class EpisodicIndex:
         if cfg.neighbour_sum:
             scores = scores + cfg.neighbour_sum * fusion.neighbour_mean(scores, self._groups)
         if cfg.neighbour_share:
-            scores = fusion.spread(scores, self._groups, cfg.neighbour_share)
+            scores = fusion.spread(scores, self._groups, cfg.neighbour_share, cfg.reply_share)
         return scores
 
     def _feedback_terms(self, top: np.ndarray, asked: list[str], cfg: RankConfig) -> list[str]:
@@ -177,6 +212,14 @@ class EpisodicIndex:
 
     @staticmethod
     def _fuse(dense: np.ndarray, lexical: np.ndarray, cfg: RankConfig) -> np.ndarray:
+        if cfg.fusion == "minmax":
+            return fusion.weighted([dense, lexical], [cfg.dense_weight, cfg.lexical_weight],
+                                   fusion.minmax)
+        if cfg.fusion == "qnorm":
+            return cfg.dense_weight * fusion.minmax(dense) + cfg.lexical_weight * lexical
+        if cfg.fusion == "zlog":
+            return fusion.weighted([dense, np.log1p(lexical)],
+                                   [cfg.dense_weight, cfg.lexical_weight])
         if cfg.fusion == "rrf":
             return fusion.rrf([dense, lexical], cfg.rrf_k, [cfg.dense_weight, cfg.lexical_weight])
         return fusion.weighted([dense, lexical], [cfg.dense_weight, cfg.lexical_weight])
@@ -188,12 +231,29 @@ class EpisodicIndex:
         return np.array([s in named for s in self._speakers], dtype=np.float64)
 
     def _in_window(self, question: str, now: datetime | None) -> np.ndarray:
+        """How strongly each turn sits in the time the question names: a turn is dated when
+        it was said, after the event it tells of, so the window reaches a week past its end;
+        and a named day says more than a named year."""
         window = question_window(question, now)
         if window is None:
             return np.zeros(len(self._seqs))
-        start, end = window.start.timestamp(), window.end.timestamp()
+        width = (window.end - window.start).total_seconds()
+        start = window.start.timestamp() - 2 * 86400
+        end = window.end.timestamp() + max(7 * 86400, 0.25 * width)
         times = np.asarray(self._times)
-        return ((times >= start) & (times < end)).astype(np.float64)
+        weight = 1.0 if width <= 2 * 86400 else 0.6 if width <= 32 * 86400 else 0.3
+        return weight * ((times >= start) & (times < end)).astype(np.float64)
+
+
+_WH = re.compile(r"^\s*(what|when|where|which|who|whom|whose|why|how( long| many| much| often)?)"
+                 r"(\s+(is|are|was|were|do|does|did|has|have|had|will|would|can|could))?\b",
+                 re.I)
+
+
+def _declarative(question: str) -> str:
+    """'When did Caroline go to the group?' -> 'Caroline go to the group': closer to how
+    the turn that holds the answer reads."""
+    return _WH.sub("", question).strip(" ?") or question
 
 
 def pack(ranked: list[tuple[int, float]] | list[int], entries_by_seq: dict[int, Entry],

@@ -46,17 +46,22 @@ def weighted(score_lists: list[np.ndarray], weights: list[float], norm=zscore) -
     return total
 
 
-def spread(scores: np.ndarray, group: np.ndarray, share: float) -> np.ndarray:
-    """Each item also gets `share` of its better neighbour's score (same group only): a reply
-    or the question before it often holds the answer the matching turn only points at."""
+def spread(scores: np.ndarray, group: np.ndarray, share: float,
+           reply_share: float | None = None) -> np.ndarray:
+    """Each item moves `share` of the way to a better neighbour's score (same group only): a
+    reply, or the question before it, often holds the answer the matching turn points at.
+    `reply_share` (default: share) is for the item after the better one."""
+    reply_share = share if reply_share is None else reply_share
     out = scores.copy()
-    if len(scores) < 2 or share <= 0:
+    if len(scores) < 2:
         return out
     same = group[1:] == group[:-1]
     from_prev = np.where(same, scores[:-1], -np.inf)
     from_next = np.where(same, scores[1:], -np.inf)
-    out[1:] = np.maximum(out[1:], share * from_prev + (1 - share) * scores[1:])
-    out[:-1] = np.maximum(out[:-1], share * from_next + (1 - share) * scores[:-1])
+    if reply_share > 0:
+        out[1:] = np.maximum(out[1:], reply_share * from_prev + (1 - reply_share) * scores[1:])
+    if share > 0:
+        out[:-1] = np.maximum(out[:-1], share * from_next + (1 - share) * scores[:-1])
     return out
 
 

@@ -43,6 +43,7 @@ class BM25Index:
         self._k1, self._b = k1, b
         self._docs: list[list[str]] = []
         self._bm25 = None
+        self._df: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return len(self._docs)
@@ -50,6 +51,7 @@ class BM25Index:
     def add(self, texts: list[str]) -> None:
         self._docs.extend(self.tokenize(t) for t in texts)
         self._bm25 = None  # rebuilt on the next query
+        self._df = None
 
     def _index(self):
         import bm25s
@@ -61,11 +63,29 @@ class BM25Index:
             self._bm25 = bm25
         return self._bm25
 
+    @property
+    def docs(self) -> list[list[str]]:
+        """Each document's terms, as tokenized."""
+        return self._docs
+
+    def idf(self, term: str) -> float:
+        """Inverse document frequency (BM25's, always positive)."""
+        if self._df is None:
+            self._df = {}
+            for doc in self._docs:
+                for t in set(doc):
+                    self._df[t] = self._df.get(t, 0) + 1
+        n, df = len(self._docs), self._df.get(term, 0)
+        return float(np.log(1 + (n - df + 0.5) / (df + 0.5)))
+
     def scores(self, query: str) -> np.ndarray:
         """One BM25 score per document (0 for documents sharing no term with the query)."""
+        return self.term_scores(self.tokenize(query))
+
+    def term_scores(self, terms: list[str]) -> np.ndarray:
+        """Scores for terms already tokenized (repeats count, as in a longer query)."""
         if not self._docs:
             return np.zeros(0, dtype=np.float32)
-        terms = self.tokenize(query)
         if not terms:
             return np.zeros(len(self._docs), dtype=np.float32)
         return np.asarray(self._index().get_scores(terms), dtype=np.float32)

@@ -96,8 +96,6 @@ def _relative(q: str, now: datetime) -> TimeWindow | None:
         # "two weeks ago" is loose: a window one unit wide around the point named.
         half = timedelta(days=max(1, span // 2 + 1))
         return TimeWindow(centre - half, centre + half)
-    if re.search(r"\brecent(ly)?\b|\blately\b", q):
-        return TimeWindow(today - timedelta(days=30), today + timedelta(days=1))
     return None
 
 

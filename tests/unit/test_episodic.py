@@ -52,8 +52,8 @@ def index():
 
 
 def test_render_is_compact_and_dated():
-    e = entry(0, "Caroline", "I went. [shares a photo: a lake]")
-    assert render(e) == "[8 May 2023] Caroline: I went. [photo: a lake]"
+    e = entry(0, "Caroline", "I went. [shares a photo: a photo of a lake]")
+    assert render(e) == "8 May 2023 Caroline: I went. [photo: a lake]"
     e.time = None
     assert render(e).startswith("Caroline: ")
 
@@ -84,7 +84,7 @@ def test_the_answer_after_a_matching_question_is_lifted(index):
 
 
 def test_time_window_prefers_turns_from_then(index):
-    question = "Anything in June 2023?"
+    question = "Anything on 7 June 2023?"
     off = index.rank(question, config=RankConfig(time_boost=0.0, neighbour_share=0.0))
     on = index.rank(question, config=RankConfig(time_boost=6.0, neighbour_share=0.0))
     assert {s for s, _ in on[:2]} == {5, 6}   # the session of 7 June
