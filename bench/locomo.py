@@ -1,8 +1,8 @@
 """LoCoMo evidence recall: does the working set built for each question hold its evidence turns?
 
-`python -m bench.locomo [--data PATH] [--budget 1024] [--quick]` ranks each conversation's turns
-for every category 1-4 question (now = the last session's date), packs the working set as the
-kernel does, and reports all-/any-evidence recall per category for the episodic ranking and,
+`python -m bench.locomo [--data PATH] [--budget 1024] [--quick] [--variants]` ranks each
+conversation's turns for every category 1-4 question (now = the last session's date), packs
+the working set as the kernel does, and reports all-/any-evidence recall per category for the episodic ranking and,
 in the same run, the recency window, dense top-k, BM25 and their RRF."""
 
 from __future__ import annotations
@@ -30,6 +30,16 @@ TOKENIZER_DIR = Path(os.path.expanduser("~/.cache/vfmos/models/smollm2-135m"))
 CACHE_DIR = Path("/tmp/vfmos-locomo-vectors")  # entry embeddings, keyed by the texts' hash
 CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop"}
 RECENT_TURNS = 4
+# --variants: the ranking less one signal at a time (or another fusion), same run, same data.
+VARIANTS = {
+    "no-context-vectors": RankConfig(context_prev=0.0, context_next=0.0),
+    "no-neighbour-spread": RankConfig(neighbour_share=0.0),
+    "no-speaker": RankConfig(speaker_boost=0.0, drop_names=False),
+    "no-time-window": RankConfig(time_boost=0.0),
+    "no-feedback": RankConfig(feedback_docs=0),
+    "z-fusion": RankConfig(fusion="z"),
+    "rrf-fusion": RankConfig(fusion="rrf"),
+}
 
 
 @dataclass
@@ -252,7 +262,7 @@ def evaluate(conv: Conversation, entries: list[Entry], ranked_by: dict, report_:
             ids = [by_seq[s].meta["dia_id"] for s in chosen]
             report_.add(method, q.category, score(ids, q.evidence),
                         sum(by_seq[s].tokens for s in chosen),
-                        elapsed if method.startswith("episodic") else None)
+                        elapsed if method == "episodic" else None)
 
 
 def run(conversations: list[Conversation], budget: int,
@@ -291,9 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--quick", action="store_true", help="the first 2 conversations only")
+    parser.add_argument("--variants", action="store_true",
+                        help="also rank with each signal left out (an ablation table)")
     args = parser.parse_args(argv)
     conversations = load_conversations(args.data)[: 2 if args.quick else None]
-    report_ = run(conversations, args.budget)
+    report_ = run(conversations, args.budget, VARIANTS if args.variants else None)
     baselines = {"recency": "recency", "dense": "dense", "bm25": "bm25", "rrf": "rrf"}
     report(f"LoCoMo evidence recall at {args.budget} tokens, categories 1-4 "
            f"({len(conversations)} conversations)", report_.rows(), Report.HEADER,

@@ -43,27 +43,21 @@ class RankConfig:
 
     dense_weight: float = 1.5
     lexical_weight: float = 1.0
-    neighbour_share: float = 0.4      # how much of a better neighbour's score a turn gets
-    speaker_boost: float = 1.0        # added (in z units) to turns by a person the question names
+    fusion: str = "minmax"            # or "z" (z-scores), "rrf" (reciprocal rank fusion)
+    rrf_k: float = 60.0
+    context_prev: float = 0.5         # a turn's vector plus this much of the turn before...
+    context_next: float = 0.2         # ...and of the turn after (same session), renormalised
+    neighbour_share: float = 0.4      # how far a turn moves toward a better neighbour's score
+    reply_share: float | None = None  # the same for the turn after a hit (None: as above)
+    speaker_boost: float = 1.0        # added to turns by a person the question names
+    drop_names: bool = True           # match speakers' names by speaker, not by words in turns
     time_boost: float = 1.5           # added to turns inside the window the question names
     feedback_docs: int = 3            # pseudo-relevance feedback: top hits folded into the query
     feedback_weight: float = 0.5
-    fusion: str = "minmax"            # or "z" (z-scores), "zlog", "qnorm", "rrf"
-    rrf_k: float = 60.0
+    lexical_feedback_terms: int = 0   # RM3-like: top terms of the feedback docs added to BM25
     bm25_k1: float = 1.5
     bm25_b: float = 0.75
     lexical_speaker: bool = True      # index "speaker: text", so a named person's turns match
-    neighbour_sum: float = 0.0        # linear smoothing: plus this times the neighbours' mean
-    lexical_feedback_terms: int = 0   # RM3-like: top terms of the feedback docs added to BM25
-    session_penalty: float = 0.0      # diversity: minus this per better turn of the same session
-    token_power: float = 0.0          # cost: divide the (shifted) score by tokens**power
-    drop_names: bool = True           # match speakers' names by speaker, not by words in turns
-    reply_share: float | None = None  # neighbour_share for the turn after a hit (None: same)
-    declarative: bool = False         # embed the question without its wh-word and auxiliary
-    hop_docs: int = 0                 # second hop: similarity to the best of the top hits...
-    hop_weight: float = 0.0           # ...added with this weight (z units)
-    context_prev: float = 0.5         # a turn's vector plus this much of the turn before...
-    context_next: float = 0.2         # ...and of the turn after (same session), renormalised
 
 
 class EpisodicIndex:
@@ -76,7 +70,6 @@ class EpisodicIndex:
         self._seqs: list[int] = []
         self._speakers: list[str] = []
         self._times: list[float] = []
-        self._tokens: list[int] = []
         self._raw = np.zeros((0, getattr(embedder, "dim", 384) if embedder else 384),
                              dtype=np.float32)
         self._vectors = self._raw
@@ -94,7 +87,6 @@ class EpisodicIndex:
         self._raw = np.vstack([self._raw, vectors]) if len(self._seqs) else vectors
         self._lexical.add([f"{e.speaker}: {e.text}" if self.config.lexical_speaker else e.text
                            for e in entries])
-        self._tokens.extend(max(1, e.tokens) for e in entries)
         self._seqs.extend(e.seq for e in entries)
         self._speakers.extend(e.speaker for e in entries)
         self._times.extend(e.time.timestamp() if e.time else 0.0 for e in entries)
@@ -130,16 +122,10 @@ class EpisodicIndex:
         if cfg.drop_names:
             question = self._without_names(question)
         if query_vector is None:
-            query_vector = self._embedder.embed(
-                [_declarative(question) if cfg.declarative else question])[0]
+            query_vector = self._embedder.embed([question])[0]
         scores = self._scores(question, np.asarray(query_vector, dtype=np.float32), now, cfg,
                               asked)
-        if cfg.token_power:
-            # Shifted positive first, so dividing by the cost never turns a loss into a gain.
-            scores = (scores - scores.min() + 1e-3) / np.asarray(self._tokens) ** cfg.token_power
         top = np.argsort(-scores, kind="stable")[:limit]
-        if cfg.session_penalty:
-            return self._diversify(scores, top, cfg.session_penalty)
         return [(self._seqs[i], float(scores[i])) for i in top]
 
     def _without_names(self, question: str) -> str:
@@ -152,30 +138,11 @@ class EpisodicIndex:
         cleaned = re.sub(pattern, " ", question, flags=re.I)
         return re.sub(r"\s+", " ", cleaned).strip() or question
 
-    def _diversify(self, scores: np.ndarray, top: np.ndarray,
-                   penalty: float) -> list[tuple[int, float]]:
-        """Greedy re-rank: each turn already taken from a session costs the session's other
-        turns `penalty` (in score units), so evidence spread over sessions gets room."""
-        taken: dict[int, int] = {}
-        left = list(top)
-        out = []
-        while left:
-            best = max(range(len(left)), key=lambda j: scores[left[j]]
-                       - penalty * taken.get(int(self._groups[left[j]]), 0))
-            i = left.pop(best)
-            group = int(self._groups[i])
-            out.append((self._seqs[i], float(scores[i] - penalty * taken.get(group, 0))))
-            taken[group] = taken.get(group, 0) + 1
-        return out
-
     def _scores(self, question: str, qv: np.ndarray, now: datetime | None,
                 cfg: RankConfig, asked: str) -> np.ndarray:
         dense = self._vectors @ qv
         terms = self._lexical.tokenize(question)
         lexical = self._lexical.term_scores(terms)
-        if cfg.fusion == "qnorm":
-            # BM25 as a share of what a turn holding every asked word would score.
-            lexical = lexical / max(1e-9, sum(self._lexical.idf(t) for t in set(terms)))
         scores = self._fuse(dense, lexical, cfg)
         if cfg.feedback_docs and (cfg.feedback_weight or cfg.lexical_feedback_terms):
             top = np.argsort(-scores)[:cfg.feedback_docs]
@@ -185,17 +152,10 @@ class EpisodicIndex:
             if cfg.lexical_feedback_terms:
                 lexical = self._lexical.term_scores(terms + self._feedback_terms(top, terms, cfg))
             scores = self._fuse(dense, lexical, cfg)
-        if cfg.hop_docs and cfg.hop_weight:
-            top = np.argsort(-scores)[:cfg.hop_docs]
-            hop = (self._vectors @ self._vectors[top].T).max(axis=1)
-            hop[top] = dense[top]  # a hit is not its own second hop
-            scores = scores + cfg.hop_weight * fusion.zscore(hop)
         if cfg.speaker_boost:
             scores = scores + cfg.speaker_boost * self._named_speakers(asked)
         if cfg.time_boost:
             scores = scores + cfg.time_boost * self._in_window(question, now)
-        if cfg.neighbour_sum:
-            scores = scores + cfg.neighbour_sum * fusion.neighbour_mean(scores, self._groups)
         if cfg.neighbour_share:
             scores = fusion.spread(scores, self._groups, cfg.neighbour_share, cfg.reply_share)
         return scores
@@ -212,22 +172,18 @@ class EpisodicIndex:
 
     @staticmethod
     def _fuse(dense: np.ndarray, lexical: np.ndarray, cfg: RankConfig) -> np.ndarray:
-        if cfg.fusion == "minmax":
-            return fusion.weighted([dense, lexical], [cfg.dense_weight, cfg.lexical_weight],
-                                   fusion.minmax)
-        if cfg.fusion == "qnorm":
-            return cfg.dense_weight * fusion.minmax(dense) + cfg.lexical_weight * lexical
-        if cfg.fusion == "zlog":
-            return fusion.weighted([dense, np.log1p(lexical)],
-                                   [cfg.dense_weight, cfg.lexical_weight])
+        weights = [cfg.dense_weight, cfg.lexical_weight]
         if cfg.fusion == "rrf":
-            return fusion.rrf([dense, lexical], cfg.rrf_k, [cfg.dense_weight, cfg.lexical_weight])
-        return fusion.weighted([dense, lexical], [cfg.dense_weight, cfg.lexical_weight])
+            return fusion.rrf([dense, lexical], cfg.rrf_k, weights)
+        # Min-max keeps a lone strong BM25 match from dwarfing everything (z-scores of a sparse
+        # score list do), and puts the boosts below on one scale: a component's full range.
+        norm = fusion.zscore if cfg.fusion == "z" else fusion.minmax
+        return fusion.weighted([dense, lexical], weights, norm)
 
     def _named_speakers(self, question: str) -> np.ndarray:
         """1 for turns by a speaker whose (first) name the question mentions."""
         words = set(re.findall(r"[a-z]+", question.lower()))
-        named = {s for s in set(self._speakers) if s.split()[0].lower() in words} if words else set()
+        named = {s for s in set(self._speakers) if s.split() and s.split()[0].lower() in words}
         return np.array([s in named for s in self._speakers], dtype=np.float64)
 
     def _in_window(self, question: str, now: datetime | None) -> np.ndarray:
@@ -243,17 +199,6 @@ class EpisodicIndex:
         times = np.asarray(self._times)
         weight = 1.0 if width <= 2 * 86400 else 0.6 if width <= 32 * 86400 else 0.3
         return weight * ((times >= start) & (times < end)).astype(np.float64)
-
-
-_WH = re.compile(r"^\s*(what|when|where|which|who|whom|whose|why|how( long| many| much| often)?)"
-                 r"(\s+(is|are|was|were|do|does|did|has|have|had|will|would|can|could))?\b",
-                 re.I)
-
-
-def _declarative(question: str) -> str:
-    """'When did Caroline go to the group?' -> 'Caroline go to the group': closer to how
-    the turn that holds the answer reads."""
-    return _WH.sub("", question).strip(" ?") or question
 
 
 def pack(ranked: list[tuple[int, float]] | list[int], entries_by_seq: dict[int, Entry],

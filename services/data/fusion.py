@@ -64,14 +64,3 @@ def spread(scores: np.ndarray, group: np.ndarray, share: float,
         out[:-1] = np.maximum(out[:-1], share * from_next + (1 - share) * scores[:-1])
     return out
 
-
-def neighbour_mean(scores: np.ndarray, group: np.ndarray) -> np.ndarray:
-    """The mean score of each item's neighbours in the same group (0 with none)."""
-    total = np.zeros_like(scores, dtype=np.float64)
-    count = np.zeros_like(scores, dtype=np.float64)
-    same = group[1:] == group[:-1]
-    total[1:] += np.where(same, scores[:-1], 0.0)
-    count[1:] += same
-    total[:-1] += np.where(same, scores[1:], 0.0)
-    count[:-1] += same
-    return np.divide(total, count, out=np.zeros_like(total), where=count > 0)

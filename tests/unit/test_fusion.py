@@ -34,8 +34,3 @@ def test_spread_lifts_neighbours_within_a_group_only():
     out = fusion.spread(scores, groups, 0.5)
     assert out.tolist() == [0.0, 0.5, 1.0, 0.0, 0.0]
 
-
-def test_neighbour_mean():
-    scores = np.array([1.0, 3.0, 5.0, 7.0])
-    groups = np.array([0, 0, 0, 1])
-    assert fusion.neighbour_mean(scores, groups).tolist() == [3.0, 3.0, 3.0, 0.0]
