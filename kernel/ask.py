@@ -227,7 +227,7 @@ class AskRunner:
         except grpc.RpcError as exc:
             err = from_rpc_error(exc)
             if err.code == grpc.StatusCode.UNAVAILABLE:
-                self._registry.mark_down(MODEL_SERVICE)
+                self._registry.suspect(MODEL_SERVICE)
                 raise Unavailable(f"service {MODEL_SERVICE} is unavailable: {err.message}") from None
             raise err from None
         finally:
@@ -242,7 +242,7 @@ class AskRunner:
         try:
             reply = await stub.ListModels(model_pb2.ListModelsRequest(), timeout=5.0)
         except grpc.RpcError as exc:
-            self._registry.mark_down(MODEL_SERVICE)
+            self._registry.suspect(MODEL_SERVICE)
             raise Unavailable(f"service {MODEL_SERVICE} is unavailable: "
                               f"{from_rpc_error(exc).message}") from None
         self._models = {m.name: m for m in reply.models}

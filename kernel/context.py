@@ -56,7 +56,7 @@ class ContextManager:
     def error(self, exc: grpc.RpcError) -> VfmError:
         err = from_rpc_error(exc)
         if err.code == grpc.StatusCode.UNAVAILABLE:
-            self._registry.mark_down(DATA_SERVICE)
+            self._registry.suspect(DATA_SERVICE)
             return Unavailable(f"service {DATA_SERVICE} is unavailable: {err.message}")
         return err
 

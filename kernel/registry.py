@@ -39,6 +39,7 @@ class ServiceRegistry:
         self._timeout_s = timeout_s
         self._entries: dict[str, ServiceEntry] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._checking: set[str] = set()
         for name, info in store.services().items():
             self._entries[name] = ServiceEntry(**{**info, "health": UNKNOWN})
 
@@ -76,10 +77,14 @@ class ServiceRegistry:
             self._channels[name] = channel
         return channel
 
-    def mark_down(self, name: str) -> None:
+    def suspect(self, name: str) -> None:
+        """A call to `name` said UNAVAILABLE: that may be the service itself or something
+        behind it (a remote model server). Check its health now instead of assuming."""
         entry = self._entries.get(name)
-        if entry is not None and entry.health == SERVING:
-            entry.health, entry.down_since = UNREACHABLE, time.time()
+        if entry is not None and name not in self._checking:
+            self._checking.add(name)
+            task = asyncio.get_running_loop().create_task(self._check(entry))
+            task.add_done_callback(lambda _: self._checking.discard(name))
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self._check(e) for e in list(self._entries.values())))

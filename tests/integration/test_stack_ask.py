@@ -13,9 +13,9 @@ from libvfm.types import AskResult
 from tests.conftest import Daemon, start_kernel, wait_for
 
 
-def start_modeld(state_dir) -> Daemon:
+def start_modeld(state_dir, *extra: str) -> Daemon:
     daemon = Daemon(["-m", "services.model.main", "--state-dir", str(state_dir),
-                     "--kernel-socket", str(state_dir / "vfmd.sock")],
+                     "--kernel-socket", str(state_dir / "vfmd.sock"), *extra],
                     state_dir / "logs" / "vfm-modeld.log").start()
     return daemon
 
@@ -33,10 +33,15 @@ def stack(tmp_path_factory):
     state = Path(tempfile.mkdtemp(prefix="vfms", dir="/tmp"))
     os.chmod(state, 0o755)
     kernel = start_kernel(state)
-    modeld = start_modeld(state)
+    # A remote model whose server is down: its failures must not take vfm-modeld down.
+    models = state / "models.json"
+    models.write_text('{"models": [{"name": "remote-gone", "backend": "openai", '
+                      '"base_url": "http://127.0.0.1:9/v1", "remote_model": "x"}]}')
+    modeld = start_modeld(state, "--models", str(models))
     client = Client(state / "vfmd.sock")
     wait_for(lambda: modeld_serving(client), 600, "vfm-modeld to serve", log=modeld.log)
-    parts = {"state": state, "kernel": kernel, "modeld": modeld, "client": client}
+    parts = {"state": state, "kernel": kernel, "modeld": modeld, "client": client,
+             "models": models}
     yield parts
     client.close()
     parts["modeld"].stop()  # the tests may have replaced either daemon
@@ -154,9 +159,20 @@ def test_model_service_outage_is_unavailable_then_recovers(stack):
     assert client.get(pid).state == "READY"
     status = {d.name: d.health for d in client.services()}
     assert status["vfm-modeld"] in ("UNREACHABLE", "NOT_SERVING")
-    stack["modeld"] = start_modeld(stack["state"])
+    stack["modeld"] = start_modeld(stack["state"], "--models", str(stack["models"]))
     wait_for(lambda: modeld_serving(client), 120, "vfm-modeld to come back", log=stack["modeld"].log)
     assert client.ask(pid, "Back?", max_new_tokens=3).usage.tokens_out > 0
+
+
+def test_a_remote_backend_down_leaves_the_model_service_up(stack):
+    client = stack["client"]
+    remote = client.spawn("remote-user", model="remote-gone").pid
+    local = client.spawn("local-user").pid
+    with pytest.raises(Unavailable):
+        client.ask(remote, "hello?", max_new_tokens=3)
+    # At once, not after the next health check: the local model never stopped serving.
+    assert client.ask(local, "Still fine?", max_new_tokens=3).usage.tokens_out > 0
+    assert modeld_serving(client)
 
 
 def test_unknown_model_is_a_clear_error(stack):
