@@ -10,7 +10,6 @@ plain dense top-k are measured in the same run on the same turns and token count
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import time
 

@@ -19,7 +19,7 @@ from kernel.figures import daemon_figures
 from kernel.identity import Authenticator, Caller, require_admin
 from kernel.registry import ServiceRegistry
 from kernel.table import ProcessTable
-from libvfm.errors import VfmError, to_status
+from libvfm.errors import VfmError
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos.kernel.v1 import kernel_pb2_grpc
 

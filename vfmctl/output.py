@@ -41,7 +41,6 @@ def _age(seconds: float) -> str:
 
 
 def process_table(procs: list[Process]) -> None:
-    table = Table(box=None, pad_edge=False)
     console().print(_process_rows(procs))
 
 

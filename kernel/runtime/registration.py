@@ -1,4 +1,5 @@
-"""Keep the kernel told where a user-space service listens; survives kernel restarts."""
+"""A user-space service's life with the kernel: register (again after kernel restarts),
+report health and readiness, and shut down cleanly."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ import asyncio
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
+import grpc
+from grpc_health.v1 import health_pb2
+
+from kernel.runtime.notify import notify_ready, notify_stopping
+from kernel.runtime.server import serve_until_signal
 from libvfm import AsyncClient
 from libvfm.errors import VfmError
 
@@ -29,3 +36,27 @@ async def register_forever(kernel_socket: Path, name: str, address: str) -> None
             warned = True
             interval = 1.0
         await asyncio.sleep(interval)
+
+
+async def serve_registered(server: grpc.aio.Server, health, name: str, service_name: str,
+                           socket: Path, kernel_socket: Path, close: Callable[[], None],
+                           background: tuple[asyncio.Task, ...] = ()) -> None:
+    """Mark the (started) server SERVING, register with the kernel, tell systemd we are
+    ready, and serve until a signal; then stop the background tasks and `close()`."""
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+    tasks = (asyncio.create_task(register_forever(kernel_socket, name, f"unix:{socket}")),
+             *background)
+    notify_ready(f"serving on {socket}")
+
+    async def on_stop() -> None:
+        notify_stopping()
+        for task in tasks:
+            task.cancel()
+        await health.enter_graceful_shutdown()
+
+    try:
+        await serve_until_signal(server, on_stop)
+    finally:
+        close()
+        socket.unlink(missing_ok=True)

@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 
 import lmdb
-from grpc_health.v1 import health_pb2
 
-from kernel.runtime.notify import notify_ready, notify_status, notify_stopping
-from kernel.runtime.registration import register_forever
+from kernel.runtime.notify import notify_status
+from kernel.runtime.registration import serve_registered
 from kernel.runtime.server import (DaemonStartError, ServerConfig, create_server, run_daemon,
-                                   serve_until_signal, setup_logging)
+                                   setup_logging)
 from libvfm.errors import VfmError
 from libvfm.paths import (DATA_SOCKET, KERNEL_SOCKET, MODEL_SOCKET, default_data_dir,
                           default_state_dir)
@@ -80,32 +79,17 @@ async def serve(args: argparse.Namespace) -> None:
         lambda s: data_pb2_grpc.add_DataServicer_to_server(servicer, s), [SERVICE_NAME])
     await server.start()
     os.chmod(socket, 0o660)  # only the kernel (same user or group) talks to us
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    register = asyncio.create_task(register_forever(
-        args.kernel_socket or state_dir / KERNEL_SOCKET, NAME, f"unix:{socket}"))
-    summarize = None
+    background = ()
     if args.summary_pages > 0:
         summarizer = Summarizer(service.memory, service.summaries, service.counter,
                                 f"unix:{state_dir / MODEL_SOCKET}", args.summary_pages,
                                 args.summary_interval)
-        summarize = asyncio.create_task(summarizer.run(service.run))
+        background = (asyncio.create_task(summarizer.run(service.run)),)
     log.info("%s serving on %s (data in %s, embeddings %s)", NAME, socket, data_dir,
              embedder.name)
-    notify_ready(f"serving on {socket}")
-
-    async def on_stop() -> None:
-        notify_stopping()
-        register.cancel()
-        if summarize is not None:
-            summarize.cancel()
-        await health.enter_graceful_shutdown()
-
-    try:
-        await serve_until_signal(server, on_stop)
-    finally:
-        service.close()
-        socket.unlink(missing_ok=True)
+    await serve_registered(server, health, NAME, SERVICE_NAME, socket,
+                           args.kernel_socket or state_dir / KERNEL_SOCKET, service.close,
+                           background)
 
 
 def main(argv: list[str] | None = None) -> int:

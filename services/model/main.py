@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -11,10 +10,10 @@ from pathlib import Path
 
 from grpc_health.v1 import health_pb2
 
-from kernel.runtime.notify import notify_ready, notify_status, notify_stopping
+from kernel.runtime.notify import notify_status
+from kernel.runtime.registration import serve_registered
 from kernel.runtime.server import (DaemonStartError, ServerConfig, create_server, run_daemon,
-                                   serve_until_signal, setup_logging)
-from libvfm import AsyncClient
+                                   setup_logging)
 from libvfm.errors import VfmError
 from libvfm.paths import KERNEL_SOCKET, MODEL_SOCKET, default_state_dir
 from services.model.local import cache_root
@@ -50,25 +49,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def register_forever(kernel_socket: Path, address: str) -> None:
-    """Keep the kernel told where we are; survives kernel restarts."""
-    client = AsyncClient(kernel_socket, timeout=3.0)
-    interval, warned = 2.0, False
-    while True:
-        try:
-            interval = await client.register_service(NAME, address, os.getpid()) or 2.0
-            if warned:
-                log.info("registered with the kernel again")
-            warned = False
-        except VfmError as err:
-            if not warned:
-                log.warning("cannot register with the kernel at %s: %s (retrying)",
-                            kernel_socket, err.message)
-            warned = True
-            interval = 1.0
-        await asyncio.sleep(interval)
-
-
 async def serve(args: argparse.Namespace) -> None:
     state_dir = args.state_dir or default_state_dir()
     socket = args.socket or state_dir / MODEL_SOCKET
@@ -92,23 +72,9 @@ async def serve(args: argparse.Namespace) -> None:
         notify_status(f"loading {registry.default}")
         backend = service.backend(registry.default)
         await backend.wait_loaded()
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    register = asyncio.create_task(register_forever(
-        args.kernel_socket or state_dir / KERNEL_SOCKET, f"unix:{socket}"))
     log.info("%s serving on %s (default model %s)", NAME, socket, registry.default)
-    notify_ready(f"serving on {socket}")
-
-    async def on_stop() -> None:
-        notify_stopping()
-        register.cancel()
-        await health.enter_graceful_shutdown()
-
-    try:
-        await serve_until_signal(server, on_stop)
-    finally:
-        service.stop()
-        socket.unlink(missing_ok=True)
+    await serve_registered(server, health, NAME, SERVICE_NAME, socket,
+                           args.kernel_socket or state_dir / KERNEL_SOCKET, service.stop)
 
 
 def main(argv: list[str] | None = None) -> int:
