@@ -2,7 +2,7 @@
 weighted shares, and an interactive process's time to first token; fair policy vs fifo.
 
 Both tenants are backlogged: A keeps 16 asks in flight, B's one process keeps 4, and the
-model has 8 slots; an interactive priority-39 process of B asks once a second."""
+model has 8 slots; an interactive priority-39 process of B asks a new short question every half second."""
 
 from __future__ import annotations
 
@@ -20,7 +20,12 @@ from bench.stackutil import model_service_serving
 from libvfm import AsyncClient, Client, VfmError
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm."
-QUESTION = "Say hello."
+# An interactive user asks something new each time: the same short question every time
+# would ride on a whole-prompt prefix-cache hit, unloaded and loaded alike.
+QUESTIONS = ["Say hello.", "What is two plus two?", "Name a colour.", "Spell 'cat'.",
+             "Is water wet?", "Give me a number.", "Name a fruit.", "What day follows Monday?",
+             "Say yes or no.", "Name an animal.", "What is the capital of France?",
+             "Count to three."]
 
 
 def _port() -> int:
@@ -35,6 +40,7 @@ class Record:
 
     asks: dict[str, list[tuple[float, float, int]]] = field(default_factory=dict)
     ttft_ms: list[float] = field(default_factory=list)
+    queue_ms: list[float] = field(default_factory=list)  # of the interactive asks, in the kernel
     window: tuple[float, float] = (0.0, 0.0)
 
     def tokens_in(self, tenant: str, start: float, end: float) -> float:
@@ -58,11 +64,14 @@ async def _loop(client: AsyncClient, pid: int, tenant: str, until: float, tokens
 
 
 async def _interactive(client: AsyncClient, pid: int, until: float, rec: Record,
-                       every_s: float = 1.0) -> None:
+                       every_s: float = 0.5) -> None:
     await asyncio.sleep(every_s)
+    n = 0
     while time.monotonic() < until - every_s:
-        result = await client.ask(pid, QUESTION, max_new_tokens=4)
+        result = await client.ask(pid, QUESTIONS[n % len(QUESTIONS)], max_new_tokens=4)
         rec.ttft_ms.append(result.usage.ttft_ms)
+        rec.queue_ms.append(result.usage.queue_ms)
+        n += 1
         await asyncio.sleep(every_s)
 
 
@@ -94,8 +103,9 @@ async def _phase(target: str, tokens: dict[str, str], seconds: float, new_tokens
 async def _unloaded_ttft(target: str, token: str, n: int) -> list[float]:
     client = AsyncClient(target=target, token=token)
     pid = (await client.spawn("solo", priority=39)).pid
-    await client.ask(pid, QUESTION, max_new_tokens=2)  # warm-up
-    values = [(await client.ask(pid, QUESTION, max_new_tokens=4)).usage.ttft_ms for _ in range(n)]
+    await client.ask(pid, "Hi.", max_new_tokens=2)  # warm-up
+    values = [(await client.ask(pid, QUESTIONS[i % len(QUESTIONS)], max_new_tokens=4)).usage.ttft_ms
+              for i in range(n)]
     await client.close()
     return values
 
@@ -122,7 +132,7 @@ def run_policy(policy: str, seconds: float, new_tokens: int, state, port: int, m
             for t in tokens:
                 admin.set_tenant_weight(t, 1.0)
         target = f"127.0.0.1:{port}"
-        unloaded = uvloop.run(_unloaded_ttft(target, tokens["tenant-b"], 5))
+        unloaded = uvloop.run(_unloaded_ttft(target, tokens["tenant-b"], len(QUESTIONS)))
         equal = uvloop.run(_phase(target, tokens, seconds, new_tokens, with_interactive=True))
         with Client(state / "vfmd.sock") as admin:
             admin.set_tenant_weight("tenant-a", 3.0)
@@ -135,6 +145,8 @@ def run_policy(policy: str, seconds: float, new_tokens: int, state, port: int, m
         "weighted_share_a": wt["tenant-a"],
         "weighted_error": max(abs(wt["tenant-a"] - 0.75), abs(wt["tenant-b"] - 0.25)) * 100,
         "ttft_p95_loaded_ms": percentile(equal.ttft_ms, 95),
+        "ttft_p50_loaded_ms": percentile(equal.ttft_ms, 50),
+        "queue_p95_loaded_ms": percentile(equal.queue_ms, 95),
         "ttft_p95_unloaded_ms": percentile(unloaded, 95),
         "ttft_p95_ratio": percentile(equal.ttft_ms, 95) / max(percentile(unloaded, 95), 1e-9),
         "interactive_asks": len(equal.ttft_ms),
@@ -165,7 +177,8 @@ def main(argv: list[str]) -> int:
     ours, base = results["fair"], results["fifo"]
     rows = [(k, f"{ours[k]:.3f}", f"{base[k]:.3f}") for k in
             ("share_b", "jain", "weighted_share_a", "weighted_error", "ttft_p95_unloaded_ms",
-             "ttft_p95_loaded_ms", "ttft_p95_ratio")]
+             "ttft_p50_loaded_ms", "ttft_p95_loaded_ms", "queue_p95_loaded_ms",
+             "ttft_p95_ratio", "interactive_asks")]
     figures = {k: round(ours[k], 3) for k in ("jain", "share_b", "weighted_error",
                                               "ttft_p95_ratio")}
     figures.update({f"fifo_{k}": round(base[k], 3) for k in ("jain", "share_b", "weighted_error",

@@ -13,6 +13,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from libvfm.errors import Internal
+from services.model import layerwise
 from services.model.decode import TextStream, eos_ids, pick
 from services.model.prefix import KV, PrefixCache, common_prefix
 from services.model.types import GenParams, Piece
@@ -53,6 +54,7 @@ class EngineStats:
     prefix_tokens_reused: int = 0  # prompt tokens those arrivals did not compute
     cancelled: int = 0             # rows dropped because their caller left
     last_cancel_step: int = 0      # `steps` when the latest of them was dropped
+    interleaved: int = 0           # urgent arrivals prefilled between two layers of a step
 
 
 class _GrowingLayer(DynamicLayer):
@@ -153,6 +155,11 @@ class BatchEngine:
         self._cache = _cache()
         self._mask = torch.zeros((0, 0), dtype=torch.long)
         self._logits = torch.zeros((0, 0))
+        self._layerwise = layerwise.supported(model)
+        self._jobs: queue.Queue | None = None
+        self._held: list[Job | None] = []   # taken from the queue mid-step, admitted next
+        self._joined: list[tuple[list[_Row], _Prefill, list[int]]] = []  # merged after the step
+        self._top_priority = 0
 
     def active_jobs(self) -> list[Job]:
         return [row.job for row in self._rows]
@@ -164,6 +171,7 @@ class BatchEngine:
     @torch.inference_mode()
     def run(self, jobs: "queue.Queue[Job | None]") -> None:
         """Serve jobs until a None arrives; an exception here means the engine is dead."""
+        self._jobs = jobs
         while not self._stopping.is_set() and self._admit(jobs):
             if self._rows:
                 self._step()
@@ -175,7 +183,7 @@ class BatchEngine:
         running = True
         while len(self._rows) + len(arrivals) < self.max_batch:
             try:
-                job = jobs.get(block=block)
+                job = self._held.pop(0) if self._held else jobs.get(block=block)
             except queue.Empty:
                 break
             if job is None:
@@ -194,6 +202,31 @@ class BatchEngine:
         return running
 
     def _join(self, group: list[Job]) -> None:
+        joined = self._prefill_rows(group)
+        if joined is not None and joined[0]:
+            self._merge(*joined)
+
+    def _between_layers(self) -> None:
+        """Mid-step: an arrival more urgent than every running row is prefilled now and its
+        first token sent; it joins the batch when the step ends. Others wait for the step."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            live = sum(1 for r in self._rows if not r.job.cancel.is_set())
+            waiting = sum(len(rows) for rows, _, _ in self._joined)
+            if (job is None or job.cancel.is_set() or job.params.priority <= self._top_priority
+                    or live + waiting >= self.max_batch):
+                self._held.append(job)
+                continue
+            joined = self._prefill_rows([job])
+            self.stats.interleaved += 1
+            if joined is not None and joined[0]:
+                self._joined.append(joined)
+
+    def _prefill_rows(self, group: list[Job]) -> tuple[list[_Row], _Prefill, list[int]] | None:
+        """Prefill arrivals and send each its first token; the rows still to be merged."""
         started = time.perf_counter()
         try:
             prefill = self._prefill([job.input_ids for job in group])
@@ -201,7 +234,7 @@ class BatchEngine:
             log.exception("prefill failed")
             for job in group:
                 job.emit(Internal(f"prefill failed: {exc}"))
-            return
+            return None
         elapsed = time.perf_counter() - started
         self.stats.prefills += 1
         self.stats.prefill_seconds += elapsed
@@ -220,8 +253,7 @@ class BatchEngine:
                 row.fresh = True
                 rows.append(row)
                 keep.append(i)
-        if rows:
-            self._merge(rows, prefill, keep)
+        return rows, prefill, keep
 
     def _prefill(self, prompts: list[list[int]]) -> _Prefill:
         """One forward for the arrivals. A prefix they share is taken from the prefix cache,
@@ -316,15 +348,27 @@ class BatchEngine:
             return
         self._mask = torch.nn.functional.pad(self._mask, (0, 1), value=1)
         positions = self._mask.sum(dim=1, keepdim=True) - 1
+        ids = torch.tensor([[r.token] for r in self._rows])
+        self._top_priority = max(r.job.params.priority for r in self._rows)
         try:
-            out = self.model(input_ids=torch.tensor([[r.token] for r in self._rows]),
-                             attention_mask=self._mask, position_ids=positions,
-                             past_key_values=self._cache, use_cache=True)
+            if self._layerwise and self._jobs is not None:
+                self._logits = layerwise.decode_logits(self.model, ids, self._mask, positions,
+                                                       self._cache, self._between_layers)
+            else:
+                self._logits = self.model(input_ids=ids, attention_mask=self._mask,
+                                          position_ids=positions, past_key_values=self._cache,
+                                          use_cache=True).logits[:, -1]
         except Exception as exc:  # e.g. out of memory: these requests fail, the engine goes on
             log.exception("decode step failed")
-            self._fail_all(Internal(f"decode step failed: {exc}"))
+            failed = Internal(f"decode step failed: {exc}")
+            self._fail_all(failed)
+            for rows, _, _ in self._joined:
+                for row in rows:
+                    row.job.emit(failed)
+            self._joined.clear()
             return
-        self._logits = out.logits[:, -1]
+        while self._joined:
+            self._merge(*self._joined.pop(0))
         self.stats.steps += 1
         self.stats.rows_decoded += len(self._rows)
         self.stats.max_rows = max(self.stats.max_rows, len(self._rows))

@@ -125,6 +125,21 @@ def test_a_request_joining_mid_flight_gets_its_own_answer(service):
     assert stats.rows_decoded - before[1] > stats.steps - before[0]  # it shared steps
 
 
+def test_an_urgent_arrival_is_prefilled_between_layers_of_a_step(service):
+    alone = asyncio.run(_answer(service, PROMPTS[3], priority=39))[0]
+    stats = _engine(service).stats
+    before = stats.interleaved
+
+    async def busy_then_urgent():
+        background = [_answer(service, f"Write a long story about {topic}.", max_new_tokens=60)
+                      for topic in ("a dragon", "the sea")]
+        return await asyncio.gather(*background, _answer(service, PROMPTS[3], delay=0.4,
+                                                         priority=39))
+    *_, (urgent, done) = asyncio.run(busy_then_urgent())
+    assert stats.interleaved > before  # it did not wait for a step to end
+    assert urgent == alone and done.finish_reason in ("stop", "length")
+
+
 def test_per_request_limits_inside_one_batch(service):
     full = asyncio.run(_answer(service, PROMPTS[3], max_new_tokens=20))[0]
     stop = full.split()[2]  # a word from the middle of the answer
