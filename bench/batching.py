@@ -113,7 +113,7 @@ def _prefix_saving(prompts: list[str]) -> dict[str, float]:
 
     async def measure(reuse: bool) -> tuple[float, float, int]:
         service = ModelService(ModelRegistry.load(), cache_root(), max_batch=len(prompts),
-                               prefix_cache=reuse)
+                               prefix_cache_mb=256 if reuse else 0)
         try:
             await ask(service, SYSTEM_PROMPT, "Hi.")  # load, warm up, and see the prompt once
             stats = service.backend("").engine.stats

@@ -142,12 +142,12 @@ class BatchEngine:
     jobs (prefilled together, a shared prompt prefix computed once) and left-pads them into
     the batch; each step is one forward pass for every active row."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, prefix_cache: bool = True):
+    def __init__(self, model, tokenizer, max_batch: int = 8, prefix_cache_mb: int = 256):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.stats = EngineStats()
-        self.prefixes = PrefixCache() if prefix_cache else None
+        self.prefixes = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
         self._eos = set(eos_ids(model, tokenizer))
         self._pad = tokenizer.pad_token_id or 0
         self._stopping = threading.Event()

@@ -84,10 +84,10 @@ class LocalTorchBackend:
     """One model, owned by one worker thread that runs jobs from a queue."""
 
     def __init__(self, entry: ModelEntry, cache: Path, threads: int = 0, max_batch: int = 8,
-                 prefix_cache: bool = True):
+                 prefix_cache_mb: int = 256):
         self.entry = entry
         self.max_batch = max_batch
-        self._prefix_cache = prefix_cache
+        self._prefix_cache_mb = prefix_cache_mb
         self.engine: BatchEngine | None = None
         self._cache = cache
         self._threads = threads or len(os.sched_getaffinity(0))
@@ -133,7 +133,8 @@ class LocalTorchBackend:
         if _has_sliding_window(self.model.config):
             # Left-padding merges assume one full-attention cache per layer.
             self.max_batch = 1
-        self.engine = BatchEngine(self.model, self.tokenizer, self.max_batch, self._prefix_cache)
+        self.engine = BatchEngine(self.model, self.tokenizer, self.max_batch,
+                                  self._prefix_cache_mb)
         log.info("loaded %s in %.1f s (%d threads)", self.entry.name,
                  time.monotonic() - started, self._threads)
 

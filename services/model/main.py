@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="recompute every prompt (no reuse of shared prompt prefixes)")
+    parser.add_argument("--prefix-cache-mb", type=int, default=256,
+                        help="memory for reusable prompt prefixes (KV), per model (default 256)")
     parser.add_argument("--max-batch", type=int, default=8,
                         help="sequences decoded together by a local model (default 8)")
     parser.add_argument("--log-level", default="INFO")
@@ -56,10 +58,12 @@ async def serve(args: argparse.Namespace) -> None:
         registry = ModelRegistry.load(args.models, args.model)
     except (VfmError, ValueError, OSError, TypeError) as exc:
         raise DaemonStartError(f"bad model configuration: {exc}") from exc
+    if args.prefix_cache_mb < 0:
+        raise DaemonStartError("--prefix-cache-mb must be >= 0 (0 = no prefix cache)")
     if not 1 <= args.max_batch <= 256:
         raise DaemonStartError("--max-batch must be between 1 and 256")
     service = ModelService(registry, cache_root(), args.threads, args.max_batch,
-                           prefix_cache=not args.no_prefix_cache)
+                           prefix_cache_mb=0 if args.no_prefix_cache else args.prefix_cache_mb)
     servicer = ModelServicer(service)
     server, health, _ = create_server(
         ServerConfig(unix_socket=socket),

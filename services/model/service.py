@@ -22,10 +22,10 @@ class ModelService:
     """Holds the registry and one backend per model, started on first use (or preloaded)."""
 
     def __init__(self, registry: ModelRegistry, cache: Path, threads: int = 0,
-                 max_batch: int = 8, prefix_cache: bool = True):
+                 max_batch: int = 8, prefix_cache_mb: int = 256):
         self.registry = registry
         self._max_batch = max_batch
-        self._prefix_cache = prefix_cache
+        self._prefix_cache_mb = prefix_cache_mb
         self._cache = cache
         self._threads = threads
         self._backends: dict[str, LocalTorchBackend | OpenAIBackend] = {}
@@ -43,7 +43,7 @@ class ModelService:
         if entry.backend == "openai":
             return OpenAIBackend(entry)
         return LocalTorchBackend(entry, self._cache, self._threads, self._max_batch,
-                                 self._prefix_cache)
+                                 self._prefix_cache_mb)
 
     def max_batch(self, name: str) -> int:
         """Sequences the model decodes together (what the kernel may send at once)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import grpc
 
 from libvfm.errors import VfmError, to_status
 from services.model.service import ModelService
