@@ -26,6 +26,15 @@ def item_to_pb(item: Item) -> pb.ContextItem:
                           page=item.page, speaker=item.speaker, time=item.time)
 
 
+def _for_own_tenant(method: str):
+    """A syscall that forwards its request to vfm-datad as the caller's tenant."""
+    async def forward(self, caller: Caller, request):
+        request.tenant = caller.tenant
+        return await self.context.call(method, request)
+    forward.__name__ = forward.__qualname__ = method
+    return syscall(forward)
+
+
 class MemorySyscalls:
     """Mixed into KernelServicer: needs `self.auth`, `self.table` and `self.context`."""
 
@@ -70,30 +79,11 @@ class MemorySyscalls:
         return process_to_pb(child, 0)
 
     # knowledge: the caller's own tenant, whatever the request says
-    @syscall
-    async def CreateCollection(self, caller: Caller, request: dpb.CreateCollectionRequest):
-        request.tenant = caller.tenant
-        return await self.context.call("CreateCollection", request)
-
-    @syscall
-    async def ListCollections(self, caller: Caller, request: dpb.ListCollectionsRequest):
-        request.tenant = caller.tenant
-        return await self.context.call("ListCollections", request)
-
-    @syscall
-    async def DeleteCollection(self, caller: Caller, request: dpb.CollectionRequest):
-        request.tenant = caller.tenant
-        return await self.context.call("DeleteCollection", request)
-
-    @syscall
-    async def DeleteSource(self, caller: Caller, request: dpb.DeleteSourceRequest):
-        request.tenant = caller.tenant
-        return await self.context.call("DeleteSource", request)
-
-    @syscall
-    async def Search(self, caller: Caller, request: dpb.SearchRequest):
-        request.tenant = caller.tenant
-        return await self.context.call("Search", request)
+    CreateCollection = _for_own_tenant("CreateCollection")
+    ListCollections = _for_own_tenant("ListCollections")
+    DeleteCollection = _for_own_tenant("DeleteCollection")
+    DeleteSource = _for_own_tenant("DeleteSource")
+    Search = _for_own_tenant("Search")
 
     async def Ingest(self, request_iterator, context):
         """A document streamed through: parts are forwarded as they come, tenant rewritten."""
