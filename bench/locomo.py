@@ -22,7 +22,8 @@ import numpy as np
 
 from bench.common import REPO, percentile, report
 from services.data import fusion
-from services.data.episodic import Entry, EpisodicIndex, RankConfig, pack, render
+from kernel.memory import Candidates, Item, assemble
+from services.data.episodic import Entry, EpisodicIndex, RankConfig, render
 from services.data.timeparse import parse_session_date
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "locomo" / "dev.json"
@@ -246,6 +247,17 @@ class Baselines:
 
     def _order(self, scores: np.ndarray) -> list[int]:
         return [int(s) for s in self._seqs[np.argsort(-scores, kind="stable")]]
+
+
+def pack(ranked, by_seq: dict[int, Entry], budget: int, recent: list[int]) -> list[int]:
+    """The working set's seqs, packed by the kernel's own assembly (kernel/memory.py)."""
+    def item(seq: int, kind: str) -> Item:
+        return Item(kind=kind, text="", tokens=by_seq[seq].tokens, source_ids=[f"mem:{seq}"],
+                    seq=seq)
+    seqs = [r[0] if isinstance(r, tuple) else r for r in ranked]
+    candidates = Candidates(pinned=[], recent=[item(s, "recent") for s in recent],
+                            ranked=[item(s, "memory") for s in seqs if s in by_seq], knowledge=[])
+    return [i.seq for i in assemble(candidates, budget).items]
 
 
 def evaluate(conv: Conversation, entries: list[Entry], ranked_by: dict, report_: Report,

@@ -199,31 +199,3 @@ class EpisodicIndex:
         times = np.asarray(self._times)
         weight = 1.0 if width <= 2 * 86400 else 0.6 if width <= 32 * 86400 else 0.3
         return weight * ((times >= start) & (times < end)).astype(np.float64)
-
-
-def pack(ranked: list[tuple[int, float]] | list[int], entries_by_seq: dict[int, Entry],
-         budget: int, recent_seqs: list[int], recent_turns: int = 4,
-         recent_share: float = 0.10) -> list[int]:
-    """The working set's seqs: the latest turns (a reserve of min(recent_turns, recent_share of
-    the budget)), then ranked entries greedily, skipping any that no longer fit."""
-    chosen: list[int] = []
-    taken: set[int] = set()
-    left = budget
-    reserve = int(budget * recent_share)
-    for seq in reversed(recent_seqs[-recent_turns:]):
-        tokens = entries_by_seq[seq].tokens
-        if tokens <= reserve and tokens <= left:
-            chosen.append(seq)
-            taken.add(seq)
-            reserve -= tokens
-            left -= tokens
-    for item in ranked:
-        seq = item[0] if isinstance(item, tuple) else item
-        entry = entries_by_seq.get(seq)
-        if entry is None or seq in taken or entry.tokens > left:
-            continue
-        chosen.append(seq)
-        taken.add(seq)
-        left -= entry.tokens
-    return chosen
-

@@ -1,4 +1,4 @@
-"""Episodic ranking and working-set packing, with a tiny bag-of-words embedder (no model)."""
+"""Episodic ranking, with a tiny bag-of-words embedder (no model)."""
 
 import zlib
 from datetime import datetime, timedelta, timezone
@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pytest
 
-from services.data.episodic import Entry, EpisodicIndex, RankConfig, pack, render
+from services.data.episodic import Entry, EpisodicIndex, RankConfig, render
 
 DAY = datetime(2023, 5, 8, 13, 56, tzinfo=timezone.utc)
 
@@ -105,13 +105,3 @@ def test_empty_index_ranks_nothing():
     assert EpisodicIndex(WordHashEmbedder()).rank("anything") == []
 
 
-def test_pack_reserves_recent_turns_then_fills_greedily_skipping_misfits():
-    entries = {i: Entry(i, "a", "t", None, {}, tokens) for i, tokens in
-               enumerate([30, 50, 20, 10, 40, 5, 5])}
-    # budget 100: recent reserve is 10 tokens -> only seq 6 (5) and 5 (5) fit in it.
-    chosen = pack([(1, 1.0), (4, 0.9), (0, 0.8), (2, 0.7), (3, 0.6)], entries, 100,
-                  recent_seqs=[3, 4, 5, 6])
-    assert chosen == [6, 5, 1, 4]   # 10 + 50 + 40 = 100; 0, 2, 3 no longer fit
-    chosen = pack([2, 0, 3], entries, 60, recent_seqs=[])
-    assert chosen == [2, 0, 3]
-    assert pack([(9, 1.0)], entries, 100, recent_seqs=[]) == []
