@@ -23,7 +23,8 @@ import numpy as np
 from bench.common import REPO, percentile, report
 from services.data import fusion
 from kernel.memory import Candidates, Item, assemble
-from services.data.episodic import Entry, EpisodicIndex, RankConfig, render
+from services.data.episodic import (Entry, EpisodicIndex, RankConfig, day_header, day_label,
+                                   render)
 from services.data.timeparse import parse_session_date
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "locomo" / "dev.json"
@@ -190,8 +191,13 @@ def build_entries(conv: Conversation, tokenizer) -> list[Entry]:
                      meta={"dia_id": t["dia_id"]}) for i, t in enumerate(conv.turns)]
     lines = [render(e) for e in entries]
     counts = tokenizer(lines, add_special_tokens=False)["input_ids"]
+    labels = sorted({day_label(e.time) for e in entries})
+    headers = tokenizer([day_header(g) for g in labels], add_special_tokens=False)["input_ids"]
+    header_tokens = {g: len(ids) for g, ids in zip(labels, headers)}
     for entry, ids in zip(entries, counts):
         entry.tokens = len(ids)
+        entry.group = day_label(entry.time)
+        entry.group_tokens = header_tokens[entry.group]
     return entries
 
 
@@ -252,12 +258,18 @@ class Baselines:
 def pack(ranked, by_seq: dict[int, Entry], budget: int, recent: list[int]) -> list[int]:
     """The working set's seqs, packed by the kernel's own assembly (kernel/memory.py)."""
     def item(seq: int, kind: str) -> Item:
-        return Item(kind=kind, text="", tokens=by_seq[seq].tokens, source_ids=[f"mem:{seq}"],
-                    seq=seq)
+        e = by_seq[seq]
+        return Item(kind=kind, text="", tokens=e.tokens, source_ids=[f"mem:{seq}"], seq=seq,
+                    group=e.group, group_tokens=e.group_tokens)
     seqs = [r[0] if isinstance(r, tuple) else r for r in ranked]
     candidates = Candidates(pinned=[], recent=[item(s, "recent") for s in recent],
                             ranked=[item(s, "memory") for s in seqs if s in by_seq], knowledge=[])
     return [i.seq for i in assemble(candidates, budget).items]
+
+
+def working_set_tokens(entries: list[Entry]) -> int:
+    return sum(e.tokens for e in entries) + sum({e.group: e.group_tokens
+                                                 for e in entries}.values())
 
 
 def evaluate(conv: Conversation, entries: list[Entry], ranked_by: dict, report_: Report,
@@ -273,7 +285,7 @@ def evaluate(conv: Conversation, entries: list[Entry], ranked_by: dict, report_:
             chosen = pack(ranked, by_seq, budget, recent)
             ids = [by_seq[s].meta["dia_id"] for s in chosen]
             report_.add(method, q.category, score(ids, q.evidence),
-                        sum(by_seq[s].tokens for s in chosen),
+                        working_set_tokens([by_seq[s] for s in chosen]),
                         elapsed if method == "episodic" else None)
 
 

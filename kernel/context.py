@@ -113,7 +113,8 @@ class ContextManager:
 def _entry_item(kind: str, e: data_pb2.MemoryEntry, score: float = 0.0) -> Item:
     return Item(kind=kind, text=e.line or f"{e.speaker}: {e.text}", tokens=e.tokens,
                 source_ids=[f"mem:{e.seq}", f"page:{e.page}"], score=score, page=e.page,
-                seq=e.seq, speaker=e.speaker, time=e.time, meta=dict(e.meta))
+                seq=e.seq, speaker=e.speaker, time=e.time, meta=dict(e.meta), group=e.group,
+                group_tokens=e.group_tokens)
 
 
 def _candidates(reply: data_pb2.CandidatesResponse) -> Candidates:

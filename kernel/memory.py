@@ -29,6 +29,8 @@ class Item:
     speaker: str = ""
     time: float = 0.0
     meta: dict[str, str] = field(default_factory=dict)
+    group: str = ""         # a header shown once over all its items (the day, for memory)
+    group_tokens: int = 0   # what that header costs, paid by the first item under it
 
 
 @dataclass
@@ -59,28 +61,34 @@ def assemble(c: Candidates, budget: int, max_pages: int = 0) -> Assembly:
     time order, knowledge, then the latest turns, closest to the question."""
     chosen: list[Item] = []
     seen: set[str] = set()
+    headers: set[tuple[str, str]] = set()
     left = budget
 
     def take(item: Item, cap: int | None = None) -> bool:
         nonlocal left
         key = item.source_ids[0] if item.source_ids else id(item)
-        if key in seen or item.tokens > left or (cap is not None and item.tokens > cap):
+        header = (item.kind, item.group)
+        price = item.tokens + (item.group_tokens if header not in headers else 0)
+        if key in seen or price > left or (cap is not None and price > cap):
             return False
         seen.add(key)
+        headers.add(header)
         chosen.append(item)
-        left -= item.tokens
+        left -= price
         return True
 
     for item in c.pinned:
         take(item)
     reserve = int(budget * RECENT_SHARE)
     for item in reversed(c.recent[-RECENT_TURNS:]):
+        before = left
         if take(item, reserve):
-            reserve -= item.tokens
+            reserve -= before - left
     share = int(budget * KNOWLEDGE_SHARE) if c.ranked else left
     for item in c.knowledge:
+        before = left
         if take(item, share):
-            share -= item.tokens
+            share -= before - left
     # Summaries stand in for ranges left out: room is kept for them while memory is ranked
     # in, then whatever they do not use goes back to memory.
     reserve = min(int(budget * SUMMARY_SHARE), sum(s.tokens for s in c.summaries))
@@ -94,7 +102,13 @@ def assemble(c: Candidates, budget: int, max_pages: int = 0) -> Assembly:
         take(item)
     if max_pages:
         chosen = _within_pages(chosen, max_pages)
-    return Assembly(_reading_order(chosen), sum(i.tokens for i in chosen), budget)
+    return Assembly(_reading_order(chosen), cost(chosen), budget)
+
+
+def cost(items: list[Item]) -> int:
+    """Tokens of a working set: every item, and each group's header once per section."""
+    headers = {(i.kind, i.group): i.group_tokens for i in items if i.group}
+    return sum(i.tokens for i in items) + sum(headers.values())
 
 
 def _pages(summary: Item) -> set[int]:
@@ -121,14 +135,18 @@ def _reading_order(items: list[Item]) -> list[Item]:
 
 
 def render(items: list[Item]) -> str:
-    """The context block that goes into the model's system message."""
-    lines, section = [], ""
+    """The context block that goes into the model's system message; within a section,
+    consecutive items of one group (memory of one day) sit under one header."""
+    lines, section, group = [], "", ""
     titles = {"pinned": "Rules", "summary": "Earlier (summarised)", "memory": "From memory",
               "knowledge": "From the knowledge base", "recent": "Latest conversation"}
     for item in items:
         if item.kind != section:
-            section = item.kind
+            section, group = item.kind, ""
             lines.append(f"## {titles[section]}")
+        if item.group and item.group != group:
+            group = item.group
+            lines.append(f"[{group}]")
         lines.append(item.text)
     return "\n".join(lines)
 

@@ -21,20 +21,29 @@ class Entry:
     time: datetime | None  # UTC-aware
     meta: dict[str, str] = field(default_factory=dict)
     tokens: int = 0        # tokens of render(entry) in the model's tokenizer
+    group: str = ""        # the day it was said: one header line in a context for all of them
+    group_tokens: int = 0  # tokens of that header line, paid once per working set
 
 
 _PHOTO = re.compile(r" \[shares a photo: (?:a photo of |a photography of |a picture of )?")
 
 
 def render(entry: Entry) -> str:
-    """The line that goes into the model context: '8 May 2023 Caroline: text'.
+    """The line that goes into the model context: 'Caroline: text'.
 
     Every token here is paid once per entry in every working set, so the line is terse:
-    no brackets around the date (2 tokens a line), caption boilerplate cut."""
-    text = _PHOTO.sub(" [photo: ", entry.text)
-    if entry.time is None:
-        return f"{entry.speaker}: {text}"
-    return f"{entry.time.day} {entry.time:%b %Y} {entry.speaker}: {text}"
+    caption boilerplate cut, and the date is not repeated on every line: a context shows
+    each day once, as a header over its entries (`day_label`, `day_header`)."""
+    return f"{entry.speaker}: {_PHOTO.sub(' [photo: ', entry.text)}"
+
+
+def day_label(when: datetime | None) -> str:
+    return f"{when.day} {when:%b %Y}" if when is not None else ""
+
+
+def day_header(label: str) -> str:
+    """The header line a day's entries sit under in a context."""
+    return f"[{label}]"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 
 from libvfm.errors import InvalidArgument, NotFound
 from services.data.embed import Embedder
-from services.data.episodic import Entry, EpisodicIndex, render
+from services.data.episodic import Entry, EpisodicIndex, day_header, day_label, render
 from services.data.tokens import TokenCounter
 
 PAGE_TOKENS = 256          # a page holds whole entries up to this many tokens
@@ -49,6 +49,8 @@ class Stored:
     tokens: int
     page: int
     line: str
+    group: str = ""         # the day header it sits under in a context
+    group_tokens: int = 0
 
     def entry(self) -> Entry:
         when = datetime.fromtimestamp(self.time, timezone.utc) if self.time else None
@@ -108,21 +110,23 @@ class EpisodicMemory:
             raise InvalidArgument(f"at most {MAX_BATCH} entries per call, got {len(items)}")
         now = time.time()
         clean = [self._validate(item, now) for item in items]
-        lines = [render(Entry(seq=0, speaker=c["speaker"], text=c["text"], meta=c["meta"],
-                              time=datetime.fromtimestamp(c["time"], timezone.utc), tokens=0))
+        lines = [render(Entry(seq=0, speaker=c["speaker"], text=c["text"], time=None))
                  for c in clean]
         tokens = self._counter.count(lines)
+        groups = [day_label(datetime.fromtimestamp(c["time"], timezone.utc)) for c in clean]
+        labels = sorted(set(groups))
+        header_tokens = dict(zip(labels, self._counter.count([day_header(g) for g in labels])))
         vectors = self._embedder.embed([c["text"] for c in clean])  # before the write lock
         with self._lock:
             head = self._head(tenant, pid)
             first, stored = head.next_seq, []
             with self._env.begin(write=True) as txn:
-                for c, line, n, vec in zip(clean, lines, tokens, vectors):
+                for c, line, n, vec, group in zip(clean, lines, tokens, vectors, groups):
                     if head.page_fill and head.page_fill + n > PAGE_TOKENS:
                         head.page, head.page_fill = head.page + 1, 0
                     head.page_fill += n
                     s = Stored(head.next_seq, c["speaker"], c["text"], c["time"], c["meta"],
-                               c["pinned"], n, head.page, line)
+                               c["pinned"], n, head.page, line, group, header_tokens[group])
                     key = _prefix(tenant) + _KEY.pack(pid, s.seq)
                     txn.put(key, _pack({k: v for k, v in s.__dict__.items() if k != "seq"}),
                             db=self._entries)

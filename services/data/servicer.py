@@ -35,7 +35,8 @@ def rpc(fn):
 
 def entry_to_pb(s: Stored) -> pb.MemoryEntry:
     return pb.MemoryEntry(seq=s.seq, speaker=s.speaker, text=s.text, time=s.time, meta=s.meta,
-                          pinned=s.pinned, tokens=s.tokens, page=s.page, line=s.line)
+                          pinned=s.pinned, tokens=s.tokens, page=s.page, line=s.line,
+                          group=s.group, group_tokens=s.group_tokens)
 
 
 def hit_to_pb(hit, collection: str = "", tokens: int = 0) -> pb.Hit:

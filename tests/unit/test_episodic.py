@@ -6,7 +6,8 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pytest
 
-from services.data.episodic import Entry, EpisodicIndex, RankConfig, render
+from services.data.episodic import (Entry, EpisodicIndex, RankConfig, day_header, day_label,
+                                   render)
 
 DAY = datetime(2023, 5, 8, 13, 56, tzinfo=timezone.utc)
 
@@ -51,11 +52,11 @@ def index():
     return idx
 
 
-def test_render_is_compact_and_dated():
+def test_render_is_compact_and_the_day_is_a_header():
     e = entry(0, "Caroline", "I went. [shares a photo: a photo of a lake]")
-    assert render(e) == "8 May 2023 Caroline: I went. [photo: a lake]"
-    e.time = None
-    assert render(e).startswith("Caroline: ")
+    assert render(e) == "Caroline: I went. [photo: a lake]"
+    assert day_label(e.time) == "8 May 2023" and day_header("8 May 2023") == "[8 May 2023]"
+    assert day_label(None) == ""
 
 
 def test_rank_returns_every_entry_once_best_first(index):

@@ -82,6 +82,21 @@ def test_reading_order_is_pinned_memory_in_time_then_knowledge_then_latest():
     assert text.index("turn 10") < text.index("turn 30") < text.index("chunk 1")
 
 
+def test_a_day_header_is_paid_once_and_shown_once():
+    def day(seq, label):
+        item = mem(seq, 10)
+        item.group, item.group_tokens = label, 5
+        return item
+    ranked = [day(1, "8 May 2023"), day(2, "8 May 2023"), day(3, "9 May 2023")]
+    ws = assemble(Candidates([], [], ranked, []), budget=40)  # (5 + 10 + 10) + (5 + 10)
+    assert [i.seq for i in ws.items] == [1, 2, 3] and ws.used == 40
+    tight = assemble(Candidates([], [], ranked, []), budget=39)
+    assert [i.seq for i in tight.items] == [1, 2] and tight.used == 25
+    text = render(ws.items)
+    assert text.count("[8 May 2023]") == 1 and text.count("[9 May 2023]") == 1
+    assert text.index("[8 May 2023]") < text.index("turn 1") < text.index("[9 May 2023]")
+
+
 def test_page_table_counts_faults_then_hits_and_evicts(tmp_path):
     table = PageTable(KernelStore(tmp_path))
     first = table.touch(1, [mem(1, page=0), mem(2, page=0), mem(9, page=2)])
