@@ -40,6 +40,7 @@ class AskQuery:
     seed: int = 0
     stop: tuple[str, ...] = ()
     ttft_slo_ms: float = 0.0
+    stateless: bool = False  # no working set, and the exchange is not remembered
     context: str = ""  # the working set, rendered (set by the kernel, not the caller)
 
     def validate(self) -> None:
@@ -118,7 +119,8 @@ class AskRunner:
         usage, answer, finish = Usage(), _Answer(), ""
         try:
             await self._refresh_models()
-            query.context = render(await self._context.for_ask(record, query.prompt))
+            if not query.stateless:
+                query.context = render(await self._context.for_ask(record, query.prompt))
             model = record.spec.model or self._default_model
             usage.model = model
             deadline = time.monotonic() + query.ttft_slo_ms / 1000 if query.ttft_slo_ms else None
@@ -151,7 +153,7 @@ class AskRunner:
             usage.total_ms = (time.perf_counter() - started) * 1000
             usage.cost = (usage.tokens_in + usage.tokens_out) / 1000 * self._price(usage.model)
             self._table.end_ask(query.pid, interrupt.fire, usage)
-            if finish and finish != "killed":
+            if finish and finish != "killed" and not query.stateless:
                 self._context.remember_exchange(record, query.prompt, "".join(answer.text))
         yield AskDone(finish, usage)
 

@@ -11,7 +11,8 @@ DEFAULT_BUDGET = 1024
 RECENT_TURNS = 4            # the conversation's last turns are always worth their tokens...
 RECENT_SHARE = 0.10         # ...up to this share of the budget
 KNOWLEDGE_SHARE = 0.40      # at most this share goes to knowledge chunks when memory competes
-SUMMARY_SHARE = 0.10        # kept for summaries of left-out ranges, when there are any
+SUMMARY_SHARE = 0.10        # kept for summaries of left-out ranges, when there are any,
+SUMMARY_SHARE_MAX = 0.25    # or as much as the shortest needs, up to this share
 RANKED_LIMIT = 400          # ranked memory candidates asked of the data service
 
 
@@ -54,7 +55,7 @@ class Assembly:
 def assemble(c: Candidates, budget: int, max_pages: int = 0) -> Assembly:
     """Fill the budget: pinned entries, the latest turns (a small reserve), knowledge (capped
     while memory competes for room), ranked memory, and summaries of ranges left out (up
-    to SUMMARY_SHARE of the budget).
+    to SUMMARY_SHARE of the budget, more if the shortest summary needs it).
 
     Greedy with skipping: an item that does not fit is passed over and smaller ones after it
     still get their chance. The result reads in a fixed order: pinned, summaries, memory in
@@ -91,7 +92,11 @@ def assemble(c: Candidates, budget: int, max_pages: int = 0) -> Assembly:
             share -= before - left
     # Summaries stand in for ranges left out: room is kept for them while memory is ranked
     # in, then whatever they do not use goes back to memory.
-    reserve = min(int(budget * SUMMARY_SHARE), sum(s.tokens for s in c.summaries))
+    reserve = 0
+    if c.summaries:  # room for at least the shortest one, within limits
+        shortest = min(s.tokens for s in c.summaries)
+        reserve = min(max(int(budget * SUMMARY_SHARE), shortest), int(budget * SUMMARY_SHARE_MAX),
+                      sum(s.tokens for s in c.summaries))
     for item in c.ranked:
         take(item, left - reserve)
     covered = {i.page for i in chosen if i.page >= 0}

@@ -141,7 +141,7 @@ class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServicer):
         query = AskQuery(pid=request.pid, prompt=request.prompt,
                          max_new_tokens=request.max_new_tokens, temperature=request.temperature,
                          top_p=request.top_p, seed=request.seed, stop=tuple(request.stop),
-                         ttft_slo_ms=request.ttft_slo_ms)
+                         ttft_slo_ms=request.ttft_slo_ms, stateless=request.stateless)
         try:
             caller = self.auth.identify(context.invocation_metadata(), context.peer())
             async for item in self.asks.ask(caller, query):

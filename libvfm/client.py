@@ -144,16 +144,17 @@ class AsyncClient:
     # work
     async def ask_stream(self, pid: int, prompt: str, *, max_new_tokens: int = 0,
                          temperature: float = 0.0, top_p: float = 0.0, seed: int = 0,
-                         stop: list[str] | None = None,
-                         ttft_slo_ms: float = 0.0) -> AsyncIterator[str | AskResult]:
+                         stop: list[str] | None = None, ttft_slo_ms: float = 0.0,
+                         stateless: bool = False) -> AsyncIterator[str | AskResult]:
         """Yield text pieces as they are generated, then one AskResult.
 
         `ttft_slo_ms` asks for the first token within that time: the scheduler serves such
-        requests earliest-deadline-first within their tenant.
+        requests earliest-deadline-first within their tenant. `stateless` leaves the
+        process's memory out: no working set is assembled and the exchange is not remembered.
         """
         request = pb.AskRequest(pid=pid, prompt=prompt, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, seed=seed, stop=stop or [],
-                                ttft_slo_ms=ttft_slo_ms)
+                                ttft_slo_ms=ttft_slo_ms, stateless=stateless)
         pieces: list[str] = []
         for attempt in (0, 1):
             call = self._stub.Ask(request, metadata=self._metadata(renew=attempt == 1))

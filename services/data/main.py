@@ -16,8 +16,7 @@ from kernel.runtime.registration import serve_registered
 from kernel.runtime.server import (DaemonStartError, ServerConfig, create_server, run_daemon,
                                    setup_logging)
 from libvfm.errors import VfmError
-from libvfm.paths import (DATA_SOCKET, KERNEL_SOCKET, MODEL_SOCKET, default_data_dir,
-                          default_state_dir)
+from libvfm.paths import DATA_SOCKET, KERNEL_SOCKET, default_data_dir, default_state_dir
 from services.data.embed import load_embedder
 from services.data.service import DataService
 from services.data.servicer import DataServicer
@@ -82,8 +81,8 @@ async def serve(args: argparse.Namespace) -> None:
     background = ()
     if args.summary_pages > 0:
         summarizer = Summarizer(service.memory, service.summaries, service.counter,
-                                f"unix:{state_dir / MODEL_SOCKET}", args.summary_pages,
-                                args.summary_interval)
+                                args.kernel_socket or state_dir / KERNEL_SOCKET,
+                                args.summary_pages, args.summary_interval)
         background = (asyncio.create_task(summarizer.run(service.run)),)
     log.info("%s serving on %s (data in %s, embeddings %s)", NAME, socket, data_dir,
              embedder.name)

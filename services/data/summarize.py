@@ -1,5 +1,5 @@
-"""Abstraction in the background: summaries of full page ranges, made by vfm-modeld, stored as
-pages that stand in for the range when the kernel leaves it out of a working set."""
+"""Abstraction in the background: summaries of full page ranges, asked of the model through the
+kernel, stored as pages that stand in for the range when a working set leaves it out."""
 
 from __future__ import annotations
 
@@ -8,19 +8,21 @@ import logging
 import struct
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-import grpc
 import lmdb
 import msgpack
 
+from libvfm import AsyncClient
+from libvfm.errors import VfmError
 from services.data.memory import EpisodicMemory, Stored
 from services.data.tokens import TokenCounter
-from vfmos.model.v1 import model_pb2, model_pb2_grpc
 
 log = logging.getLogger("vfm-datad.summaries")
 PROMPT = ("Summarise this part of a conversation in at most three sentences. Keep names, "
           "dates, places and facts; no preamble.\n\n{text}")
 MAX_SOURCE_CHARS = 6000
+PROCESS = "vfm-datad-summaries"
 
 
 @dataclass
@@ -63,37 +65,47 @@ class SummaryStore:
 class Summarizer:
     """Every `interval_s`, summarise each complete range of `span` pages that has none yet.
 
-    Runs at the lowest priority on the model service and only between Asks' own work:
-    it is never on the Ask path, and a missing model service just means no summaries yet."""
+    The model work is an Ask of the FM process `vfm-datad-summaries` (priority 0,
+    stateless) through the kernel, so the scheduler accounts for it like any other work
+    and it never takes a slot an Ask was promised. It is never on an Ask's path, and a
+    missing model service just means no summaries yet."""
 
     def __init__(self, memory: EpisodicMemory, store: SummaryStore, counter: TokenCounter,
-                 model_target: str, span: int = 4, interval_s: float = 10.0):
+                 kernel_socket: Path, span: int = 4, interval_s: float = 10.0):
         self._memory = memory
         self._store = store
         self._counter = counter
-        self._target = model_target
+        self._kernel_socket = kernel_socket
         self.span = span
         self.interval_s = interval_s
+        self._pid = 0
         self._warned = False
 
     async def run(self, run_in_thread) -> None:
-        async with grpc.aio.insecure_channel(self._target) as channel:
-            stub = model_pb2_grpc.ModelStub(channel)
+        async with AsyncClient(self._kernel_socket, timeout=300) as kernel:
             while True:
                 await asyncio.sleep(self.interval_s)
                 for tenant, pid in list(self._memory.dirty):
                     try:
-                        await self._summarise(stub, run_in_thread, tenant, pid)
+                        await self._summarise(kernel, run_in_thread, tenant, pid)
                         self._memory.dirty.discard((tenant, pid))
                         self._warned = False
-                    except grpc.RpcError as exc:
+                    except VfmError as err:
                         if not self._warned:
-                            log.info("no summaries for now: the model service said %s",
-                                     exc.code().name)
+                            log.info("no summaries for now: %s", err.message)
                             self._warned = True
+                        self._pid = 0  # the kernel may have restarted: look it up again
                         break
 
-    async def _summarise(self, stub, run_in_thread, tenant: str, pid: int) -> None:
+    async def _process(self, kernel: AsyncClient) -> int:
+        if not self._pid:
+            me = (await kernel.whoami()).tenant  # an admin's ps lists every tenant
+            mine = [p for p in await kernel.ps() if p.name == PROCESS and p.tenant == me]
+            self._pid = mine[0].pid if mine else (await kernel.spawn(PROCESS, priority=0)).pid
+        return self._pid
+
+    async def _summarise(self, kernel: AsyncClient, run_in_thread, tenant: str,
+                         pid: int) -> None:
         entries: list[Stored] = await run_in_thread(self._memory.entries, tenant, pid)
         if not entries:
             return
@@ -103,23 +115,18 @@ class Summarizer:
             if first in done:
                 continue
             last = first + self.span - 1
-            text = "\n".join(e.line for e in entries if first <= e.page <= last)
-            summary = await self._generate(stub, text[:MAX_SOURCE_CHARS])
-            line = f"[summary of pages {first}-{last}] {summary}"
+            text = "\n".join(_dated(e) for e in entries if first <= e.page <= last)
+            started = time.monotonic()
+            answer = await kernel.ask(await self._process(kernel),
+                                      PROMPT.format(text=text[:MAX_SOURCE_CHARS]),
+                                      max_new_tokens=64, stateless=True)
+            line = f"[summary of pages {first}-{last}] {' '.join(answer.text.split())}"
             tokens = (await run_in_thread(self._counter.count, [line]))[0]
             await run_in_thread(self._store.put, tenant, pid,
                                 Summary(first, last, line, tokens))
-            log.info("summarised pages %d-%d of process %d (%s)", first, last, pid, tenant)
+            log.info("summarised pages %d-%d of process %d (%s) in %.1f s", first, last, pid,
+                     tenant, time.monotonic() - started)
 
-    @staticmethod
-    async def _generate(stub, text: str) -> str:
-        request = model_pb2.GenerateRequest(
-            messages=[model_pb2.ChatMessage(role="user", content=PROMPT.format(text=text))],
-            max_new_tokens=96, priority=0)
-        started, pieces = time.monotonic(), []
-        async for chunk in stub.Generate(request, timeout=300):
-            pieces.append(chunk.text)
-            if chunk.done:
-                break
-        log.debug("summary took %.1f s", time.monotonic() - started)
-        return " ".join("".join(pieces).split())
+
+def _dated(entry: Stored) -> str:
+    return f"[{entry.group}] {entry.line}" if entry.group else entry.line

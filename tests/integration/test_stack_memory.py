@@ -71,6 +71,7 @@ def test_ask_answers_from_the_collection(full_stack):
 def test_exchanges_are_remembered_and_recalled(full_stack):
     client = full_stack["client"]
     pid = client.spawn("chatty").pid
+    client.ask(pid, "My secret pet is a ferret. Say OK.", max_new_tokens=4, stateless=True)
     result = client.ask(pid, "My favourite colour is teal. Say OK.", max_new_tokens=8)
     hits = wait_for(lambda: client.recall(pid, "favourite colour", k=4), 30,
                     "the exchange to be remembered")
@@ -80,6 +81,8 @@ def test_exchanges_are_remembered_and_recalled(full_stack):
         assert "assistant" in speakers
     ws = client.context(pid, "What is my favourite colour?")
     assert any("teal" in i.text for i in ws.items)
+    # The stateless ask, made first, was not remembered.
+    assert not any("ferret" in h.entry.text for h in client.recall(pid, "secret pet ferret"))
 
 
 def test_full_pages_get_summaries_that_stand_in_for_them(full_stack):
@@ -90,7 +93,7 @@ def test_full_pages_get_summaries_that_stand_in_for_them(full_stack):
     client.remember(pid, [MemoryEntry(text, speaker="log") for text in lines])
 
     def summarised():
-        ws = client.context(pid, "What happened on day 39?", budget=200)
+        ws = client.context(pid, "What happened on day 39?", budget=400)
         return [i for i in ws.items if i.kind == "summary"]
 
     found = wait_for(summarised, 240, "a summary in the working set",

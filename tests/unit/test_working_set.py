@@ -67,6 +67,15 @@ def test_summaries_keep_room_when_memory_would_fill_the_budget():
     assert ws.used == 99 and [i.kind for i in ws.items].count("memory") == 9
 
 
+def test_a_long_summary_still_gets_room_up_to_a_quarter():
+    ranked = [mem(s, 10, page=s) for s in range(40)]
+    long = Item("summary", "pages 50-53", 60, ["pages:50-53"], meta={"pages": "50-53"})
+    assert "summary" in [i.kind for i in assemble(Candidates([], [], ranked, [], [long]),
+                                                  budget=300).items]
+    assert "summary" not in [i.kind for i in assemble(Candidates([], [], ranked, [], [long]),
+                                                      budget=200).items]
+
+
 def test_max_resident_pages_keeps_the_best_pages():
     ranked = [mem(1, page=7), mem(2, page=3), mem(3, page=7), mem(4, page=9)]
     ws = assemble(Candidates([mem(0, kind="pinned", page=0)], [], ranked, []), 1000, max_pages=2)
