@@ -2,15 +2,23 @@
 weighted shares, and an interactive process's time to first token; fair policy vs fifo.
 
 Both tenants are backlogged: A keeps 16 asks in flight, B's one process keeps 4, and the
-model has 8 slots; an interactive priority-39 process of B asks a new short question every half second."""
+model has 8 slots; an interactive priority-39 process of B asks a short question every
+half second. Its questions vary (a fixed list, asked in the same order unloaded and
+loaded): the same question every time would ride on a whole-prompt prefix-cache hit and
+flatter both figures. A second table shows where its time to first token went (p50/p95):
+the kernel's slot wait, waiting for the running decode step, other arrivals' prefills,
+its own prefill (from vfm-modeld --ttft-trace), and the rest (kernel, RPCs)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import json
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import uvloop
 
@@ -26,6 +34,13 @@ QUESTIONS = ["Say hello.", "What is two plus two?", "Name a colour.", "Spell 'ca
              "Is water wet?", "Give me a number.", "Name a fruit.", "What day follows Monday?",
              "Say yes or no.", "Name an animal.", "What is the capital of France?",
              "Count to three."]
+_asked = itertools.count()
+
+
+def question(n: int) -> str:
+    """The n-th question, tagged with a number no other ask of this run has: the loaded
+    phase asks what the unloaded one did, so untagged it would hit the prefix cache."""
+    return f"(#{next(_asked):04d}) {QUESTIONS[n % len(QUESTIONS)]}"
 
 
 def _port() -> int:
@@ -68,7 +83,7 @@ async def _interactive(client: AsyncClient, pid: int, until: float, rec: Record,
     await asyncio.sleep(every_s)
     n = 0
     while time.monotonic() < until - every_s:
-        result = await client.ask(pid, QUESTIONS[n % len(QUESTIONS)], max_new_tokens=4)
+        result = await client.ask(pid, question(n), max_new_tokens=4)
         rec.ttft_ms.append(result.usage.ttft_ms)
         rec.queue_ms.append(result.usage.queue_ms)
         n += 1
@@ -100,14 +115,48 @@ async def _phase(target: str, tokens: dict[str, str], seconds: float, new_tokens
     return rec
 
 
-async def _unloaded_ttft(target: str, token: str, n: int) -> list[float]:
+async def _unloaded(target: str, token: str, n: int, rec: Record) -> None:
     client = AsyncClient(target=target, token=token)
     pid = (await client.spawn("solo", priority=39)).pid
     await client.ask(pid, "Hi.", max_new_tokens=2)  # warm-up
-    values = [(await client.ask(pid, QUESTIONS[i % len(QUESTIONS)], max_new_tokens=4)).usage.ttft_ms
-              for i in range(n)]
+    for i in range(n):
+        usage = (await client.ask(pid, question(i), max_new_tokens=4)).usage
+        rec.ttft_ms.append(usage.ttft_ms)
+        rec.queue_ms.append(usage.queue_ms)
     await client.close()
-    return values
+
+
+class Trace:
+    """vfm-modeld's --ttft-trace file, read phase by phase: the interactive asks' lines."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._offset = 0
+
+    def skip(self) -> None:
+        self._offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def interactive(self) -> list[dict]:
+        """First segments of priority-39 asks written since the last call, in order."""
+        with open(self.path) as f:
+            f.seek(self._offset)
+            text = f.read()
+            self._offset = f.tell()
+        lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [t for t in lines if t["priority"] == 39 and not t["resumed"]]
+
+
+def breakdown(rec: Record, traced: list[dict]) -> dict[str, list[float]]:
+    """Components of each interactive ask's time to first token, in ms."""
+    parts = {"ttft": rec.ttft_ms, "kernel_slot": rec.queue_ms,
+             "step_wait": [t["step_ms"] for t in traced],
+             "others_prefill": [t["others_prefill_ms"] for t in traced],
+             "own_prefill": [t["prefill_ms"] for t in traced],
+             "interleaved": [100.0 * t["interleaved"] for t in traced]}
+    if len(traced) == len(rec.ttft_ms):  # matched one to one: the rest is kernel and RPCs
+        parts["kernel_rpc"] = [ttft - slot - t["engine_ms"]
+                               for ttft, slot, t in zip(rec.ttft_ms, rec.queue_ms, traced)]
+    return parts
 
 
 def _shares(rec: Record) -> dict[str, float]:
@@ -121,7 +170,24 @@ def _jain(values: list[float]) -> float:
     return sum(values) ** 2 / (len(values) * sum(v * v for v in values)) if any(values) else 0.0
 
 
-def run_policy(policy: str, seconds: float, new_tokens: int, state, port: int, modeld_ready) -> dict:
+async def _measure(target: str, tokens: dict[str, str], state: Path, seconds: float,
+                   new_tokens: int, trace: Trace) -> tuple[Record, Record, Record, dict]:
+    """Unloaded asks, the equal-weight phase, then the 3:1 phase; one event loop for all."""
+    unloaded = Record()
+    trace.skip()
+    await _unloaded(target, tokens["tenant-b"], len(QUESTIONS), unloaded)
+    traced = {"unloaded": trace.interactive()[1:]}  # less the warm-up
+    equal = await _phase(target, tokens, seconds, new_tokens, with_interactive=True)
+    traced["loaded"] = trace.interactive()
+    admin = AsyncClient(state / "vfmd.sock")
+    await admin.set_tenant_weight("tenant-a", 3.0)
+    await admin.close()
+    weighted = await _phase(target, tokens, seconds, new_tokens, with_interactive=False)
+    return unloaded, equal, weighted, traced
+
+
+def run_policy(policy: str, seconds: float, new_tokens: int, state, port: int, modeld_ready,
+               trace: Trace) -> dict:
     kernel = spawn_daemon(["-m", "kernel.main", "--state-dir", str(state), "--listen",
                            f"127.0.0.1:{port}", "--policy", policy, "--log-level", "WARNING"],
                           state / f"vfmd-{policy}.log")
@@ -131,12 +197,8 @@ def run_policy(policy: str, seconds: float, new_tokens: int, state, port: int, m
             tokens = {t: admin.token_create(t)[0] for t in ("tenant-a", "tenant-b")}
             for t in tokens:
                 admin.set_tenant_weight(t, 1.0)
-        target = f"127.0.0.1:{port}"
-        unloaded = uvloop.run(_unloaded_ttft(target, tokens["tenant-b"], len(QUESTIONS)))
-        equal = uvloop.run(_phase(target, tokens, seconds, new_tokens, with_interactive=True))
-        with Client(state / "vfmd.sock") as admin:
-            admin.set_tenant_weight("tenant-a", 3.0)
-        weighted = uvloop.run(_phase(target, tokens, seconds, new_tokens, with_interactive=False))
+        unloaded, equal, weighted, traced = uvloop.run(
+            _measure(f"127.0.0.1:{port}", tokens, state, seconds, new_tokens, trace))
     finally:
         stop(kernel)
     eq, wt = _shares(equal), _shares(weighted)
@@ -147,10 +209,32 @@ def run_policy(policy: str, seconds: float, new_tokens: int, state, port: int, m
         "ttft_p95_loaded_ms": percentile(equal.ttft_ms, 95),
         "ttft_p50_loaded_ms": percentile(equal.ttft_ms, 50),
         "queue_p95_loaded_ms": percentile(equal.queue_ms, 95),
-        "ttft_p95_unloaded_ms": percentile(unloaded, 95),
-        "ttft_p95_ratio": percentile(equal.ttft_ms, 95) / max(percentile(unloaded, 95), 1e-9),
+        "ttft_p95_unloaded_ms": percentile(unloaded.ttft_ms, 95),
+        "ttft_p95_ratio": (percentile(equal.ttft_ms, 95)
+                           / max(percentile(unloaded.ttft_ms, 95), 1e-9)),
         "interactive_asks": len(equal.ttft_ms),
+        "breakdown": {"unloaded": breakdown(unloaded, traced["unloaded"]),
+                      "loaded": breakdown(equal, traced["loaded"])},
     }
+
+
+def print_breakdown(results: dict[str, dict]) -> None:
+    """Where the interactive ask's time to first token went, p50/p95 per phase, in ms."""
+    columns = [(policy, phase) for policy in results for phase in ("unloaded", "loaded")]
+    names = list(results["fair"]["breakdown"]["loaded"])
+    header = ("ms (p50/p95)", *(f"{policy} {phase}" for policy, phase in columns))
+    rows = []
+    for name in names:
+        cells = []
+        for policy, phase in columns:
+            values = results[policy]["breakdown"][phase].get(name, [])
+            cells.append(f"{percentile(values, 50):.1f}/{percentile(values, 95):.1f}"
+                         if values else "-")
+        rows.append((name if name != "interleaved" else "interleaved (%)", *cells))
+    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
+    print("interactive time to first token, where it went")
+    for row in (header, *rows):
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)))
 
 
 def main(argv: list[str]) -> int:
@@ -162,18 +246,21 @@ def main(argv: list[str]) -> int:
     seconds = args.seconds or (12.0 if args.quick else 30.0)
     state = temp_state_dir()
     port = _port()
+    trace = Trace(state / "ttft.jsonl")
     modeld = spawn_daemon(["-m", "services.model.main", "--state-dir", str(state),
-                           "--kernel-socket", str(state / "vfmd.sock")], state / "modeld.log")
+                           "--kernel-socket", str(state / "vfmd.sock"),
+                           "--ttft-trace", str(trace.path)], state / "modeld.log")
 
     def modeld_ready() -> bool:
         return model_service_serving(state / "vfmd.sock")
 
     try:
-        results = {p: run_policy(p, seconds, args.tokens, state, port, modeld_ready)
+        results = {p: run_policy(p, seconds, args.tokens, state, port, modeld_ready, trace)
                    for p in ("fair", "fifo")}
     finally:
         stop(modeld)
         cleanup(state)
+    print_breakdown(results)
     ours, base = results["fair"], results["fifo"]
     rows = [(k, f"{ours[k]:.3f}", f"{base[k]:.3f}") for k in
             ("share_b", "jain", "weighted_share_a", "weighted_error", "ttft_p95_unloaded_ms",

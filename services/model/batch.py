@@ -6,6 +6,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,6 +31,23 @@ class Job:
     emit: Callable[[Piece | Exception], None]
     cancel: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
+    taken_at: float = 0.0          # the engine took it from the queue
+    prefill_at: float = 0.0        # its own prefill began
+    first_at: float = 0.0          # its first token was sampled
+    others_prefill_s: float = 0.0  # other arrivals' prefills while it waited
+    group: int = 0                 # rows prefilled in the same forward
+    interleaved: bool = False      # prefilled between two layers of a running step
+
+    def first_token_ms(self) -> dict[str, float]:
+        """Where the engine's part of this job's time to first token went, in ms: waiting
+        for the running decode step (or bookkeeping), for other arrivals' prefills, and
+        its own prefill; `held` is the part of the wait after the engine saw the job."""
+        wait = self.prefill_at - self.queued_at
+        return {"engine": (self.first_at - self.queued_at) * 1000,
+                "step": (wait - self.others_prefill_s) * 1000,
+                "others_prefill": self.others_prefill_s * 1000,
+                "prefill": (self.first_at - self.prefill_at) * 1000,
+                "held": (self.prefill_at - self.taken_at) * 1000}
 
 
 @dataclass
@@ -159,7 +177,9 @@ class BatchEngine:
         self._jobs: queue.Queue | None = None
         self._held: list[Job | None] = []   # taken from the queue mid-step, admitted next
         self._joined: list[tuple[list[_Row], _Prefill, list[int]]] = []  # merged after the step
-        self._top_priority = 0
+        self._top_priority = 0  # of the rows in the forward running now
+        self._prefilling = 0    # rows in the prefill running now
+        self._prefill_spans: deque[tuple[float, float]] = deque(maxlen=64)  # (start, end)
 
     def active_jobs(self) -> list[Job]:
         return [row.job for row in self._rows]
@@ -191,6 +211,7 @@ class BatchEngine:
                 break
             block = False
             if not job.cancel.is_set():
+                job.taken_at = job.taken_at or time.perf_counter()
                 arrivals.append(job)
         # The most urgent arrival is prefilled alone, first; the rest share one forward.
         arrivals.sort(key=lambda j: -j.params.priority)
@@ -202,40 +223,61 @@ class BatchEngine:
         return running
 
     def _join(self, group: list[Job]) -> None:
-        joined = self._prefill_rows(group)
+        """Prefill `group` and merge it into the batch. A more urgent arrival may be
+        prefilled between two layers of this prefill (see _between_layers)."""
+        self._top_priority = max(j.params.priority for j in (*self.active_jobs(), *group))
+        self._prefilling = len(group)
+        try:
+            joined = self._prefill_rows(group, self._between_layers)
+        finally:
+            self._prefilling = 0
         if joined is not None and joined[0]:
             self._merge(*joined)
+        while self._joined:  # urgent arrivals prefilled meanwhile decode from the next step
+            self._merge(*self._joined.pop(0))
 
     def _between_layers(self) -> None:
-        """Mid-step: an arrival more urgent than every running row is prefilled now and its
-        first token sent; it joins the batch when the step ends. Others wait for the step."""
+        """Mid-forward (a decode step or a prefill): an arrival more urgent than every row
+        in it is prefilled now and its first token sent; it joins the batch when the
+        forward ends. Others wait for the end of the step."""
         while True:
             try:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 return
+            if job is not None:
+                job.taken_at = time.perf_counter()
             live = sum(1 for r in self._rows if not r.job.cancel.is_set())
-            waiting = sum(len(rows) for rows, _, _ in self._joined)
+            waiting = sum(len(rows) for rows, _, _ in self._joined) + self._prefilling
             if (job is None or job.cancel.is_set() or job.params.priority <= self._top_priority
                     or live + waiting >= self.max_batch):
                 self._held.append(job)
                 continue
+            job.interleaved = True
             joined = self._prefill_rows([job])
             self.stats.interleaved += 1
             if joined is not None and joined[0]:
                 self._joined.append(joined)
 
-    def _prefill_rows(self, group: list[Job]) -> tuple[list[_Row], _Prefill, list[int]] | None:
-        """Prefill arrivals and send each its first token; the rows still to be merged."""
+    def _prefill_rows(self, group: list[Job], between: Callable[[], None] | None = None
+                      ) -> tuple[list[_Row], _Prefill, list[int]] | None:
+        """Prefill arrivals and send each its first token; the rows still to be merged.
+        `between` is called between two layers of the forward (where supported)."""
         started = time.perf_counter()
+        for job in group:
+            job.prefill_at, job.group = started, len(group)
+            job.others_prefill_s = sum(max(0.0, min(end, started) - max(begin, job.queued_at))
+                                       for begin, end in self._prefill_spans)
         try:
-            prefill = self._prefill([job.input_ids for job in group])
+            prefill = self._prefill([job.input_ids for job in group], between)
         except Exception as exc:  # a bad request must not take the batch down
             log.exception("prefill failed")
             for job in group:
                 job.emit(Internal(f"prefill failed: {exc}"))
             return None
-        elapsed = time.perf_counter() - started
+        done = time.perf_counter()
+        elapsed = done - started
+        self._prefill_spans.append((started, done))
         self.stats.prefills += 1
         self.stats.prefill_seconds += elapsed
         log.debug("prefilled %d arrival(s) in %.0f ms (waited %.0f ms); %d rows", len(group),
@@ -247,6 +289,7 @@ class BatchEngine:
             if job.params.temperature > 0:
                 generator = torch.Generator().manual_seed(job.params.seed)
             row = _Row(job, TextStream(self.tokenizer, job.params.stop), generator)
+            job.first_at = done
             # Sample and send the first token now: time to first token is one prefill, not
             # a prefill plus a wait for the batch's next step.
             if self._advance(row, prefill.logits[i]):
@@ -255,7 +298,7 @@ class BatchEngine:
                 keep.append(i)
         return rows, prefill, keep
 
-    def _prefill(self, prompts: list[list[int]]) -> _Prefill:
+    def _prefill(self, prompts: list[list[int]], between: Callable[[], None] | None) -> _Prefill:
         """One forward for the arrivals. A prefix they share is taken from the prefix cache,
         or computed once for all of them, and every row computes only the rest."""
         shared = min(len(p) for p in prompts) - 1  # each row computes its last token at least
@@ -266,13 +309,13 @@ class BatchEngine:
             reused, past = self.prefixes.lookup(prompts[0], shared)
             if len(prompts) > 1 and shared - reused >= self.prefixes.min_tokens:
                 once = shared - reused
-                past = self._extend(prompts[0][reused:shared], past)
+                past = self._extend(prompts[0][reused:shared], past, between)
                 self.stats.prefill_tokens += once
                 reused = shared
         if reused:  # the part computed once here counts as paid by the first row
             self.stats.prefix_hits += len(prompts) - (reused == once)
             self.stats.prefix_tokens_reused += reused * len(prompts) - once
-        prefill = self._forward_suffixes(prompts, reused, past)
+        prefill = self._forward_suffixes(prompts, reused, past, between)
         if self.prefixes is not None:
             for i, prompt in enumerate(prompts):
                 start = prefill.mask.shape[1] - len(prompt)
@@ -280,13 +323,23 @@ class BatchEngine:
                                              for k, v in prefill.kv])
         return prefill
 
-    def _extend(self, tokens: list[int], past: KV | None) -> KV:
+    def _extend(self, tokens: list[int], past: KV | None, between: Callable[[], None] | None) -> KV:
         cache = _cache(past)
-        self.model(input_ids=torch.tensor([tokens]), past_key_values=cache, use_cache=True,
-                   logits_to_keep=1)
+        start = past[0][0].shape[2] if past else 0
+        positions = torch.arange(start, start + len(tokens))[None]
+        self._forward(torch.tensor([tokens]), None, positions, cache, between)
         return _layers(cache)
 
-    def _forward_suffixes(self, prompts: list[list[int]], reused: int, past: KV | None) -> _Prefill:
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor,
+                 cache: Cache, between: Callable[[], None] | None = None) -> torch.Tensor:
+        """The last position's logits; with `between`, layer by layer, calling it between."""
+        if between is not None and self._layerwise:
+            return layerwise.last_logits(self.model, ids, mask, positions, cache, between)
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                          past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def _forward_suffixes(self, prompts: list[list[int]], reused: int, past: KV | None,
+                          between: Callable[[], None] | None) -> _Prefill:
         """Left-pad the unshared parts behind the shared prefix, run them, then move each
         row's padding to the left end so the result merges like any left-padded row."""
         rows = len(prompts)
@@ -297,8 +350,7 @@ class BatchEngine:
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, reused:]
         cache = _cache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
                         for k, v in past] if past else None)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = self._forward(ids, mask, positions, cache, between)
         self.stats.prefill_tokens += int(mask[:, reused:].sum())
         kv = _layers(cache)
         if reused and any(pads):
@@ -307,7 +359,7 @@ class BatchEngine:
             mask = mask.gather(1, order)
             index = order[:, None, :, None].expand(-1, kv[0][0].shape[1], -1, kv[0][0].shape[3])
             kv = [(k.gather(2, index), v.gather(2, index)) for k, v in kv]
-        return _Prefill(kv, mask, out.logits[:, -1])
+        return _Prefill(kv, mask, logits)
 
     def _merge(self, rows: list[_Row], prefill: _Prefill, keep: list[int]) -> None:
         """Left-pad the arrivals or the batch so both share one length, then stack them."""
@@ -351,13 +403,8 @@ class BatchEngine:
         ids = torch.tensor([[r.token] for r in self._rows])
         self._top_priority = max(r.job.params.priority for r in self._rows)
         try:
-            if self._layerwise and self._jobs is not None:
-                self._logits = layerwise.decode_logits(self.model, ids, self._mask, positions,
-                                                       self._cache, self._between_layers)
-            else:
-                self._logits = self.model(input_ids=ids, attention_mask=self._mask,
-                                          position_ids=positions, past_key_values=self._cache,
-                                          use_cache=True).logits[:, -1]
+            self._logits = self._forward(ids, self._mask, positions, self._cache,
+                                         self._between_layers if self._jobs is not None else None)
         except Exception as exc:  # e.g. out of memory: these requests fail, the engine goes on
             log.exception("decode step failed")
             failed = Internal(f"decode step failed: {exc}")

@@ -1,5 +1,5 @@
-"""A decode step run layer by layer, so an urgent arrival is prefilled between two layers
-instead of waiting for the whole step: its first token no longer waits for the batch."""
+"""A forward pass run layer by layer, so an urgent arrival is prefilled between two layers
+of a decode step or of other arrivals' prefill: its first token waits for one layer."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ def supported(model) -> bool:
                                                       "rotary_emb")))
 
 
-def decode_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   position_ids: torch.Tensor, cache, between: Callable[[], None]) -> torch.Tensor:
-    """The last position's logits of `model(input_ids, ...)`, calling `between()` before
-    each layer. The same computation as the model's own forward, in the same order."""
+    """The last position's logits of `model(input_ids, ...)` (a decode step or a prefill),
+    calling `between()` before each layer. The same computation as the model's own
+    forward, in the same order."""
     inner = model.model
     hidden = inner.embed_tokens(input_ids)
     mask = create_causal_mask(config=model.config, inputs_embeds=hidden,

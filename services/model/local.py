@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import logging
 import os
 import queue
@@ -80,12 +81,32 @@ def converted_dir(entry: ModelEntry, cache: Path) -> Path:
     return target
 
 
+class FirstTokenTrace:
+    """`vfm-modeld --ttft-trace FILE`: one JSON line per request at its first token, with
+    where the engine's part of that time went (see Job.first_token_ms)."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "a", buffering=1)  # line-buffered: readable while we run
+
+    def record(self, model: str, job: Job) -> None:
+        line = {"model": model, "priority": job.params.priority,
+                "prompt_tokens": len(job.input_ids), "group": job.group,
+                "interleaved": job.interleaved,
+                "resumed": bool(job.params.assistant_prefix or job.params.assistant_prefix_ids),
+                **{f"{k}_ms": round(v, 2) for k, v in job.first_token_ms().items()}}
+        self._file.write(json.dumps(line) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class LocalTorchBackend:
     """One model, owned by one worker thread that runs jobs from a queue."""
 
     def __init__(self, entry: ModelEntry, cache: Path, threads: int = 0, max_batch: int = 8,
-                 prefix_cache_mb: int = 256):
+                 prefix_cache_mb: int = 256, trace: FirstTokenTrace | None = None):
         self.entry = entry
+        self._trace = trace
         self.max_batch = max_batch
         self._prefix_cache_mb = prefix_cache_mb
         self.engine: BatchEngine | None = None
@@ -183,11 +204,15 @@ class LocalTorchBackend:
         loop, out = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(ids, params, lambda item: loop.call_soon_threadsafe(out.put_nowait, item))
         self._jobs.put(job)
+        traced = self._trace is None
         try:
             while True:
                 item = await out.get()
                 if isinstance(item, Exception):
                     raise item
+                if not traced and job.first_at:
+                    traced = True
+                    self._trace.record(self.entry.name, job)
                 yield item
                 if item.done:
                     return

@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="memory for reusable prompt prefixes (KV), per model (default 256)")
     parser.add_argument("--max-batch", type=int, default=8,
                         help="sequences decoded together by a local model (default 8)")
+    parser.add_argument("--ttft-trace", type=Path, metavar="FILE",
+                        help="append one JSON line per request at its first token: where the "
+                        "time went (running step, other prefills, own prefill)")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -62,8 +65,12 @@ async def serve(args: argparse.Namespace) -> None:
         raise DaemonStartError("--prefix-cache-mb must be >= 0 (0 = no prefix cache)")
     if not 1 <= args.max_batch <= 256:
         raise DaemonStartError("--max-batch must be between 1 and 256")
-    service = ModelService(registry, cache_root(), args.threads, args.max_batch,
-                           prefix_cache_mb=0 if args.no_prefix_cache else args.prefix_cache_mb)
+    try:
+        service = ModelService(registry, cache_root(), args.threads, args.max_batch,
+                               prefix_cache_mb=0 if args.no_prefix_cache else args.prefix_cache_mb,
+                               ttft_trace=args.ttft_trace)
+    except OSError as exc:
+        raise DaemonStartError(f"--ttft-trace: {exc}") from exc
     servicer = ModelServicer(service)
     server, health, _ = create_server(
         ServerConfig(unix_socket=socket),

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from libvfm.errors import InvalidArgument
-from services.model.local import LocalTorchBackend
+from services.model.local import FirstTokenTrace, LocalTorchBackend
 from services.model.openai_compat import OpenAIBackend
 from services.model.registry import ModelEntry, ModelRegistry
 from services.model.types import GenParams, Piece
@@ -22,8 +22,9 @@ class ModelService:
     """Holds the registry and one backend per model, started on first use (or preloaded)."""
 
     def __init__(self, registry: ModelRegistry, cache: Path, threads: int = 0,
-                 max_batch: int = 8, prefix_cache_mb: int = 256):
+                 max_batch: int = 8, prefix_cache_mb: int = 256, ttft_trace: Path | None = None):
         self.registry = registry
+        self._trace = FirstTokenTrace(ttft_trace) if ttft_trace else None
         self._max_batch = max_batch
         self._prefix_cache_mb = prefix_cache_mb
         self._cache = cache
@@ -43,7 +44,7 @@ class ModelService:
         if entry.backend == "openai":
             return OpenAIBackend(entry)
         return LocalTorchBackend(entry, self._cache, self._threads, self._max_batch,
-                                 self._prefix_cache_mb)
+                                 self._prefix_cache_mb, self._trace)
 
     def max_batch(self, name: str) -> int:
         """Sequences the model decodes together (what the kernel may send at once)."""
@@ -82,3 +83,5 @@ class ModelService:
     def stop(self) -> None:
         for backend in self._backends.values():
             backend.stop()
+        if self._trace is not None:
+            self._trace.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 
 import pytest
 import torch
@@ -149,6 +150,30 @@ def test_an_urgent_arrival_is_prefilled_between_layers_of_a_step(service):
         if stats.interleaved > before:
             break
     assert stats.interleaved > before  # it did not wait for the step to end
+
+
+def test_an_urgent_arrival_is_prefilled_between_layers_of_others_prefill(service):
+    backend = service.backend("")
+    alone = asyncio.run(_answer(service, PROMPTS[3], priority=39))[0]
+    engine = batch.BatchEngine(backend.model, backend.tokenizer, max_batch=4, prefix_cache_mb=0)
+    out: dict[int, list] = {}
+
+    def job(i: int, priority: int) -> batch.Job:
+        return batch.Job(backend.encode(_msgs(PROMPTS[i]), GenParams()),
+                         GenParams(max_new_tokens=12, priority=priority),
+                         lambda piece, i=i: out.setdefault(i, []).append(piece))
+    group, urgent = [job(i, 0) for i in range(3)], job(3, 39)
+    engine._jobs = queue.Queue()
+    engine._jobs.put(urgent)  # it arrives once the engine has started prefilling the group
+    with torch.inference_mode():
+        engine._join(group)
+        assert len(engine.active_jobs()) == 4
+        while engine.active_jobs():
+            engine._step()
+    assert urgent.interleaved and urgent.first_at < min(j.first_at for j in group)
+    assert urgent.first_token_ms()["prefill"] < group[0].first_token_ms()["prefill"]
+    assert "".join(p.text for p in out[3]) == alone
+    assert all(out[i][-1].done for i in range(4))
 
 
 def test_per_request_limits_inside_one_batch(service):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import grpc
@@ -128,3 +129,20 @@ def test_grpc_generate_and_list_models(service, tmp_path):
     assert by_name["smollm2-135m"].is_default and by_name["smollm2-135m"].loaded
     assert by_name["gemma3-270m"].context_window > 0
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_ttft_trace_says_where_the_first_token_time_went(tmp_path):
+    path = tmp_path / "ttft.jsonl"
+    traced = ModelService(ModelRegistry.load(), cache_root(), ttft_trace=path)
+    try:
+        run(traced, max_new_tokens=3, priority=39)
+        run(traced, max_new_tokens=3)
+    finally:
+        traced.stop()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["priority"] for line in lines] == [39, 0]  # one line per request
+    first = lines[0]
+    assert first["model"] == "smollm2-135m" and first["prompt_tokens"] > 0
+    assert first["group"] == 1 and not first["resumed"] and not first["interleaved"]
+    assert 0 < first["prefill_ms"] <= first["engine_ms"]
+    assert first["others_prefill_ms"] == 0 and first["step_ms"] >= 0
