@@ -78,17 +78,21 @@ class EngineStats:
 class _GrowingLayer(DynamicLayer):
     """A DynamicLayer that appends into spare room instead of concatenating: the stock one
     copies the whole cache once per decoded token. Assigning `keys`/`values` adopts a tensor
-    as is (merges, row selection); the next append moves it into a buffer with room."""
+    as is; the next append moves it into a buffer with room. Merges and row selection build
+    buffers with room themselves (`length` = the part in use): one copy, not two."""
 
     SPARE = 128  # tokens of room added per growth: one copy per 128 steps, not per step
 
-    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
+                 length: int | None = None):
         self._k = self._v = None
         self._len, self._room = 0, 0
         super().__init__()
         if keys is not None:
             self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
             self.keys, self.values = keys, values
+            if length is not None:
+                self._len, self._room = length, keys.shape[-2] - length
 
     @property
     def keys(self):
@@ -106,6 +110,17 @@ class _GrowingLayer(DynamicLayer):
     @values.setter
     def values(self, tensor):
         self._v = tensor
+
+    def keep_rows(self, keep: list[int], start: int) -> None:
+        """Keep rows `keep` (ascending) from column `start` on, in place: the rows after a
+        dropped one move up, nothing is allocated (a new buffer costs page faults)."""
+        for buffer in (self._k, self._v):
+            for j, i in enumerate(keep):
+                if i != j:  # the part in use only: the room's pages may not exist yet
+                    buffer[j, :, start:self._len] = buffer[i, :, start:self._len]
+        n = len(keep)
+        self._k, self._v = self._k[:n, :, start:], self._v[:n, :, start:]
+        self._len -= start  # the room on the right is unchanged
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
@@ -138,12 +153,29 @@ def _cache(kv: KV | None = None) -> Cache:
     return Cache(layers=[_GrowingLayer(k, v) for k, v in kv])
 
 
+def _room_like(t: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+    return t.new_empty((rows, t.shape[1], length + _GrowingLayer.SPARE, t.shape[3]))
+
+
+def _stacked(blocks: list[KV], width: int) -> Cache:
+    """The row blocks' KV left-padded with zeros to `width` and stacked, in buffers with room."""
+    rows = sum(block[0][0].shape[0] for block in blocks)
+    layers = []
+    for parts in zip(*blocks):
+        buffers = [_room_like(parts[0][0], rows, width), _room_like(parts[0][1], rows, width)]
+        at = 0
+        for part in parts:
+            n, pad = part[0].shape[0], width - part[0].shape[2]
+            for buffer, tensor in zip(buffers, part):
+                buffer[at:at + n, :, :pad] = 0
+                buffer[at:at + n, :, pad:width] = tensor
+            at += n
+        layers.append(_GrowingLayer(*buffers, length=width))
+    return Cache(layers=layers)
+
+
 def _layers(cache: Cache) -> KV:
     return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, 0, n, 0)) if n > 0 else t
 
 
 @dataclass
@@ -176,9 +208,9 @@ class BatchEngine:
         self._layerwise = layerwise.supported(model)
         self._jobs: queue.Queue | None = None
         self._held: list[Job | None] = []   # taken from the queue mid-step, admitted next
-        self._joined: list[tuple[list[_Row], _Prefill, list[int]]] = []  # merged after the step
+        # Rows prefilled mid-forward, merged when it ends and the batch has room for them.
+        self._joined: list[tuple[list[_Row], _Prefill, list[int]]] = []
         self._top_priority = 0  # of the rows in the forward running now
-        self._prefilling = 0    # rows in the prefill running now
         self._prefill_spans: deque[tuple[float, float]] = deque(maxlen=64)  # (start, end)
 
     def active_jobs(self) -> list[Job]:
@@ -198,10 +230,11 @@ class BatchEngine:
 
     def _admit(self, jobs: "queue.Queue[Job | None]") -> bool:
         self._drop_cancelled()  # free their slots first: a preempted row makes room now
+        self._merge_joined()
         block = not self._rows  # idle: sleep until work comes
         arrivals: list[Job] = []
         running = True
-        while len(self._rows) + len(arrivals) < self.max_batch:
+        while len(self._rows) + self._waiting() + len(arrivals) < self.max_batch:
             try:
                 job = self._held.pop(0) if self._held else jobs.get(block=block)
             except queue.Empty:
@@ -226,20 +259,25 @@ class BatchEngine:
         """Prefill `group` and merge it into the batch. A more urgent arrival may be
         prefilled between two layers of this prefill (see _between_layers)."""
         self._top_priority = max(j.params.priority for j in (*self.active_jobs(), *group))
-        self._prefilling = len(group)
-        try:
-            joined = self._prefill_rows(group, self._between_layers)
-        finally:
-            self._prefilling = 0
+        joined = self._prefill_rows(group, self._between_layers)
         if joined is not None and joined[0]:
             self._merge(*joined)
-        while self._joined:  # urgent arrivals prefilled meanwhile decode from the next step
+        self._merge_joined()  # urgent arrivals prefilled meanwhile decode from the next step
+
+    def _waiting(self) -> int:
+        return sum(len(rows) for rows, _, _ in self._joined)
+
+    def _merge_joined(self) -> None:
+        """Rows prefilled mid-forward join the batch while it has room. A full batch makes
+        room soon: the kernel sends an urgent ask right after preempting a row, and that
+        row's cancel may land a moment after the ask."""
+        while self._joined and len(self._rows) + len(self._joined[0][0]) <= self.max_batch:
             self._merge(*self._joined.pop(0))
 
     def _between_layers(self) -> None:
         """Mid-forward (a decode step or a prefill): an arrival more urgent than every row
-        in it is prefilled now and its first token sent; it joins the batch when the
-        forward ends. Others wait for the end of the step."""
+        in it is prefilled now and its first token sent, even into a full batch; it joins
+        the batch when the forward ends and there is room. Others wait for the step's end."""
         while True:
             try:
                 job = self._jobs.get_nowait()
@@ -247,10 +285,8 @@ class BatchEngine:
                 return
             if job is not None:
                 job.taken_at = time.perf_counter()
-            live = sum(1 for r in self._rows if not r.job.cancel.is_set())
-            waiting = sum(len(rows) for rows, _, _ in self._joined) + self._prefilling
             if (job is None or job.cancel.is_set() or job.params.priority <= self._top_priority
-                    or live + waiting >= self.max_batch):
+                    or self._waiting() >= self.max_batch):  # bounds the KV kept waiting
                 self._held.append(job)
                 continue
             job.interleaved = True
@@ -370,14 +406,12 @@ class BatchEngine:
             mask, logits = mask.index_select(0, index), logits.index_select(0, index)
             kv, mask = _trim(kv, mask)
         if not self._rows:
-            self._cache, self._mask, self._logits, self._rows = _cache(kv), mask, logits, rows
+            self._cache = _stacked([kv], mask.shape[1])
+            self._mask, self._logits, self._rows = mask, logits, rows
             return
         old, new = self._mask.shape[1], mask.shape[1]
         width = max(old, new)
-        merged = [(torch.cat([_pad_left(k, width - old), _pad_left(nk, width - new)]),
-                   torch.cat([_pad_left(v, width - old), _pad_left(nv, width - new)]))
-                  for (k, v), (nk, nv) in zip(_layers(self._cache), kv)]
-        self._cache = _cache(merged)
+        self._cache = _stacked([_layers(self._cache), kv], width)
         self._mask = torch.cat([torch.nn.functional.pad(self._mask, (width - old, 0)),
                                 torch.nn.functional.pad(mask, (width - new, 0))])
         self._logits = torch.cat([self._logits, logits])
@@ -414,8 +448,7 @@ class BatchEngine:
                     row.job.emit(failed)
             self._joined.clear()
             return
-        while self._joined:
-            self._merge(*self._joined.pop(0))
+        self._merge_joined()
         self.stats.steps += 1
         self.stats.rows_decoded += len(self._rows)
         self.stats.max_rows = max(self.stats.max_rows, len(self._rows))
@@ -471,9 +504,11 @@ class BatchEngine:
             self._cache, self._mask = _cache(), torch.zeros((0, 0), dtype=torch.long)
             return
         index = torch.tensor(keep)
-        kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in _layers(self._cache)]
-        kv, self._mask = _trim(kv, self._mask.index_select(0, index))
-        self._cache = _cache(kv)
+        mask = self._mask.index_select(0, index)
+        start = _padding_columns(mask)
+        for layer in self._cache.layers:
+            layer.keep_rows(keep, start)
+        self._mask = mask[:, start:]
         self._logits = self._logits.index_select(0, index)
 
     def _fail_all(self, error: Exception) -> None:
@@ -482,9 +517,14 @@ class BatchEngine:
         self._select([])
 
 
+def _padding_columns(mask: torch.Tensor) -> int:
+    """How many left columns are padding in every row."""
+    return int((mask.cumsum(dim=1) == 0).sum(dim=1).min())
+
+
 def _trim(kv: KV, mask: torch.Tensor) -> tuple[KV, torch.Tensor]:
     """Drop the left columns that are padding in every row."""
-    start = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())
+    start = _padding_columns(mask)
     if not start:
         return kv, mask
     return [(k[:, :, start:], v[:, :, start:]) for k, v in kv], mask[:, start:]

@@ -152,18 +152,26 @@ def test_an_urgent_arrival_is_prefilled_between_layers_of_a_step(service):
     assert stats.interleaved > before  # it did not wait for the step to end
 
 
-def test_an_urgent_arrival_is_prefilled_between_layers_of_others_prefill(service):
+def _engine_with_jobs(service, max_batch: int):
+    """A private engine driven by the test (no thread), and a maker of jobs whose pieces
+    land in `out[i]`."""
     backend = service.backend("")
-    alone = asyncio.run(_answer(service, PROMPTS[3], priority=39))[0]
-    engine = batch.BatchEngine(backend.model, backend.tokenizer, max_batch=4, prefix_cache_mb=0)
+    asyncio.run(backend.wait_loaded())
+    engine = batch.BatchEngine(backend.model, backend.tokenizer, max_batch, prefix_cache_mb=0)
+    engine._jobs = queue.Queue()
     out: dict[int, list] = {}
 
     def job(i: int, priority: int) -> batch.Job:
         return batch.Job(backend.encode(_msgs(PROMPTS[i]), GenParams()),
                          GenParams(max_new_tokens=12, priority=priority),
                          lambda piece, i=i: out.setdefault(i, []).append(piece))
+    return engine, job, out
+
+
+def test_an_urgent_arrival_is_prefilled_between_layers_of_others_prefill(service):
+    alone = asyncio.run(_answer(service, PROMPTS[3], priority=39))[0]
+    engine, job, out = _engine_with_jobs(service, max_batch=4)
     group, urgent = [job(i, 0) for i in range(3)], job(3, 39)
-    engine._jobs = queue.Queue()
     engine._jobs.put(urgent)  # it arrives once the engine has started prefilling the group
     with torch.inference_mode():
         engine._join(group)
@@ -174,6 +182,25 @@ def test_an_urgent_arrival_is_prefilled_between_layers_of_others_prefill(service
     assert urgent.first_token_ms()["prefill"] < group[0].first_token_ms()["prefill"]
     assert "".join(p.text for p in out[3]) == alone
     assert all(out[i][-1].done for i in range(4))
+
+
+def test_an_urgent_arrival_into_a_full_batch_joins_when_a_row_leaves(service):
+    """The kernel sends an urgent ask right after preempting a row; the row's cancel may
+    land after the ask: the first token does not wait for it."""
+    alone = asyncio.run(_answer(service, PROMPTS[3], priority=39))[0]
+    engine, job, out = _engine_with_jobs(service, max_batch=2)
+    group, urgent = [job(0, 0), job(1, 0)], job(3, 39)
+    with torch.inference_mode():
+        engine._join(group)
+        engine._jobs.put(urgent)
+        engine._step()
+        assert urgent.interleaved and out[3] and len(engine.active_jobs()) == 2
+        group[0].cancel.set()  # the preemption lands
+        engine._admit(engine._jobs)
+        assert urgent in engine.active_jobs() and len(engine.active_jobs()) == 2
+        while engine.active_jobs():
+            engine._step()
+    assert "".join(p.text for p in out[3]) == alone and out[3][-1].done
 
 
 def test_per_request_limits_inside_one_batch(service):
