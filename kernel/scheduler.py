@@ -86,28 +86,40 @@ class Planner:
         picks = self._fair_order(queued, running, capacity + len(running))
         free = capacity
         victims = list(running)
+        slots = _Slots(self.fair, queued, running, capacity)
         for request in picks:
             if free > 0:
                 plan.admit.append(request)
+                slots.held[request.tenant] += 1
                 free -= 1
                 continue
-            victim = self._victim_for(request, victims)
+            victim = self._victim_for(request, victims, slots)
             if victim is None:
                 continue  # a later pick (another tenant, a higher priority) may still displace one
             victims.remove(victim)
             plan.preempt.append(victim)
             plan.admit.append(request)
+            slots.held[victim.tenant] -= 1
+            slots.held[request.tenant] += 1
         return plan
 
-    def _victim_for(self, incoming: Request, running: list[Request]) -> Request | None:
+    def _victim_for(self, incoming: Request, running: list[Request],
+                    slots: "_Slots") -> Request | None:
         """Whom `incoming` may displace: first a lower-priority ask of its own tenant, else an
-        ask of a tenant that is ahead of it by more than the margin (the most served first)."""
+        ask of a tenant that is ahead of it by more than the margin (the most served first),
+        or that is ahead at all and holds more than its share of the slots while `incoming`'s
+        tenant holds less (a tenant that starts asking while another fills every slot gets
+        its share now, not once the other is a margin ahead)."""
         own = [r for r in running if r.tenant == incoming.tenant and r.priority < incoming.priority]
         if own:
             return min(own, key=lambda r: (r.priority, -r.arrival))
         vt = self.fair.vtime
-        others = [r for r in running if r.tenant != incoming.tenant and
-                  vt.get(r.tenant, 0.0) - vt.get(incoming.tenant, 0.0) > self.preempt_margin]
+
+        def displaceable(r: Request) -> bool:
+            gap = vt.get(r.tenant, 0.0) - vt.get(incoming.tenant, 0.0)
+            return gap > self.preempt_margin or (gap >= 0 and slots.may_move(r.tenant,
+                                                                             incoming.tenant))
+        others = [r for r in running if r.tenant != incoming.tenant and displaceable(r)]
         if not others:
             return None
         return max(others, key=lambda r: (vt.get(r.tenant, 0.0), -r.priority, r.arrival))
@@ -137,3 +149,22 @@ class Planner:
     def _slot_vtime(self, tenant: str, slots: int) -> float:
         return self.fair.vtime.get(tenant, self.fair.floor()) + \
             slots * self.preempt_margin / self.fair.weight(tenant)
+
+
+class _Slots:
+    """Slots held per tenant during one planning round, against each tenant's weighted
+    share of all the model's slots (among tenants with asks queued or running)."""
+
+    def __init__(self, fair: FairShare, queued: list[Request], running: list[Request],
+                 free: int):
+        self.held: dict[str, int] = {r.tenant: 0 for r in (*queued, *running)}
+        for r in running:
+            self.held[r.tenant] += 1
+        total = sum(fair.weight(t) for t in self.held) or 1.0
+        self.share = {t: (len(running) + free) * fair.weight(t) / total for t in self.held}
+
+    def may_move(self, source: str, target: str) -> bool:
+        """Whether a slot of `source` may go to `target` without either crossing its share
+        (so the move can never be undone by the same rule: no ping-pong)."""
+        return (self.held[target] + 1 <= self.share[target]
+                and self.held[source] - 1 >= self.share[source])

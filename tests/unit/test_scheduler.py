@@ -51,10 +51,28 @@ def test_over_served_tenant_is_preempted_for_a_starved_one():
     assert len(plan.preempt) == 1 and plan.preempt[0].tenant == "a"
 
 
-def test_small_gaps_do_not_preempt():
+def test_small_gaps_do_not_preempt_once_each_tenant_holds_its_share():
     fair = FairShare()
     fair.charge("a", 10)
-    plan = Planner(fair=fair).plan(reqs("b", 1, 100), running=reqs("a", 4, 0), capacity=0)
+    running = reqs("a", 2, 0) + reqs("b", 2, 50)
+    plan = Planner(fair=fair).plan(reqs("b", 1, 100), running=running, capacity=0)
+    assert plan == Plan()
+
+
+def test_a_tenant_without_its_share_of_slots_takes_it_at_once():
+    """b starts asking while a fills every slot: b gets its half now, not once a is a
+    margin ahead, and not more than its half."""
+    fair = FairShare()
+    fair.charge("a", 10)
+    plan = Planner(fair=fair).plan(reqs("b", 3, 100), running=reqs("a", 4, 0), capacity=0)
+    assert [r.tenant for r in plan.admit] == ["b", "b"]
+    assert [r.tenant for r in plan.preempt] == ["a", "a"]
+
+
+def test_a_tenant_behind_in_virtual_time_keeps_its_extra_slots():
+    fair = FairShare()
+    fair.charge("b", 10)  # b was served more: a's extra slots are its due
+    plan = Planner(fair=fair).plan(reqs("b", 3, 100), running=reqs("a", 4, 0), capacity=0)
     assert plan == Plan()
 
 
