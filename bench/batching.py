@@ -62,7 +62,8 @@ def _library_batch(prompts: list[str], tokens: int) -> tuple[int, float]:
     import torch as _torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from services.model.local import cache_root, converted_dir
+    from services.model.local import converted_dir
+    from vfmos_runtime.paths import cache_root
     from services.model.registry import ModelRegistry
 
     path = converted_dir(ModelRegistry.load().get(""), cache_root())
@@ -101,7 +102,7 @@ SYSTEM_PROMPT = (
 def _prefix_saving(prompts: list[str]) -> dict[str, float]:
     """Prefill time per ask for asks sharing a long system prompt, with and without prefix
     reuse, one at a time and arriving together (in process: prefill is engine-internal)."""
-    from services.model.local import cache_root
+    from vfmos_runtime.paths import cache_root
     from services.model.registry import ModelRegistry
     from services.model.service import ModelService
     from services.model.types import GenParams

@@ -54,7 +54,8 @@ def load_direct(threads: int = 0):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.model.local import cache_root, converted_dir
+    from services.model.local import converted_dir
+    from vfmos_runtime.paths import cache_root
     from services.model.registry import ModelRegistry
 
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))

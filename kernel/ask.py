@@ -18,15 +18,14 @@ from kernel.process import ProcRecord, ProcState
 from kernel.quota import new_token_cap, remaining_tokens
 from kernel.registry import ServiceRegistry
 from kernel.table import ProcessTable
-from libvfm.errors import InvalidArgument, QuotaExceeded, Unavailable, from_rpc_error
-from libvfm.types import Usage
+from vfmos_runtime.errors import InvalidArgument, QuotaExceeded, Unavailable, from_rpc_error
+from vfmos_runtime.protocol import MAX_NEW_TOKENS, MODEL_SERVICE
+from vfmos_runtime.types import Usage
 from vfmos.model.v1 import model_pb2, model_pb2_grpc
 
 log = logging.getLogger("vfmd.ask")
 
-MODEL_SERVICE = "vfm-modeld"
 MAX_PROMPT_CHARS = 256 * 1024
-MAX_NEW_TOKENS = 4096
 DEFAULT_NEW_TOKENS = 256
 
 

@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import argparse
 import os
-import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from libvfm.paths import KERNEL_SOCKET, default_data_dir, default_state_dir
+from vfmos_runtime.config import load_config
+from vfmos_runtime.paths import KERNEL_SOCKET, default_data_dir, default_state_dir
+
+
+def _weights(items) -> dict[str, float]:
+    """["alice=3", "bob=1"] (flags), "alice=3,bob=1" (environment) or a TOML table to a dict."""
+    if isinstance(items, dict):
+        return {str(k): float(v) for k, v in items.items()}
+    if isinstance(items, str):
+        items = [i for i in items.split(",") if i]
+    weights = {}
+    for item in items:
+        tenant, _, weight = item.partition("=")
+        try:
+            weights[tenant.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(f"bad tenant weight {item!r}: use TENANT=NUMBER") from None
+    return weights
 
 
 @dataclass
 class KernelConfig:
     state_dir: Path
-    data_dir: Path
+    data_dir: Path | None = None      # None: resolved by load() from the state dir
     listen: str = ""                  # HOST:PORT for TCP clients (bearer tokens), off by default
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -22,7 +38,17 @@ class KernelConfig:
     log_level: str = "INFO"
     policy: str = "fair"              # "fair" (weighted fair share) or "fifo" (baseline)
     max_slots: int = 0                # cap on concurrent asks per model (0 = its max_batch)
-    tenant_weights: dict[str, float] = field(default_factory=dict)
+    tenant_weights: dict[str, float] = field(default_factory=dict, metadata={"parse": _weights})
+
+    def validate(self) -> None:
+        if self.policy not in ("fair", "fifo"):
+            raise ValueError(f"policy must be fair or fifo, got {self.policy!r}")
+        if self.max_slots < 0:
+            raise ValueError("--max-slots must be >= 0")
+        if not 0 < self.health_interval_s <= 3600:
+            raise ValueError("--health-interval must be between 0 and 3600 seconds")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
 
     @property
     def socket(self) -> Path:
@@ -57,46 +83,8 @@ def load(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Ke
     """File, then VFM_* environment, then flags; later sources win."""
     env = os.environ if env is None else env
     args = parse_args(argv)
-    values: dict = {}
-    if args.config:
-        values.update(tomllib.loads(args.config.read_text()))
-    names = {f.name for f in fields(KernelConfig)}
-    for name in names:
-        if f"VFM_{name.upper()}" in env:
-            values[name] = env[f"VFM_{name.upper()}"]
-    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
-    unknown = set(values) - names
-    if unknown:
-        raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
-    state_dir = Path(values.pop("state_dir", None) or default_state_dir(env))
-    explicit_state = args.state_dir is not None or "VFM_STATE_DIR" in env or args.config
-    data_dir = Path(values.pop("data_dir", None) or
-                    default_data_dir(state_dir if explicit_state else None, env))
-    for key in ("tls_cert", "tls_key"):
-        if values.get(key):
-            values[key] = Path(values[key])
-    if isinstance(values.get("tenant_weights"), (list, str)):
-        values["tenant_weights"] = _weights(values["tenant_weights"])
-    if "max_slots" in values:
-        values["max_slots"] = int(values["max_slots"])
-        if values["max_slots"] < 0:
-            raise ValueError("--max-slots must be >= 0")
-    if "health_interval_s" in values:
-        values["health_interval_s"] = float(values["health_interval_s"])
-    if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
-        raise ValueError("--tls-cert and --tls-key go together")
-    return KernelConfig(state_dir=state_dir, data_dir=data_dir, **values)
-
-
-def _weights(items) -> dict[str, float]:
-    """["alice=3", "bob=1"] (flags) or "alice=3,bob=1" (environment) to a dict."""
-    if isinstance(items, str):
-        items = [i for i in items.split(",") if i]
-    weights = {}
-    for item in items:
-        tenant, _, weight = item.partition("=")
-        try:
-            weights[tenant.strip()] = float(weight)
-        except ValueError:
-            raise ValueError(f"bad tenant weight {item!r}: use TENANT=NUMBER") from None
-    return weights
+    cfg = load_config(KernelConfig, args, env, prefix="VFM_", state_dir=default_state_dir(env))
+    if cfg.data_dir is None:
+        explicit_state = args.state_dir is not None or "VFM_STATE_DIR" in env or args.config
+        cfg.data_dir = default_data_dir(cfg.state_dir if explicit_state else None, env)
+    return cfg

@@ -14,11 +14,11 @@ from kernel.memory import (DEFAULT_BUDGET, RANKED_LIMIT, RECENT_TURNS, Assembly,
 from kernel.process import ProcRecord
 from kernel.registry import ServiceRegistry
 from kernel.table import ProcessTable
-from libvfm.errors import InvalidArgument, Unavailable, VfmError, from_rpc_error
+from vfmos_runtime.errors import InvalidArgument, Unavailable, VfmError, from_rpc_error
+from vfmos_runtime.protocol import DATA_SERVICE
 from vfmos.data.v1 import data_pb2, data_pb2_grpc
 
 log = logging.getLogger("vfmd.context")
-DATA_SERVICE = "vfm-datad"
 MAX_BUDGET = 1 << 20
 CALL_TIMEOUT_S = 30.0
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from kernel.process import DEFAULT_PRIORITY, ProcRecord
-from libvfm.convert import counters_to_pb, quota_from_pb, spec_to_pb
-from libvfm.types import ProcessSpec
+from vfmos_runtime.convert import counters_to_pb, quota_from_pb, spec_to_pb
+from vfmos_runtime.types import ProcessSpec
 from vfmos.kernel.v1 import kernel_pb2 as pb
 
 

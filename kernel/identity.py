@@ -18,11 +18,11 @@ from pathlib import Path
 import msgpack
 
 from kernel.store import KernelStore
-from libvfm.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from vfmos_runtime.protocol import TICKET_HEADER
+from vfmos_runtime.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 
 log = logging.getLogger("vfmd.identity")
 
-TICKET_HEADER = "x-vfm-ticket"
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 MAX_TICKETS = 65536
 

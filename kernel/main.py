@@ -19,13 +19,14 @@ from kernel.memory import PageTable
 from kernel.scheduler import Policy
 from kernel.identity import Authenticator, CredentialsServer, TicketBook, TokenBook
 from kernel.registry import ServiceRegistry
-from kernel.runtime.notify import notify_ready, notify_stopping
-from kernel.runtime.server import (DaemonStartError, ServerConfig, create_server, run_daemon,
+from vfmos_runtime.notify import notify_ready, notify_stopping
+from vfmos_runtime.config import ConfigError
+from vfmos_runtime.server import (DaemonStartError, ServerConfig, create_server, run_daemon,
                                    serve_until_signal, setup_logging)
 from kernel.servicer import KernelServicer
 from kernel.store import KernelStore
 from kernel.table import ProcessTable
-from libvfm.paths import credentials_socket
+from vfmos_runtime.paths import credentials_socket
 from vfmos.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 
 log = logging.getLogger("vfmd")
@@ -83,7 +84,7 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = kconfig.load(argv)
-    except (ValueError, OSError) as exc:
+    except ConfigError as exc:
         print(f"vfmd: bad configuration: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)

@@ -10,9 +10,9 @@ from kernel.context import ContextManager
 from kernel.convert import process_to_pb
 from kernel.identity import Caller
 from kernel.memory import Item
-from kernel.syscall import abort, syscall
+from kernel.syscall import syscall
 from kernel.table import ProcessTable
-from libvfm.errors import InvalidArgument, VfmError
+from vfmos_runtime.errors import InvalidArgument, VfmError
 from vfmos.data.v1 import data_pb2 as dpb
 from vfmos.kernel.v1 import kernel_pb2 as pb
 
@@ -85,23 +85,15 @@ class MemorySyscalls:
     DeleteSource = _for_own_tenant("DeleteSource")
     Search = _for_own_tenant("Search")
 
-    async def Ingest(self, request_iterator, context):
+    @syscall
+    async def Ingest(self, caller: Caller, request_iterator):
         """A document streamed through: parts are forwarded as they come, tenant rewritten."""
+        async def parts():
+            async for part in request_iterator:
+                part.tenant = caller.tenant
+                yield part
+
         try:
-            caller = self.auth.identify(context.invocation_metadata(), context.peer())
-
-            async def parts():
-                async for part in request_iterator:
-                    part.tenant = caller.tenant
-                    yield part
-
-            try:
-                return await self.context.stub().Ingest(parts(), timeout=3600)
-            except grpc.RpcError as exc:
-                raise self.context.error(exc) from None
-        except VfmError as err:
-            await abort(context, err)
-        except Exception:
-            log.exception("Ingest failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error in Ingest "
-                                "(see the vfmd log)")
+            return await self.context.stub().Ingest(parts(), timeout=3600)
+        except grpc.RpcError as exc:
+            raise self.context.error(exc) from None

@@ -7,8 +7,8 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 
-from libvfm.errors import FailedPrecondition, InvalidArgument
-from libvfm.types import Counters, ProcessSpec, Quota
+from vfmos_runtime.errors import FailedPrecondition, InvalidArgument
+from vfmos_runtime.types import Counters, ProcessSpec, Quota
 
 MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 0, 39, 20
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

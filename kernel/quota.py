@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from libvfm.errors import QuotaExceeded
-from libvfm.types import Counters, Quota
+from vfmos_runtime.errors import QuotaExceeded
+from vfmos_runtime.types import Counters, Quota
 
 
 @dataclass

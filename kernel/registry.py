@@ -11,11 +11,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kernel.store import KernelStore
-from libvfm.errors import InvalidArgument, Unavailable
+from vfmos_runtime.errors import InvalidArgument, Unavailable
+from vfmos_runtime.protocol import KNOWN_SERVICES
 
 log = logging.getLogger("vfmd.registry")
 
-KNOWN_SERVICES = ("vfm-modeld", "vfm-datad", "vfm-trustd")
 SERVING, NOT_SERVING, UNREACHABLE, UNKNOWN = "SERVING", "NOT_SERVING", "UNREACHABLE", "UNKNOWN"
 
 

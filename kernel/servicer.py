@@ -6,20 +6,17 @@ import logging
 import os
 import time
 
-import grpc
-
 from kernel.ask import AskDone, AskQuery, AskRunner
 from kernel.context import ContextManager
 from kernel.memory_syscalls import MemorySyscalls
-from kernel.syscall import abort, syscall
+from kernel.syscall import syscall
 from kernel.convert import process_to_pb, quota_from_pb, spec_from_pb
 from kernel.dispatch import Dispatcher
-from libvfm.convert import counters_to_pb, usage_to_pb
+from vfmos_runtime.convert import counters_to_pb, usage_to_pb
 from kernel.figures import daemon_figures
 from kernel.identity import Authenticator, Caller, require_admin
 from kernel.registry import ServiceRegistry
 from kernel.table import ProcessTable
-from libvfm.errors import VfmError
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos.kernel.v1 import kernel_pb2_grpc
 
@@ -137,21 +134,15 @@ class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServicer):
         require_admin(caller, "list tokens")
         return pb.TokenListResponse(tokens=[pb.TokenInfo(**info) for info in self.auth.tokens.list()])
 
-    async def Ask(self, request: pb.AskRequest, context):
+    @syscall
+    async def Ask(self, caller: Caller, request: pb.AskRequest):
         query = AskQuery(pid=request.pid, prompt=request.prompt,
                          max_new_tokens=request.max_new_tokens, temperature=request.temperature,
                          top_p=request.top_p, seed=request.seed, stop=tuple(request.stop),
                          ttft_slo_ms=request.ttft_slo_ms, stateless=request.stateless)
-        try:
-            caller = self.auth.identify(context.invocation_metadata(), context.peer())
-            async for item in self.asks.ask(caller, query):
-                if isinstance(item, AskDone):
-                    yield pb.AskChunk(done=pb.AskDone(finish_reason=item.finish_reason,
-                                                      usage=usage_to_pb(item.usage)))
-                else:
-                    yield pb.AskChunk(text=item)
-        except VfmError as err:
-            await abort(context, err)
-        except Exception:
-            log.exception("Ask failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error in Ask (see the vfmd log)")
+        async for item in self.asks.ask(caller, query):
+            if isinstance(item, AskDone):
+                yield pb.AskChunk(done=pb.AskDone(finish_reason=item.finish_reason,
+                                                  usage=usage_to_pb(item.usage)))
+            else:
+                yield pb.AskChunk(text=item)

@@ -2,34 +2,23 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 from typing import Callable, Iterator
 
-import lmdb
-import msgpack
-
 from kernel.process import ProcRecord
+from vfmos_runtime.storage import U64 as _PID
+from vfmos_runtime.storage import open_env
+from vfmos_runtime.storage import pack as _pack
+from vfmos_runtime.storage import unpack as _unpack
 
-_PID = struct.Struct(">Q")  # big-endian so LMDB's key order is pid order
 _NEXT_PID = b"next_pid"
-
-
-def _pack(value) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
-
-
-def _unpack(raw: bytes):
-    return msgpack.unpackb(raw, raw=False)
 
 
 class KernelStore:
     """Every write commits with fsync before it returns, so an acknowledged syscall survives kill -9."""
 
     def __init__(self, path: Path, map_size: int = 1 << 30):
-        path.mkdir(parents=True, exist_ok=True)
-        self._env = lmdb.open(str(path / "kernel.lmdb"), map_size=map_size, max_dbs=8,
-                              subdir=True, sync=True, metasync=True, lock=True)
+        self._env = open_env(path / "kernel.lmdb", map_size=map_size, max_dbs=8)
         self._meta = self._env.open_db(b"meta")
         self._procs = self._env.open_db(b"procs")
         self._tokens = self._env.open_db(b"tokens")

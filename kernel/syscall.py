@@ -1,4 +1,4 @@
-"""The syscall decorator: identify the caller, run the handler, map errors to statuses once."""
+"""The syscall decorator: identify the caller, then run the handler inside the shared boundary."""
 
 from __future__ import annotations
 
@@ -6,33 +6,27 @@ import functools
 import inspect
 import logging
 
-import grpc
-
-from libvfm.errors import VfmError, to_status
+from vfmos_runtime.boundary import rpc
 
 log = logging.getLogger("vfmd.syscall")
 
 
-async def abort(context, err: VfmError):
-    await context.abort_with_status(to_status(err))
-
-
 def syscall(fn):
-    """Wrap a unary handler `fn(self, caller, request)` (plain or async): identity first,
-    errors mapped once."""
+    """Wrap a handler `fn(self, caller, request)` (plain, async, or an async generator for a
+    server stream): identity first, errors mapped once by `vfmos_runtime.boundary`."""
+    if inspect.isasyncgenfunction(fn):
+        @functools.wraps(fn)
+        async def stream(self, request, context):
+            caller = self.auth.identify(context.invocation_metadata(), context.peer())
+            async for item in fn(self, caller, request):
+                yield item
+        return rpc(log)(stream)
+
     is_async = inspect.iscoroutinefunction(fn)
 
     @functools.wraps(fn)
-    async def handler(self, request, context):
-        try:
-            caller = self.auth.identify(context.invocation_metadata(), context.peer())
-            if is_async:
-                return await fn(self, caller, request)
-            return fn(self, caller, request)
-        except VfmError as err:
-            await abort(context, err)
-        except Exception:
-            log.exception("%s failed", fn.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__} "
-                                "(see the vfmd log)")
-    return handler
+    async def unary(self, request, context):
+        caller = self.auth.identify(context.invocation_metadata(), context.peer())
+        result = fn(self, caller, request)
+        return await result if is_async else result
+    return rpc(log)(unary)

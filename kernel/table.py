@@ -12,8 +12,8 @@ from kernel.process import (ON_RECOVERY, TERMINAL, ProcRecord, ProcState, valida
                             validate_quota, validate_spec)
 from kernel.quota import TokenBucket, admit
 from kernel.store import KernelStore
-from libvfm.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
-from libvfm.types import Counters, ProcessSpec, Quota, Usage
+from vfmos_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
+from vfmos_runtime.types import Counters, ProcessSpec, Quota, Usage
 
 log = logging.getLogger("vfmd.table")
 

@@ -1,7 +1,7 @@
 """libvfm: the typed client (sync and asyncio) for VFMOS syscalls."""
 
 from libvfm.client import AsyncClient, Client
-from libvfm.errors import VfmError
+from vfmos_runtime.errors import VfmError
 from libvfm.types import AskResult, DaemonStatus, Identity, Process, ProcessSpec, Quota, Usage
 
 __all__ = ["AsyncClient", "AskResult", "Client", "DaemonStatus", "Identity", "Process",

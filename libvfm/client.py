@@ -3,45 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import socket as _socket
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator
 
 import grpc
-import msgpack
 
 from libvfm import convert
-from libvfm.errors import Unauthenticated, Unavailable, VfmError, from_rpc_error
-from libvfm.paths import credentials_socket, kernel_socket
+from vfmos_runtime.errors import Unauthenticated, Unavailable, VfmError, from_rpc_error
+from vfmos_runtime.credentials import fetch_ticket
+from vfmos_runtime.paths import kernel_socket
+from vfmos_runtime.protocol import INGEST_PART_BYTES, MAX_MESSAGE_BYTES, TICKET_HEADER
 from libvfm.types import (AskResult, Collection, DaemonStatus, Identity, IngestResult,
                           MemoryEntry, Process, ProcessSpec, Quota, RecallHit, SearchHit,
                           SystemUsage, TokenInfo, Usage, WorkingSet)
 from vfmos.data.v1 import data_pb2 as dpb
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos.kernel.v1 import kernel_pb2_grpc
-
-TICKET_HEADER = "x-vfm-ticket"
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
-INGEST_PART_BYTES = 1 << 20
-
-
-def fetch_ticket(sock_path: Path, timeout: float = 5.0) -> str:
-    """Trade this process' uid (read by the kernel from the socket) for a session ticket."""
-    path = credentials_socket(sock_path)
-    try:
-        with _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(path))
-            data = b""
-            while chunk := sock.recv(4096):
-                data += chunk
-    except FileNotFoundError:
-        raise Unavailable(f"vfmd is not running (no socket at {sock_path}); "
-                          f"start it with 'vfmctl up'") from None
-    except OSError as exc:
-        raise Unavailable(f"cannot reach vfmd at {sock_path}: {exc}") from None
-    return msgpack.unpackb(data)["ticket"]
-
 
 class AsyncClient:
     """Typed asyncio client for the kernel; every method raises libvfm.errors on failure.

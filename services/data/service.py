@@ -8,9 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, TypeVar
 
-import lmdb
 
-from libvfm.errors import InvalidArgument, NotFound
+from vfmos_runtime.errors import InvalidArgument, NotFound
+from vfmos_runtime.protocol import MAX_TENANT
+from vfmos_runtime.storage import open_env
 from services.data.embed import Embedder
 from services.data.knowledge import KnowledgeBase
 from services.data.memory import EpisodicMemory
@@ -19,7 +20,6 @@ from services.data.tokens import TokenCounter
 
 log = logging.getLogger("vfm-datad")
 T = TypeVar("T")
-MAX_TENANT = 128
 
 
 def check_tenant(tenant: str) -> str:
@@ -34,9 +34,7 @@ class DataService:
 
     def __init__(self, data_dir: Path, embedder: Embedder, counter: TokenCounter,
                  map_size: int = 8 << 30, workers: int = 2):
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.env = lmdb.open(str(data_dir / "data.lmdb"), map_size=map_size, max_dbs=32,
-                             subdir=True, sync=True, metasync=True, lock=True)
+        self.env = open_env(data_dir / "data.lmdb", map_size=map_size, max_dbs=32)
         self.embedder = embedder
         self.counter = counter
         self.memory = EpisodicMemory(self.env, embedder, counter)

@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 
-import grpc
-
-from libvfm.errors import InvalidArgument, VfmError, to_status
+from vfmos_runtime.boundary import rpc as boundary
+from vfmos_runtime.errors import InvalidArgument
 from services.data.memory import Stored
 from services.data.service import DataService, check_tenant
 from vfmos.data.v1 import data_pb2 as pb
 from vfmos.data.v1 import data_pb2_grpc
 
 log = logging.getLogger("vfm-datad.rpc")
+rpc = boundary(log)
 MAX_DOCUMENT_BYTES = 512 << 20
-
-
-def rpc(fn):
-    """Wrap an async unary handler: domain errors become statuses, surprises INTERNAL."""
-
-    @functools.wraps(fn)
-    async def handler(self, request, context):
-        try:
-            return await fn(self, request)
-        except VfmError as err:
-            await context.abort_with_status(to_status(err))
-        except Exception:
-            log.exception("%s failed", fn.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL,
-                                f"internal error in {fn.__name__} (see the vfm-datad log)")
-    return handler
 
 
 def entry_to_pb(s: Stored) -> pb.MemoryEntry:
@@ -52,45 +35,39 @@ class DataServicer(data_pb2_grpc.DataServicer):
 
     # knowledge
     @rpc
-    async def CreateCollection(self, request: pb.CreateCollectionRequest) -> pb.Collection:
+    async def CreateCollection(self, request: pb.CreateCollectionRequest, context) -> pb.Collection:
         c = await self.s.run(self.s.knowledge.create_collection, check_tenant(request.tenant),
                              request.name, request.description)
         return _collection(c)
 
     @rpc
-    async def ListCollections(self, request: pb.ListCollectionsRequest):
+    async def ListCollections(self, request: pb.ListCollectionsRequest, context):
         items = await self.s.run(self.s.knowledge.list_collections, check_tenant(request.tenant))
         return pb.ListCollectionsResponse(collections=[_collection(c) for c in items])
 
     @rpc
-    async def DeleteCollection(self, request: pb.CollectionRequest):
+    async def DeleteCollection(self, request: pb.CollectionRequest, context):
         n = await self.s.run(self.s.knowledge.delete_collection, check_tenant(request.tenant),
                              request.name)
         return pb.DeleteCollectionResponse(chunks=n)
 
+    @rpc
     async def Ingest(self, request_iterator, context):
-        try:
-            head, data = await _read_document(request_iterator)
-            result = await self.s.run(
-                self.s.knowledge.ingest, check_tenant(head.tenant), head.collection, head.source,
-                data, kind=head.kind or None, mtime=head.mtime or None, meta=dict(head.meta))
-            return pb.IngestResponse(source=head.source, chunks=result.chunks,
-                                     unchanged=result.skipped_unchanged, replaced=result.replaced)
-        except VfmError as err:
-            await context.abort_with_status(to_status(err))
-        except Exception:
-            log.exception("Ingest failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error in Ingest "
-                                "(see the vfm-datad log)")
+        head, data = await _read_document(request_iterator)
+        result = await self.s.run(
+            self.s.knowledge.ingest, check_tenant(head.tenant), head.collection, head.source,
+            data, kind=head.kind or None, mtime=head.mtime or None, meta=dict(head.meta))
+        return pb.IngestResponse(source=head.source, chunks=result.chunks,
+                                 unchanged=result.skipped_unchanged, replaced=result.replaced)
 
     @rpc
-    async def DeleteSource(self, request: pb.DeleteSourceRequest):
+    async def DeleteSource(self, request: pb.DeleteSourceRequest, context):
         n = await self.s.run(self.s.knowledge.delete_source, check_tenant(request.tenant),
                              request.collection, request.source)
         return pb.DeleteSourceResponse(chunks=n)
 
     @rpc
-    async def Search(self, request: pb.SearchRequest) -> pb.SearchResponse:
+    async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
         hits = await self.s.run(self.s.knowledge.search, check_tenant(request.tenant),
                                 request.collection, request.query, k=request.k or 10,
                                 filters=dict(request.filters) or None,
@@ -99,7 +76,7 @@ class DataServicer(data_pb2_grpc.DataServicer):
 
     # episodic memory
     @rpc
-    async def Remember(self, request: pb.RememberRequest) -> pb.RememberResponse:
+    async def Remember(self, request: pb.RememberRequest, context) -> pb.RememberResponse:
         items = [{"speaker": e.speaker, "text": e.text, "time": e.time, "meta": dict(e.meta),
                   "pinned": e.pinned} for e in request.entries]
         first, count, pages = await self.s.run(self.s.memory.remember,
@@ -107,14 +84,14 @@ class DataServicer(data_pb2_grpc.DataServicer):
         return pb.RememberResponse(first_seq=first, count=count, pages=pages)
 
     @rpc
-    async def Recall(self, request: pb.RecallRequest) -> pb.RecallResponse:
+    async def Recall(self, request: pb.RecallRequest, context) -> pb.RecallResponse:
         hits = await self.s.run(self.s.memory.recall, check_tenant(request.tenant), request.pid,
                                 request.query, request.k or 10, request.now)
         return pb.RecallResponse(hits=[pb.RecallHit(entry=entry_to_pb(s), score=score)
                                        for s, score in hits])
 
     @rpc
-    async def Candidates(self, request: pb.CandidatesRequest) -> pb.CandidatesResponse:
+    async def Candidates(self, request: pb.CandidatesRequest, context) -> pb.CandidatesResponse:
         tenant = check_tenant(request.tenant)
         found = await self.s.run(self.s.memory.candidates, tenant, request.pid, request.question,
                                  request.limit or 200, request.recent, request.now)
@@ -134,12 +111,12 @@ class DataServicer(data_pb2_grpc.DataServicer):
             entries=found.entries)
 
     @rpc
-    async def Forget(self, request: pb.ForgetRequest) -> pb.ForgetResponse:
+    async def Forget(self, request: pb.ForgetRequest, context) -> pb.ForgetResponse:
         n = await self.s.run(self.s.memory.forget, check_tenant(request.tenant), request.pid)
         return pb.ForgetResponse(entries=n)
 
     @rpc
-    async def ForkMemory(self, request: pb.ForkMemoryRequest) -> pb.ForkMemoryResponse:
+    async def ForkMemory(self, request: pb.ForkMemoryRequest, context) -> pb.ForkMemoryResponse:
         n = await self.s.run(self.s.memory.fork, check_tenant(request.tenant), request.parent,
                              request.child)
         return pb.ForkMemoryResponse(shared=n)

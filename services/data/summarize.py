@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
-import msgpack
 
 from libvfm import AsyncClient
-from libvfm.errors import VfmError
+from vfmos_runtime.errors import VfmError
+from vfmos_runtime.storage import pack, unpack
 from services.data.memory import EpisodicMemory, Stored
 from services.data.tokens import TokenCounter
 
@@ -47,7 +47,7 @@ class SummaryStore:
     def put(self, tenant: str, pid: int, s: Summary) -> None:
         with self._env.begin(write=True) as txn:
             txn.put(self._key(tenant, pid, s.first_page),
-                    msgpack.packb([s.first_page, s.last_page, s.text, s.tokens]), db=self._db)
+                    pack([s.first_page, s.last_page, s.text, s.tokens]), db=self._db)
 
     def list(self, tenant: str, pid: int) -> list[Summary]:
         lo, hi = self._key(tenant, pid), self._key(tenant, pid + 1)
@@ -58,7 +58,7 @@ class SummaryStore:
                 for key, raw in cursor:
                     if bytes(key) >= hi:
                         break
-                    out.append(Summary(*msgpack.unpackb(raw)))
+                    out.append(Summary(*unpack(raw)))
         return out
 
 

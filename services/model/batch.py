@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from libvfm.errors import Internal
+from vfmos_runtime.errors import Internal
 from services.model import layerwise
 from services.model.decode import TextStream, eos_ids, pick
 from services.model.prefix import KV, PrefixCache, common_prefix

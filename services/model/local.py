@@ -14,19 +14,12 @@ import time
 from pathlib import Path
 from typing import AsyncIterator
 
-from libvfm.errors import InvalidArgument, Unavailable
+from vfmos_runtime.errors import InvalidArgument, Unavailable
 from services.model.batch import BatchEngine, Job
 from services.model.registry import ModelEntry
 from services.model.types import GenParams, Piece
 
 log = logging.getLogger("vfm-modeld.local")
-
-
-def cache_root(env=os.environ) -> Path:
-    if env.get("VFM_CACHE_DIR"):
-        return Path(env["VFM_CACHE_DIR"])
-    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "vfmos"
 
 
 def _package_dir(package: str) -> Path:

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from typing import AsyncIterator
 
-from libvfm.errors import (InvalidArgument, NotFound, PermissionDenied, QuotaExceeded,
+from vfmos_runtime.errors import (InvalidArgument, NotFound, PermissionDenied, QuotaExceeded,
                            Unavailable, VfmError)
 from services.model.registry import ModelEntry
 from services.model.types import GenParams, Piece

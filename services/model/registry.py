@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from libvfm.errors import InvalidArgument, NotFound
+from vfmos_runtime.errors import InvalidArgument, NotFound
 
 BACKENDS = ("local-torch", "openai")
 

@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 from typing import AsyncIterator
 
-from libvfm.errors import InvalidArgument
+from vfmos_runtime.errors import InvalidArgument
+from vfmos_runtime.protocol import MAX_NEW_TOKENS
 from services.model.local import FirstTokenTrace, LocalTorchBackend
 from services.model.openai_compat import OpenAIBackend
 from services.model.registry import ModelEntry, ModelRegistry
@@ -14,7 +15,6 @@ from services.model.types import GenParams, Piece
 
 log = logging.getLogger("vfm-modeld")
 
-MAX_NEW_TOKENS = 4096
 ROLES = ("system", "user", "assistant")
 
 

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import logging
 
-
-from libvfm.errors import VfmError, to_status
+from vfmos_runtime.boundary import rpc as boundary
 from services.model.service import ModelService
 from services.model.types import GenParams
 from vfmos.model.v1 import model_pb2 as pb
 from vfmos.model.v1 import model_pb2_grpc
 
 log = logging.getLogger("vfm-modeld.rpc")
+rpc = boundary(log)
 
 
 class ModelServicer(model_pb2_grpc.ModelServicer):
     def __init__(self, service: ModelService):
         self.service = service
 
+    @rpc
     async def Generate(self, request: pb.GenerateRequest, context):
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         params = GenParams(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
@@ -25,17 +26,15 @@ class ModelServicer(model_pb2_grpc.ModelServicer):
                            assistant_prefix=request.assistant_prefix,
                            assistant_prefix_ids=tuple(request.assistant_prefix_ids),
                            priority=request.priority)
-        try:
-            model = self.service.registry.get(request.model).name
-            async for piece in self.service.generate(request.model, messages, params):
-                yield pb.GenerateChunk(
-                    text=piece.text, tokens=piece.tokens, prompt_tokens=piece.prompt_tokens,
-                    done=piece.done, finish_reason=piece.finish_reason,
-                    completion_tokens=piece.completion_tokens, model=model if piece.done else "",
-                    token_ids=piece.token_ids)
-        except VfmError as err:
-            await context.abort_with_status(to_status(err))
+        model = self.service.registry.get(request.model).name
+        async for piece in self.service.generate(request.model, messages, params):
+            yield pb.GenerateChunk(
+                text=piece.text, tokens=piece.tokens, prompt_tokens=piece.prompt_tokens,
+                done=piece.done, finish_reason=piece.finish_reason,
+                completion_tokens=piece.completion_tokens, model=model if piece.done else "",
+                token_ids=piece.token_ids)
 
+    @rpc
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         registry = self.service.registry
         return pb.ListModelsResponse(models=[

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from services.model import batch
-from services.model.local import cache_root
+from vfmos_runtime.paths import cache_root
 from services.model.prefix import PrefixCache, common_prefix
 from services.model.registry import ModelRegistry
 from services.model.service import ModelService

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from libvfm.errors import InvalidArgument, NotFound
-from services.model.local import cache_root
+from vfmos_runtime.paths import cache_root
 from services.model.registry import ModelRegistry
 from services.model.service import ModelService
 from services.model.types import GenParams
@@ -98,7 +98,7 @@ def test_cancel_stops_generation_within_a_step(service):
 
 
 def test_grpc_generate_and_list_models(service, tmp_path):
-    from kernel.runtime.server import ServerConfig, create_server
+    from vfmos_runtime.server import ServerConfig, create_server
     from services.model.servicer import ModelServicer
 
     async def scenario():

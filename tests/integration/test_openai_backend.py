@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from libvfm.errors import InvalidArgument, PermissionDenied, Unavailable
-from services.model.local import cache_root, converted_dir
+from services.model.local import converted_dir
+from vfmos_runtime.paths import cache_root
 from services.model.openai_compat import OpenAIBackend
 from services.model.registry import ModelEntry, ModelRegistry
 from services.model.service import ModelService

@@ -3,7 +3,7 @@
 import grpc
 import pytest
 
-from libvfm import errors
+from vfmos_runtime import errors
 
 
 class FakeRpcError(grpc.RpcError):

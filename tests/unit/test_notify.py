@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from kernel.runtime.notify import (notify, notify_ready, notify_status, notify_stopping,
+from vfmos_runtime.notify import (notify, notify_ready, notify_status, notify_stopping,
                                    watchdog_interval)
 
 

@@ -12,10 +12,10 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2
 
-from kernel.runtime.notify import notify_ready, notify_stopping
-from kernel.runtime.server import serve_until_signal
+from vfmos_runtime.notify import notify_ready, notify_stopping
+from vfmos_runtime.server import serve_until_signal
 from libvfm import AsyncClient
-from libvfm.errors import VfmError
+from vfmos_runtime.errors import VfmError
 
 log = logging.getLogger("vfmos.registration")
 

@@ -15,7 +15,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+from vfmos_runtime.protocol import MAX_MESSAGE_BYTES
+
 
 
 @dataclass

@@ -1,1 +1,0 @@
-"""Daemon plumbing shared by vfmd and every service daemon: servers, config, notify, figures."""

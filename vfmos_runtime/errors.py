@@ -1,0 +1,122 @@
+"""One error vocabulary for VFMOS, shared by the daemons and the client, with its gRPC mapping."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+
+class VfmError(Exception):
+    """Base of every error VFMOS reports; `code` is the gRPC status it travels as."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(VfmError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(VfmError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(VfmError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class PermissionDenied(VfmError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(VfmError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class FailedPrecondition(VfmError):
+    """An illegal state transition, or an operation the current state forbids."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(VfmError):
+    """A daemon or service is down; retrying later may succeed."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Cancelled(VfmError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class DeadlineExceeded(VfmError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Internal(VfmError):
+    code = grpc.StatusCode.INTERNAL
+
+
+class QuotaExceeded(VfmError):
+    """A quota is spent; `quota` names it (max_tokens, tokens_per_minute, ...)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, quota: str = "", subject: str = ""):
+        super().__init__(message)
+        self.quota = quota
+        self.subject = subject
+
+
+_BY_CODE: dict[grpc.StatusCode, type[VfmError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument, NotFound, AlreadyExists, PermissionDenied, Unauthenticated,
+        FailedPrecondition, Unavailable, Cancelled, DeadlineExceeded, Internal, QuotaExceeded,
+    )
+}
+
+
+def to_status(err: VfmError) -> grpc.Status:
+    """The rich gRPC status for `err` (QuotaFailure details for quota errors)."""
+    details = []
+    if isinstance(err, QuotaExceeded):
+        failure = error_details_pb2.QuotaFailure(
+            violations=[error_details_pb2.QuotaFailure.Violation(
+                subject=err.subject, description=err.quota)])
+        packed = any_pb2.Any()
+        packed.Pack(failure)
+        details.append(packed)
+    status = status_pb2.Status(code=err.code.value[0], message=err.message, details=details)
+    return rpc_status.to_status(status)
+
+
+def from_rpc_error(exc: grpc.RpcError) -> VfmError:
+    """The typed VfmError for an RpcError raised by a gRPC call."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    message = (exc.details() if hasattr(exc, "details") else "") or str(code)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        quota, subject = _quota_violation(exc)
+        return QuotaExceeded(message, quota=quota, subject=subject)
+    if code == grpc.StatusCode.UNAVAILABLE and "connect" in message.lower():
+        message = f"cannot reach the daemon ({message})"
+    return _BY_CODE.get(code, Internal)(message)
+
+
+def _quota_violation(exc: grpc.RpcError) -> tuple[str, str]:
+    try:
+        status = rpc_status.from_call(exc)
+    except (AttributeError, ValueError):
+        return "", ""
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            failure = error_details_pb2.QuotaFailure()
+            detail.Unpack(failure)
+            if failure.violations:
+                return failure.violations[0].description, failure.violations[0].subject
+    return "", ""
