@@ -193,7 +193,8 @@ class AskRunner:
         segment_start = time.perf_counter()
         prompt_seen = False
         try:
-            call = model_pb2_grpc.ModelStub(self._registry.channel(MODEL_SERVICE)).Generate(request)
+            call = model_pb2_grpc.ModelStub(self._registry.channel(MODEL_SERVICE)).Generate(
+                request, metadata=self._registry.metadata(MODEL_SERVICE))
             interrupt.call = call
             async for chunk in call:
                 if not prompt_seen and chunk.prompt_tokens:
@@ -241,7 +242,8 @@ class AskRunner:
             return
         stub = model_pb2_grpc.ModelStub(self._registry.channel(MODEL_SERVICE))
         try:
-            reply = await stub.ListModels(model_pb2.ListModelsRequest(), timeout=5.0)
+            reply = await stub.ListModels(model_pb2.ListModelsRequest(), timeout=5.0,
+                                         metadata=self._registry.metadata(MODEL_SERVICE))
         except grpc.RpcError as exc:
             self._registry.suspect(MODEL_SERVICE)
             raise Unavailable(f"service {MODEL_SERVICE} is unavailable: "

@@ -46,10 +46,14 @@ class ContextManager:
     def stub(self) -> data_pb2_grpc.DataStub:
         return data_pb2_grpc.DataStub(self._registry.channel(DATA_SERVICE))
 
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._registry.metadata(DATA_SERVICE)
+
     async def call(self, method: str, request, timeout: float = CALL_TIMEOUT_S):
         """One unary call to vfm-datad, its errors in our vocabulary."""
         try:
-            return await getattr(self.stub(), method)(request, timeout=timeout)
+            return await getattr(self.stub(), method)(
+                request, timeout=timeout, metadata=self._registry.metadata(DATA_SERVICE))
         except grpc.RpcError as exc:
             raise self.error(exc) from None
 

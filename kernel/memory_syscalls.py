@@ -94,6 +94,7 @@ class MemorySyscalls:
                 yield part
 
         try:
-            return await self.context.stub().Ingest(parts(), timeout=3600)
+            return await self.context.stub().Ingest(parts(), timeout=3600,
+                                                    metadata=self.context.metadata())
         except grpc.RpcError as exc:
             raise self.context.error(exc) from None

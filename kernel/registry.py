@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -12,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kernel.store import KernelStore
 from vfmos_runtime.errors import InvalidArgument, Unavailable
-from vfmos_runtime.protocol import KNOWN_SERVICES
+from vfmos_runtime.protocol import KERNEL_SECRET_HEADER, KNOWN_SERVICES
 
 log = logging.getLogger("vfmd.registry")
 
@@ -28,6 +29,7 @@ class ServiceEntry:
     health: str = UNKNOWN
     last_seen: float = 0.0
     down_since: float = field(default=0.0)
+    secret: str = field(default="", repr=False)  # presented on every call to the service
 
 
 class ServiceRegistry:
@@ -49,14 +51,21 @@ class ServiceRegistry:
         if not address.startswith(("unix:", "dns:", "ipv4:", "ipv6:")) and ":" not in address:
             raise InvalidArgument(f"bad service address {address!r}")
         old = self._entries.get(name)
-        entry = ServiceEntry(name, address, pid, time.time(), SERVING, time.time())
-        if old is None or old.address != address or old.pid != pid:
+        same = old is not None and old.address == address and old.pid == pid and old.secret
+        entry = ServiceEntry(name, address, pid, time.time(), SERVING, time.time(),
+                             secret=old.secret if same else secrets.token_urlsafe(32))
+        if not same:
             self._store.put_service(name, {k: v for k, v in asdict(entry).items()
                                            if k not in ("health", "last_seen", "down_since")})
             self._drop_channel(name)
             log.info("service %s registered at %s (pid %d)", name, address, pid)
         self._entries[name] = entry
         return entry
+
+    def metadata(self, name: str) -> tuple[tuple[str, str], ...]:
+        """What every call to `name` carries: the secret it was given at registration."""
+        entry = self._entries.get(name)
+        return ((KERNEL_SECRET_HEADER, entry.secret),) if entry is not None else ()
 
     def entries(self) -> list[ServiceEntry]:
         return list(self._entries.values())

@@ -114,8 +114,9 @@ class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServicer):
     @syscall
     def RegisterService(self, caller: Caller, request: pb.RegisterServiceRequest):
         require_admin(caller, "register a service")
-        self.registry.register(request.name, request.address, request.pid)
-        return pb.RegisterServiceResponse(heartbeat_s=self.registry.interval_s)
+        entry = self.registry.register(request.name, request.address, request.pid)
+        return pb.RegisterServiceResponse(heartbeat_s=self.registry.interval_s,
+                                          kernel_secret=entry.secret)
 
     @syscall
     def CreateToken(self, caller: Caller, request: pb.TokenCreateRequest):

@@ -15,7 +15,7 @@ from vfmos_runtime.paths import kernel_socket
 from vfmos_runtime.protocol import INGEST_PART_BYTES, MAX_MESSAGE_BYTES, TICKET_HEADER
 from libvfm.types import (AskResult, Collection, DaemonStatus, Identity, IngestResult,
                           MemoryEntry, Process, ProcessSpec, Quota, RecallHit, SearchHit,
-                          SystemUsage, TokenInfo, Usage, WorkingSet)
+                          ServiceRegistration, SystemUsage, TokenInfo, Usage, WorkingSet)
 from vfmos.data.v1 import data_pb2 as dpb
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos.kernel.v1 import kernel_pb2_grpc
@@ -250,9 +250,12 @@ class AsyncClient:
     async def set_tenant_weight(self, tenant: str, weight: float) -> None:
         await self._call("SetTenantWeight", pb.SetTenantWeightRequest(tenant=tenant, weight=weight))
 
-    async def register_service(self, name: str, address: str, pid: int) -> float:
+    async def register_service(self, name: str, address: str, pid: int) -> ServiceRegistration:
+        """Register a service daemon (admin): when to register again, and the secret the
+        kernel will present on its calls to the service."""
         request = pb.RegisterServiceRequest(name=name, address=address, pid=pid)
-        return (await self._call("RegisterService", request)).heartbeat_s
+        reply = await self._call("RegisterService", request)
+        return ServiceRegistration(reply.heartbeat_s, reply.kernel_secret)
 
     async def token_create(self, tenant: str, admin: bool = False, label: str = "") -> tuple[str, str]:
         reply = await self._call("CreateToken", pb.TokenCreateRequest(

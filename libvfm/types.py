@@ -164,3 +164,11 @@ class IngestResult:
     chunks: int
     unchanged: bool
     replaced: int
+
+
+@dataclass
+class ServiceRegistration:
+    """The kernel's answer to a service that registers."""
+
+    heartbeat_s: float
+    kernel_secret: str = field(repr=False)

@@ -12,6 +12,7 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2
 
+from vfmos_runtime.gate import KernelGate
 from vfmos_runtime.notify import notify_ready, notify_stopping
 from vfmos_runtime.server import serve_until_signal
 from libvfm import AsyncClient
@@ -20,12 +21,16 @@ from vfmos_runtime.errors import VfmError
 log = logging.getLogger("vfmos.registration")
 
 
-async def register_forever(kernel_socket: Path, name: str, address: str) -> None:
+async def register_forever(kernel_socket: Path, name: str, address: str,
+                           gate: KernelGate) -> None:
+    """Register every heartbeat; each answer tells `gate` which secret the kernel presents."""
     client = AsyncClient(kernel_socket, timeout=3.0)
     interval, warned = 2.0, False
     while True:
         try:
-            interval = await client.register_service(name, address, os.getpid()) or 2.0
+            registration = await client.register_service(name, address, os.getpid())
+            gate.admit(registration.kernel_secret)
+            interval = registration.heartbeat_s or 2.0
             if warned:
                 log.info("%s registered with the kernel again", name)
             warned = False
@@ -40,12 +45,12 @@ async def register_forever(kernel_socket: Path, name: str, address: str) -> None
 
 async def serve_registered(server: grpc.aio.Server, health, name: str, service_name: str,
                            socket: Path, kernel_socket: Path, close: Callable[[], None],
-                           background: tuple[asyncio.Task, ...] = ()) -> None:
+                           gate: KernelGate, background: tuple[asyncio.Task, ...] = ()) -> None:
     """Mark the (started) server SERVING, register with the kernel, tell systemd we are
     ready, and serve until a signal; then stop the background tasks and `close()`."""
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
-    tasks = (asyncio.create_task(register_forever(kernel_socket, name, f"unix:{socket}")),
+    tasks = (asyncio.create_task(register_forever(kernel_socket, name, f"unix:{socket}", gate)),
              *background)
     notify_ready(f"serving on {socket}")
 

@@ -27,6 +27,7 @@ class ServerConfig:
     tls_key: Path | None = None
     max_message_bytes: int = MAX_MESSAGE_BYTES
     socket_mode: int = 0o666          # identity comes from credentials, not file modes
+    interceptors: tuple = ()          # e.g. a KernelGate: only the kernel may call a service
 
 
 def create_server(config: ServerConfig, register: Callable[[grpc.aio.Server], None],
@@ -37,7 +38,7 @@ def create_server(config: ServerConfig, register: Callable[[grpc.aio.Server], No
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, interceptors=list(config.interceptors))
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

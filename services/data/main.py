@@ -15,6 +15,7 @@ from vfmos_runtime.server import (DaemonStartError, ServerConfig, create_server,
                                    setup_logging)
 from vfmos_runtime.errors import VfmError
 from vfmos_runtime.config import ConfigError
+from vfmos_runtime.gate import KernelGate
 from services.data.embed import load_embedder
 from services.data.service import DataService
 from services.data.servicer import DataServicer
@@ -43,8 +44,9 @@ async def serve(cfg: DataConfig) -> None:
     except (lmdb.Error, OSError) as exc:
         raise DaemonStartError(f"cannot open the data store in {data_dir}: {exc}") from exc
     servicer = DataServicer(service)
+    gate = KernelGate(NAME)
     server, health, _ = create_server(
-        ServerConfig(unix_socket=socket),
+        ServerConfig(unix_socket=socket, interceptors=(gate,)),
         lambda s: data_pb2_grpc.add_DataServicer_to_server(servicer, s), [SERVICE_NAME])
     await server.start()
     os.chmod(socket, 0o660)  # only the kernel (same user or group) talks to us
@@ -56,8 +58,7 @@ async def serve(cfg: DataConfig) -> None:
     log.info("%s serving on %s (data in %s, embeddings %s)", NAME, socket, data_dir,
              embedder.name)
     await serve_registered(server, health, NAME, SERVICE_NAME, socket,
-                           cfg.kernel_socket, service.close,
-                           background)
+                           cfg.kernel_socket, service.close, gate, background)
 
 
 def main(argv: list[str] | None = None) -> int:

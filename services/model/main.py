@@ -14,6 +14,7 @@ from vfmos_runtime.server import (DaemonStartError, ServerConfig, create_server,
                                    setup_logging)
 from vfmos_runtime.errors import VfmError
 from vfmos_runtime.config import ConfigError
+from vfmos_runtime.gate import KernelGate
 from services.model.config import NAME, ModelConfig, load
 from services.model.registry import ModelRegistry
 from services.model.service import ModelService
@@ -36,8 +37,9 @@ async def serve(cfg: ModelConfig) -> None:
     except OSError as exc:
         raise DaemonStartError(f"--ttft-trace: {exc}") from exc
     servicer = ModelServicer(service)
+    gate = KernelGate(NAME)
     server, health, _ = create_server(
-        ServerConfig(unix_socket=socket),
+        ServerConfig(unix_socket=socket, interceptors=(gate,)),
         lambda s: model_pb2_grpc.add_ModelServicer_to_server(servicer, s), [SERVICE_NAME])
     await server.start()
     os.chmod(socket, 0o660)  # only the kernel (same user or group) talks to us
@@ -49,7 +51,7 @@ async def serve(cfg: ModelConfig) -> None:
         await backend.wait_loaded()
     log.info("%s serving on %s (default model %s)", NAME, socket, registry.default)
     await serve_registered(server, health, NAME, SERVICE_NAME, socket,
-                           cfg.kernel_socket, service.stop)
+                           cfg.kernel_socket, service.stop, gate)
 
 
 def main(argv: list[str] | None = None) -> int:
