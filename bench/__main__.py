@@ -13,6 +13,7 @@ BENCHES = {
     "stack": "bench.stack",
     "locomo": "bench.locomo_stack",
     "ingest": "bench.ingest",
+    "kernel_load": "bench.kernel_load",
 }
 
 

@@ -1,0 +1,87 @@
+"""A fake-fast model service for `bench kernel_load`: a real `vfmos.model.v1.Model` gRPC server
+with no model behind it, registered with a kernel as `vfm-modeld`.
+
+What it sends, kept as honest as the real vfm-modeld's wire traffic: one `GenerateChunk` per
+token (tokens=1, a short word of text, its token id, and `prompt_tokens` on every chunk, as
+`services/model/batch.py` emits them), then one final chunk (done, finish_reason "length",
+completion_tokens, model). Every answer runs to `max_new_tokens`. No sleeping, no batching of
+tokens into one message: it streams as fast as gRPC lets it. `ListModels` reports one default
+model whose `max_batch` is large (64) so the kernel runs every ask at once.
+
+    python -m bench.fake_modeld --socket PATH [--kernel-socket PATH] [--max-batch 64]
+
+Without --kernel-socket it only serves (the bench's direct baseline reads it like that).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kernel.runtime.registration import serve_registered
+from kernel.runtime.server import ServerConfig, create_server, run_daemon, serve_until_signal
+from vfmos.model.v1 import model_pb2 as pb
+from vfmos.model.v1 import model_pb2_grpc
+
+MODEL = "fake-fast"
+# Short pieces like a real tokenizer's (about 4-5 characters a token).
+VOCAB = (" the", " old", " light", "house", " keeper", " walked", " up", " the", " stairs",
+         ",", " and", " looked", " out", " at", " the", " sea", ".", " It", " was", " dark")
+DEFAULT_NEW_TOKENS = 256
+
+
+def prompt_tokens(request: pb.GenerateRequest) -> int:
+    """A stand-in for the chat template's token count: words plus a few per message."""
+    words = sum(len(m.content.split()) for m in request.messages)
+    return words + 4 * len(request.messages) + len(request.assistant_prefix_ids) + 1
+
+
+class FakeModel(model_pb2_grpc.ModelServicer):
+    def __init__(self, max_batch: int):
+        self.max_batch = max_batch
+
+    async def Generate(self, request: pb.GenerateRequest, context):
+        prompt = prompt_tokens(request)
+        n = request.max_new_tokens or DEFAULT_NEW_TOKENS
+        vocab = len(VOCAB)
+        for i in range(n):
+            word = i % vocab
+            yield pb.GenerateChunk(text=VOCAB[word], tokens=1, prompt_tokens=prompt,
+                                   token_ids=(100 + word,))
+        yield pb.GenerateChunk(done=True, finish_reason="length", prompt_tokens=prompt,
+                               completion_tokens=n, model=MODEL)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[pb.ModelInfo(
+            name=MODEL, backend="fake", context_window=32768, cost_per_1k_tokens=0.0,
+            loaded=True, is_default=True, max_batch=self.max_batch)])
+
+
+async def serve(socket: Path, kernel_socket: Path | None, max_batch: int) -> None:
+    servicer = FakeModel(max_batch)
+    service_name = pb.DESCRIPTOR.services_by_name["Model"].full_name
+    server, health, _ = create_server(
+        ServerConfig(unix_socket=socket),
+        lambda s: model_pb2_grpc.add_ModelServicer_to_server(servicer, s), [service_name])
+    await server.start()
+    if kernel_socket is None:
+        from grpc_health.v1 import health_pb2
+        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await serve_until_signal(server)
+        return
+    await serve_registered(server, health, "vfm-modeld", service_name, socket, kernel_socket,
+                           close=lambda: None)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.fake_modeld", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--socket", type=Path, required=True, help="Unix socket to serve on")
+    parser.add_argument("--kernel-socket", type=Path, help="register with this vfmd as vfm-modeld")
+    parser.add_argument("--max-batch", type=int, default=64, help="max_batch in ListModels")
+    args = parser.parse_args()
+    return run_daemon(lambda: serve(args.socket, args.kernel_socket, args.max_batch))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
