@@ -1,9 +1,12 @@
 """Fairness bench: tenant A floods with 8 processes, tenant B has 1; shares of decode tokens,
 weighted shares, and an interactive process's time to first token; fair policy vs fifo.
 
-Both tenants are backlogged: A keeps 16 asks in flight, B's one process keeps 4, and the
-model has 8 slots; an interactive priority-39 process of B asks a short question every
-half second. Its questions vary (a fixed list, asked in the same order unloaded and
+Both tenants are backlogged: A keeps 16 asks in flight, B's one process keeps 8, and the
+model has 8 slots, so each tenant always has asks queued beyond its share of the slots (with
+only 4 in flight, B held at most its equal share, 4 slots, and every gap between two of its
+asks was share lost for good: that, not the scheduler, is why B measured 0.44 and, in the
+short --quick phases, 0.36). An interactive priority-39 process of B asks a short question
+every half second. Its questions vary (a fixed list, asked in the same order unloaded and
 loaded): the same question every time would ride on a whole-prompt prefix-cache hit and
 flatter both figures. A second table shows where its time to first token went (p50/p95):
 the kernel's slot wait, waiting for the running decode step, other arrivals' prefills,
@@ -35,6 +38,7 @@ QUESTIONS = ["Say hello.", "What is two plus two?", "Name a colour.", "Spell 'ca
              "Say yes or no.", "Name an animal.", "What is the capital of France?",
              "Count to three."]
 _asked = itertools.count()
+B_IN_FLIGHT = 8  # the model's slots: twice B's equal share, as A's 16 are twice its
 
 
 def question(n: int) -> str:
@@ -92,11 +96,11 @@ async def _interactive(client: AsyncClient, pid: int, until: float, rec: Record,
 
 async def _phase(target: str, tokens: dict[str, str], seconds: float, new_tokens: int,
                  with_interactive: bool) -> Record:
-    """A floods: 8 processes with 2 asks each in flight; B: 1 process with 4 in flight.
-    Both stay backlogged (more asks than the model has slots)."""
+    """A floods: 8 processes with 2 asks each in flight; B: 1 process with B_IN_FLIGHT.
+    Both stay backlogged: each has more asks in flight than its share of the slots."""
     rec = Record()
     a = [AsyncClient(target=target, token=tokens["tenant-a"]) for _ in range(16)]
-    b = [AsyncClient(target=target, token=tokens["tenant-b"]) for _ in range(4)]
+    b = [AsyncClient(target=target, token=tokens["tenant-b"]) for _ in range(B_IN_FLIGHT)]
     a_pids = [(await c.spawn(f"a{i}")).pid for i, c in enumerate(a[:8])] * 2
     b_pid = (await b[0].spawn("b0")).pid
     until = time.monotonic() + seconds
@@ -270,7 +274,7 @@ def main(argv: list[str]) -> int:
                                               "ttft_p95_ratio")}
     figures.update({f"fifo_{k}": round(base[k], 3) for k in ("jain", "share_b", "weighted_error",
                                                               "ttft_p95_ratio")})
-    report(f"fairness: A has 8 processes (16 asks in flight), B has 1 (4 in flight); "
+    report(f"fairness: A has 8 processes (16 asks in flight), B has 1 ({B_IN_FLIGHT} in flight); "
            f"{seconds:.0f}s phases, "
            f"{args.tokens} tokens per ask", rows, ("figure", "fair", "fifo"), figures)
     return 0

@@ -18,8 +18,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kernel.runtime.registration import serve_registered
-from kernel.runtime.server import ServerConfig, create_server, run_daemon, serve_until_signal
+from services.registration import serve_registered
+from vfmos_runtime.gate import KernelGate
+from vfmos_runtime.server import ServerConfig, create_server, run_daemon, serve_until_signal
 from vfmos.model.v1 import model_pb2 as pb
 from vfmos.model.v1 import model_pb2_grpc
 
@@ -60,8 +61,11 @@ class FakeModel(model_pb2_grpc.ModelServicer):
 async def serve(socket: Path, kernel_socket: Path | None, max_batch: int) -> None:
     servicer = FakeModel(max_batch)
     service_name = pb.DESCRIPTOR.services_by_name["Model"].full_name
+    # Registered, it admits only the kernel, as the real service does; serving the direct
+    # baseline, it admits anyone.
+    gate = KernelGate("vfm-modeld")
     server, health, _ = create_server(
-        ServerConfig(unix_socket=socket),
+        ServerConfig(unix_socket=socket, interceptors=(gate,) if kernel_socket else ()),
         lambda s: model_pb2_grpc.add_ModelServicer_to_server(servicer, s), [service_name])
     await server.start()
     if kernel_socket is None:
@@ -70,7 +74,7 @@ async def serve(socket: Path, kernel_socket: Path | None, max_batch: int) -> Non
         await serve_until_signal(server)
         return
     await serve_registered(server, health, "vfm-modeld", service_name, socket, kernel_socket,
-                           close=lambda: None)
+                           close=lambda: None, gate=gate)
 
 
 def main() -> int:
