@@ -28,7 +28,7 @@ import uvloop
 from bench.common import (cleanup, percentile, report, spawn_daemon, stop, temp_state_dir,
                           wait_until)
 from bench.stackutil import model_service_serving
-from libvfm import AsyncClient, Client, VfmError
+from libvfm import AskResult, AsyncClient, Client, VfmError
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm."
 # An interactive user asks something new each time: the same short question every time
@@ -55,31 +55,38 @@ def _port() -> int:
 
 @dataclass
 class Record:
-    """Completed asks per tenant: (start, end, tokens), for tokens inside a time window."""
+    """Tokens each tenant received, stamped with the time each piece arrived, so the share
+    in a window counts what was streamed inside it (spreading an ask's tokens over its whole
+    life, queueing included, leaked tokens across the window's edges: a flood tenant's asks
+    live four times as long as they decode)."""
 
-    asks: dict[str, list[tuple[float, float, int]]] = field(default_factory=dict)
+    pieces: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     ttft_ms: list[float] = field(default_factory=list)
     queue_ms: list[float] = field(default_factory=list)  # of the interactive asks, in the kernel
     window: tuple[float, float] = (0.0, 0.0)
 
+    def add(self, tenant: str, stamps: list[float], tokens: int) -> None:
+        """One answer: its pieces' arrival times and its token count (from its usage)."""
+        if stamps:
+            each = tokens / len(stamps)  # a piece is one token, unless the stream merged some
+            self.pieces.setdefault(tenant, []).extend((t, each) for t in stamps)
+
     def tokens_in(self, tenant: str, start: float, end: float) -> float:
-        total = 0.0
-        for a, b, tokens in self.asks.get(tenant, []):
-            overlap = max(0.0, min(b, end) - max(a, start))
-            total += tokens * overlap / max(b - a, 1e-9)
-        return total
+        return sum(n for t, n in self.pieces.get(tenant, []) if start <= t < end)
 
 
 async def _loop(client: AsyncClient, pid: int, tenant: str, until: float, tokens: int,
                 rec: Record) -> None:
     while time.monotonic() < until:
-        start = time.monotonic()
+        stamps = []
         try:
-            result = await client.ask(pid, PROMPT, max_new_tokens=tokens)
+            async for item in client.ask_stream(pid, PROMPT, max_new_tokens=tokens):
+                if isinstance(item, AskResult):
+                    rec.add(tenant, stamps, item.usage.tokens_out)
+                else:
+                    stamps.append(time.monotonic())
         except VfmError:
             await asyncio.sleep(0.05)
-            continue
-        rec.asks.setdefault(tenant, []).append((start, time.monotonic(), result.usage.tokens_out))
 
 
 async def _interactive(client: AsyncClient, pid: int, until: float, rec: Record,
