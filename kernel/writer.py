@@ -81,6 +81,7 @@ class GroupCommitWriter:
             log.error("a kernel store write failed: %s", exc, exc_info=exc)
             group[0][1].set_exception(exc)
             return
+        log.debug("committed %d writes in one transaction", len(group))
         for (_, future), result in zip(group, results):
             future.set_result(result)
 
