@@ -70,7 +70,7 @@ def test_a_failing_write_fails_alone_in_its_group(tmp_path):
     hold.release.set()
     assert opener.result(10) is None and before.result(10) is None and after.result(10) is None
     assert isinstance(bad.exception(10), lmdb.MapFullError)
-    assert (store.get_meta("before"), store.get_meta("after"), store.get_meta("big")) == (2, 3, None)
+    assert [store.get_meta(k) for k in ("before", "after", "big")] == [2, 3, None]
     assert store.put_meta("later", 4).result(10) is None  # still writing
     store.close()
 
