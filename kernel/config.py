@@ -39,6 +39,9 @@ class KernelConfig:
     policy: str = "fair"              # "fair" (weighted fair share) or "fifo" (baseline)
     max_slots: int = 0                # cap on concurrent asks per model (0 = its max_batch)
     tenant_weights: dict[str, float] = field(default_factory=dict, metadata={"parse": _weights})
+    # Tests only, so no flag ($VFM_SLOW_COMMIT_MS): the store's writer sleeps this long in
+    # every commit, as on a slow disk.
+    slow_commit_ms: float = 0.0
 
     def validate(self) -> None:
         if self.policy not in ("fair", "fifo"):
@@ -47,6 +50,8 @@ class KernelConfig:
             raise ValueError("--max-slots must be >= 0")
         if not 0 < self.health_interval_s <= 3600:
             raise ValueError("--health-interval must be between 0 and 3600 seconds")
+        if not 0 <= self.slow_commit_ms <= 60_000:
+            raise ValueError("slow_commit_ms must be between 0 and 60000")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
 

@@ -83,14 +83,16 @@ class TokenBook:
         self._store = store
         self._cache: dict[bytes, Caller] = {}
 
-    def create(self, tenant: str, admin: bool, label: str) -> tuple[str, str]:
+    async def create(self, tenant: str, admin: bool, label: str) -> tuple[str, str]:
+        """A new token, durable before it is shown: (secret, token id)."""
         if not tenant or len(tenant) > 64 or not tenant.replace("-", "").replace("_", "").isalnum():
             raise InvalidArgument(f"bad tenant name {tenant!r}: use letters, digits, '-' or '_'")
         secret = self.PREFIX + secrets.token_urlsafe(32)
         digest = _digest(secret)
         token_id = digest.hex()[:12]
-        self._store.put_token(digest, {"token_id": token_id, "tenant": tenant, "admin": admin,
-                                       "label": label[:128], "created_at": time.time()})
+        await asyncio.wrap_future(self._store.put_token(digest, {
+            "token_id": token_id, "tenant": tenant, "admin": admin, "label": label[:128],
+            "created_at": time.time()}))
         return secret, token_id
 
     def verify(self, secret: str) -> Caller | None:
@@ -107,11 +109,11 @@ class TokenBook:
     def list(self) -> list[dict]:
         return [info for _, info in self._store.tokens()]
 
-    def revoke(self, token_id: str) -> None:
+    async def revoke(self, token_id: str) -> None:
         for digest, info in self._store.tokens():
             if hmac.compare_digest(info["token_id"], token_id):
-                self._store.delete_token(digest)
                 self._cache.pop(digest, None)
+                await asyncio.wrap_future(self._store.delete_token(digest))
                 return
         raise NotFound(f"no token with id {token_id!r}")
 

@@ -35,8 +35,10 @@ SERVICE_NAME = kernel_pb2.DESCRIPTOR.services_by_name["Kernel"].full_name
 
 async def serve(cfg: kconfig.KernelConfig) -> None:
     started = time.time()
+    delay_s = cfg.slow_commit_ms / 1000
     try:
-        store = KernelStore(cfg.data_dir)
+        store = KernelStore(cfg.data_dir,
+                            before_commit=(lambda: time.sleep(delay_s)) if delay_s else None)
     except (lmdb.Error, OSError) as exc:
         raise DaemonStartError(f"cannot open the kernel store in {cfg.data_dir}: {exc}") from exc
     table = ProcessTable(store)
@@ -77,7 +79,7 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     try:
         await serve_until_signal(server, on_stop)
     finally:
-        store.close()
+        store.close()  # commits what is still queued (the accounting of the last asks)
         cfg.socket.unlink(missing_ok=True)
 
 

@@ -161,15 +161,26 @@ class PageTable:
 
     A page is resident while it is part of the process's current working set. A page the
     next working set needs counts as a hit if it is resident and as a fault if it is not
-    (never loaded, or evicted by an earlier assembly)."""
+    (never loaded, or evicted by an earlier assembly).
+
+    The tables live in memory while the kernel runs (loaded from the store on first use); a
+    touched table is staged in the store and written with its process's next record, which
+    on the Ask path is the Ask's one write at its end."""
 
     def __init__(self, store: KernelStore):
         self._store = store
+        self._tables: dict[int, dict] = {}
+
+    def _table(self, pid: int) -> dict:
+        table = self._tables.get(pid)
+        if table is None:
+            table = self._tables[pid] = self._store.get_page_table(pid) or {"pages": []}
+        return table
 
     def touch(self, pid: int, items: list[Item]) -> tuple[int, int, int]:
         """Make the items' pages the resident set; returns (faults, hits, resident pages)."""
-        raw = self._store.get_page_table(pid) or {"pages": []}
-        pages = {p[0]: p for p in raw["pages"]}  # page -> [page, resident, last_use, rel, pinned]
+        # page -> [page, resident, last_use, relevance, pinned]
+        pages = {p[0]: p for p in self._table(pid)["pages"]}
         needed: dict[int, tuple[float, bool]] = {}
         for item in items:
             if item.page >= 0:
@@ -182,12 +193,13 @@ class PageTable:
         for page, (score, pinned) in needed.items():
             pages[page] = [page, True, now, score, pinned]
         faults = len(needed) - hits
-        self._store.put_page_table(pid, {"pages": sorted(pages.values())})
+        self._tables[pid] = table = {"pages": sorted(pages.values())}
+        self._store.stage_page_table(pid, table)
         return faults, hits, len(needed)
 
     def resident(self, pid: int) -> int:
-        raw = self._store.get_page_table(pid) or {"pages": []}
-        return sum(1 for p in raw["pages"] if p[1])
+        return sum(1 for p in self._table(pid)["pages"] if p[1])
 
     def drop(self, pid: int) -> None:
+        self._tables.pop(pid, None)
         self._store.delete_page_table(pid)

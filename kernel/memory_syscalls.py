@@ -70,7 +70,7 @@ class MemorySyscalls:
 
     @syscall
     async def Fork(self, caller: Caller, request: pb.ForkRequest) -> pb.Process:
-        parent, child = self.table.fork(caller, request.pid, request.name)
+        parent, child = await self.table.fork(caller, request.pid, request.name)
         try:
             await self.context.call("ForkMemory", dpb.ForkMemoryRequest(
                 tenant=parent.tenant, parent=parent.pid, child=child.pid))

@@ -45,7 +45,8 @@ class ServiceRegistry:
         for name, info in store.services().items():
             self._entries[name] = ServiceEntry(**{**info, "health": UNKNOWN})
 
-    def register(self, name: str, address: str, pid: int) -> ServiceEntry:
+    async def register(self, name: str, address: str, pid: int) -> ServiceEntry:
+        """Record where `name` lives; a new address or pid is durable before this returns."""
         if name not in KNOWN_SERVICES:
             raise InvalidArgument(f"unknown service {name!r}; known: {', '.join(KNOWN_SERVICES)}")
         if not address.startswith(("unix:", "dns:", "ipv4:", "ipv6:")) and ":" not in address:
@@ -54,12 +55,14 @@ class ServiceRegistry:
         same = old is not None and old.address == address and old.pid == pid and old.secret
         entry = ServiceEntry(name, address, pid, time.time(), SERVING, time.time(),
                              secret=old.secret if same else secrets.token_urlsafe(32))
+        self._entries[name] = entry
         if not same:
-            self._store.put_service(name, {k: v for k, v in asdict(entry).items()
-                                           if k not in ("health", "last_seen", "down_since")})
+            written = self._store.put_service(name, {
+                k: v for k, v in asdict(entry).items()
+                if k not in ("health", "last_seen", "down_since")})
             self._drop_channel(name)
             log.info("service %s registered at %s (pid %d)", name, address, pid)
-        self._entries[name] = entry
+            await asyncio.wrap_future(written)
         return entry
 
     def metadata(self, name: str) -> tuple[tuple[str, str], ...]:

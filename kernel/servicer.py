@@ -39,8 +39,8 @@ class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServicer):
         return process_to_pb(record, self.table.running(record.pid))
 
     @syscall
-    def Spawn(self, caller: Caller, request: pb.SpawnRequest) -> pb.Process:
-        return self._proc(self.table.spawn(caller, spec_from_pb(request.spec)))
+    async def Spawn(self, caller: Caller, request: pb.SpawnRequest) -> pb.Process:
+        return self._proc(await self.table.spawn(caller, spec_from_pb(request.spec)))
 
     @syscall
     def List(self, caller: Caller, request: pb.ListRequest) -> pb.ListResponse:
@@ -52,24 +52,24 @@ class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServicer):
         return self._proc(self.table.get(caller, request.pid))
 
     @syscall
-    def Kill(self, caller: Caller, request: pb.PidRequest) -> pb.Process:
-        return self._proc(self.table.kill(caller, request.pid))
+    async def Kill(self, caller: Caller, request: pb.PidRequest) -> pb.Process:
+        return self._proc(await self.table.kill(caller, request.pid))
 
     @syscall
-    def Suspend(self, caller: Caller, request: pb.PidRequest) -> pb.Process:
-        return self._proc(self.table.suspend(caller, request.pid))
+    async def Suspend(self, caller: Caller, request: pb.PidRequest) -> pb.Process:
+        return self._proc(await self.table.suspend(caller, request.pid))
 
     @syscall
-    def Resume(self, caller: Caller, request: pb.PidRequest) -> pb.Process:
-        return self._proc(self.table.resume(caller, request.pid))
+    async def Resume(self, caller: Caller, request: pb.PidRequest) -> pb.Process:
+        return self._proc(await self.table.resume(caller, request.pid))
 
     @syscall
-    def SetQuota(self, caller: Caller, request: pb.SetQuotaRequest) -> pb.Process:
-        return self._proc(self.table.set_quota(caller, request.pid, quota_from_pb(request.quota)))
+    async def SetQuota(self, caller: Caller, request: pb.SetQuotaRequest) -> pb.Process:
+        return self._proc(await self.table.set_quota(caller, request.pid, quota_from_pb(request.quota)))
 
     @syscall
-    def SetPriority(self, caller: Caller, request: pb.SetPriorityRequest) -> pb.Process:
-        return self._proc(self.table.set_priority(caller, request.pid, request.priority))
+    async def SetPriority(self, caller: Caller, request: pb.SetPriorityRequest) -> pb.Process:
+        return self._proc(await self.table.set_priority(caller, request.pid, request.priority))
 
     @syscall
     def Usage(self, caller: Caller, request: pb.UsageRequest) -> pb.UsageResponse:
@@ -86,9 +86,9 @@ class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServicer):
                                 queued=snap["queued"])
 
     @syscall
-    def SetTenantWeight(self, caller: Caller, request: pb.SetTenantWeightRequest) -> pb.Empty:
+    async def SetTenantWeight(self, caller: Caller, request: pb.SetTenantWeightRequest) -> pb.Empty:
         require_admin(caller, "set tenant weights")
-        self.table.set_weight(request.tenant, request.weight)
+        await self.table.set_weight(request.tenant, request.weight)
         self.dispatcher.fair.weights[request.tenant] = request.weight
         return pb.Empty()
 
@@ -112,22 +112,22 @@ class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServicer):
         return pb.ServicesResponse(daemons=daemons)
 
     @syscall
-    def RegisterService(self, caller: Caller, request: pb.RegisterServiceRequest):
+    async def RegisterService(self, caller: Caller, request: pb.RegisterServiceRequest):
         require_admin(caller, "register a service")
-        entry = self.registry.register(request.name, request.address, request.pid)
+        entry = await self.registry.register(request.name, request.address, request.pid)
         return pb.RegisterServiceResponse(heartbeat_s=self.registry.interval_s,
                                           kernel_secret=entry.secret)
 
     @syscall
-    def CreateToken(self, caller: Caller, request: pb.TokenCreateRequest):
+    async def CreateToken(self, caller: Caller, request: pb.TokenCreateRequest):
         require_admin(caller, "create tokens")
-        secret, token_id = self.auth.tokens.create(request.tenant, request.admin, request.label)
+        secret, token_id = await self.auth.tokens.create(request.tenant, request.admin, request.label)
         return pb.TokenCreateResponse(token=secret, token_id=token_id)
 
     @syscall
-    def RevokeToken(self, caller: Caller, request: pb.TokenRevokeRequest) -> pb.Empty:
+    async def RevokeToken(self, caller: Caller, request: pb.TokenRevokeRequest) -> pb.Empty:
         require_admin(caller, "revoke tokens")
-        self.auth.tokens.revoke(request.token_id)
+        await self.auth.tokens.revoke(request.token_id)
         return pb.Empty()
 
     @syscall

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Iterator
 
 from kernel.process import ProcRecord
+from kernel.writer import GroupCommitWriter
 from vfmos_runtime.storage import U64 as _PID
 from vfmos_runtime.storage import open_env
 from vfmos_runtime.storage import pack as _pack
@@ -15,38 +17,66 @@ _NEXT_PID = b"next_pid"
 
 
 class KernelStore:
-    """Every write commits with fsync before it returns, so an acknowledged syscall survives kill -9."""
+    """Reads are LMDB read transactions, answered at once (readers never wait on the writer).
+    Every write goes to the one group-commit writer and returns a Future that settles when
+    it is durable (fsync): a syscall awaits it before its reply, bookkeeping lets it go.
+    Values are encoded when the write is queued, so later changes in memory cannot leak in."""
 
-    def __init__(self, path: Path, map_size: int = 1 << 30):
+    def __init__(self, path: Path, map_size: int = 1 << 30,
+                 before_commit: Callable[[], None] | None = None):
         self._env = open_env(path / "kernel.lmdb", map_size=map_size, max_dbs=8)
         self._meta = self._env.open_db(b"meta")
         self._procs = self._env.open_db(b"procs")
         self._tokens = self._env.open_db(b"tokens")
         self._services = self._env.open_db(b"services")
         self._pages = self._env.open_db(b"pages")
+        self._writer = GroupCommitWriter(self._env, before_commit)
+        self._staged_pages: dict[int, bytes] = {}
+
+    @property
+    def transactions(self) -> int:
+        """Write transactions committed so far (each one fsync)."""
+        return self._writer.transactions
 
     def close(self) -> None:
+        """Write what is staged or queued, then close."""
+        for pid, table in self._staged_pages.items():
+            self._put(_PID.pack(pid), table, self._pages)
+        self._staged_pages.clear()
+        self._writer.close()
         self._env.close()
 
     # processes
-    def create_process(self, build: Callable[[int], ProcRecord]) -> ProcRecord:
-        """Allocate the next pid and store the record `build(pid)` in one transaction."""
-        with self._env.begin(write=True) as txn:
+    def create_process(self, build: Callable[[int], ProcRecord]) -> Future:
+        """Allocate the next pid and store the record `build(pid)` in one transaction; the
+        Future holds the record. `build` runs on the writer thread: keep it pure."""
+        def write(txn) -> ProcRecord:
             raw = txn.get(_NEXT_PID, db=self._meta)
             pid = _unpack(raw) if raw else 1
             record = build(pid)
             txn.put(_PID.pack(pid), _pack(record.to_dict()), db=self._procs)
             txn.put(_NEXT_PID, _pack(pid + 1), db=self._meta)
-        return record
+            return record
+        return self._writer.submit(write)
 
-    def put_process(self, record: ProcRecord) -> None:
-        with self._env.begin(write=True) as txn:
-            txn.put(_PID.pack(record.pid), _pack(record.to_dict()), db=self._procs)
+    def put_process(self, record: ProcRecord) -> Future:
+        """The record, and the process's staged page table with it (one transaction)."""
+        key, value = _PID.pack(record.pid), _pack(record.to_dict())
+        table = self._staged_pages.pop(record.pid, None)
 
-    def put_processes(self, records: list[ProcRecord]) -> None:
-        with self._env.begin(write=True) as txn:
-            for record in records:
-                txn.put(_PID.pack(record.pid), _pack(record.to_dict()), db=self._procs)
+        def write(txn) -> None:
+            txn.put(key, value, db=self._procs)
+            if table is not None:
+                txn.put(key, table, db=self._pages)
+        return self._writer.submit(write)
+
+    def put_processes(self, records: list[ProcRecord]) -> Future:
+        rows = [(_PID.pack(r.pid), _pack(r.to_dict())) for r in records]
+
+        def write(txn) -> None:
+            for key, value in rows:
+                txn.put(key, value, db=self._procs)
+        return self._writer.submit(write)
 
     def processes(self) -> Iterator[ProcRecord]:
         with self._env.begin() as txn:
@@ -54,9 +84,8 @@ class KernelStore:
                 yield ProcRecord.from_dict(_unpack(raw))
 
     # small settings (tenant weights, ...)
-    def put_meta(self, key: str, value) -> None:
-        with self._env.begin(write=True) as txn:
-            txn.put(key.encode(), _pack(value), db=self._meta)
+    def put_meta(self, key: str, value) -> Future:
+        return self._put(key.encode(), _pack(value), self._meta)
 
     def get_meta(self, key: str):
         with self._env.begin() as txn:
@@ -64,9 +93,8 @@ class KernelStore:
         return _unpack(raw) if raw else None
 
     # bearer tokens, keyed by the sha256 of the secret
-    def put_token(self, digest: bytes, info: dict) -> None:
-        with self._env.begin(write=True) as txn:
-            txn.put(digest, _pack(info), db=self._tokens)
+    def put_token(self, digest: bytes, info: dict) -> Future:
+        return self._put(digest, _pack(info), self._tokens)
 
     def get_token(self, digest: bytes) -> dict | None:
         with self._env.begin() as txn:
@@ -77,29 +105,36 @@ class KernelStore:
         with self._env.begin() as txn:
             return [(bytes(k), _unpack(v)) for k, v in txn.cursor(db=self._tokens)]
 
-    def delete_token(self, digest: bytes) -> None:
-        with self._env.begin(write=True) as txn:
-            txn.delete(digest, db=self._tokens)
+    def delete_token(self, digest: bytes) -> Future:
+        return self._writer.submit(lambda txn: txn.delete(digest, db=self._tokens))
 
     # service registry
-    def put_service(self, name: str, info: dict) -> None:
-        with self._env.begin(write=True) as txn:
-            txn.put(name.encode(), _pack(info), db=self._services)
+    def put_service(self, name: str, info: dict) -> Future:
+        return self._put(name.encode(), _pack(info), self._services)
 
     def services(self) -> dict[str, dict]:
         with self._env.begin() as txn:
             return {k.decode(): _unpack(v) for k, v in txn.cursor(db=self._services)}
 
     # page tables of the virtual context memory: one record per process
-    def put_page_table(self, pid: int, table: dict) -> None:
-        with self._env.begin(write=True) as txn:
-            txn.put(_PID.pack(pid), _pack(table), db=self._pages)
+    def stage_page_table(self, pid: int, table: dict) -> None:
+        """Keep `table` for the process's next record write (an Ask's end), so that an Ask's
+        accounting is one transaction; close() writes whatever is still staged."""
+        self._staged_pages[pid] = _pack(table)
 
     def get_page_table(self, pid: int) -> dict | None:
+        """The committed table (the kernel's PageTable keeps the latest one in memory)."""
         with self._env.begin() as txn:
             raw = txn.get(_PID.pack(pid), db=self._pages)
         return _unpack(raw) if raw else None
 
-    def delete_page_table(self, pid: int) -> None:
-        with self._env.begin(write=True) as txn:
-            txn.delete(_PID.pack(pid), db=self._pages)
+    def delete_page_table(self, pid: int) -> Future:
+        self._staged_pages.pop(pid, None)
+        key = _PID.pack(pid)
+        return self._writer.submit(lambda txn: txn.delete(key, db=self._pages))
+
+    # helpers
+    def _put(self, key: bytes, value: bytes, db) -> Future:
+        def write(txn) -> None:
+            txn.put(key, value, db=db)
+        return self._writer.submit(write)

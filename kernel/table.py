@@ -1,9 +1,17 @@
-"""The process table: spawn, signal and account FM processes, durable in LMDB, per tenant."""
+"""The process table: spawn, signal and account FM processes, durable in LMDB, per tenant.
+
+Syscalls that change a process are coroutines: the change shows in memory at once and the
+reply waits until the store has made it durable, while the event loop serves other calls.
+The Ask path's bookkeeping is synchronous and never waits: an Ask's accounting is one
+queued write at its end."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import Counter
+from concurrent.futures import Future
 from dataclasses import replace
 from typing import Callable
 
@@ -30,6 +38,7 @@ class ProcessTable:
         self._buckets: dict[int, TokenBucket] = {}
         self._slots: dict[int, int] = {}
         self._listeners: dict[int, set[Listener]] = {}
+        self._spawning: Counter[str] = Counter()  # per tenant: spawns waiting on their commit
         self._weights: dict[str, float] = dict(store.get_meta("tenant_weights") or {})
         self._recover()
 
@@ -43,7 +52,7 @@ class ProcessTable:
                 changed.append(record)
             self._procs[record.pid] = record
         if changed:
-            self._store.put_processes(changed)
+            self._store.put_processes(changed).result()  # before serving: waiting is fine
         log.info("recovered %d processes (%d were mid-work)", len(self._procs), len(changed))
 
     # lookups
@@ -62,10 +71,11 @@ class ProcessTable:
         return self._running.get(pid, 0)
 
     # process syscalls
-    def spawn(self, caller: Caller, spec: ProcessSpec) -> ProcRecord:
+    async def spawn(self, caller: Caller, spec: ProcessSpec) -> ProcRecord:
         validate_spec(spec)
-        live = sum(1 for r in self._procs.values()
-                   if r.tenant == caller.tenant and r.state not in TERMINAL)
+        live = self._spawning[caller.tenant] + sum(
+            1 for r in self._procs.values()
+            if r.tenant == caller.tenant and r.state not in TERMINAL)
         if live >= MAX_LIVE_PER_TENANT:
             raise QuotaExceeded(f"tenant {caller.tenant} already has {live} live processes",
                                 "max_processes", f"tenant {caller.tenant}")
@@ -77,33 +87,36 @@ class ProcessTable:
             record.move(ProcState.READY)
             return record
 
-        record = self._store.create_process(build)
-        self._procs[record.pid] = record
-        return record
+        # The pid is allocated in the commit, and the process appears once it is durable.
+        # Shielded: a caller that goes away meanwhile cannot leave a stored process the
+        # table does not know.
+        written = self._store.create_process(build)
+        self._spawning[caller.tenant] += 1
+        return await asyncio.shield(self._created(caller.tenant, written))
 
-    def kill(self, caller: Caller, pid: int) -> ProcRecord:
+    async def kill(self, caller: Caller, pid: int) -> ProcRecord:
         record = self.get(caller, pid)
-        return self._transition(record, ProcState.KILLED, "killed")
+        return await _durable(*self._transition(record, ProcState.KILLED, "killed"))
 
-    def suspend(self, caller: Caller, pid: int) -> ProcRecord:
+    async def suspend(self, caller: Caller, pid: int) -> ProcRecord:
         record = self.get(caller, pid)
-        return self._transition(record, ProcState.SUSPENDED, "suspended")
+        return await _durable(*self._transition(record, ProcState.SUSPENDED, "suspended"))
 
-    def resume(self, caller: Caller, pid: int) -> ProcRecord:
+    async def resume(self, caller: Caller, pid: int) -> ProcRecord:
         record = self.get(caller, pid)
         if record.state != ProcState.SUSPENDED:
             raise FailedPrecondition(f"process {pid} is {record.state.name}, not SUSPENDED")
-        return self._transition(record, ProcState.READY, "resumed")
+        return await _durable(*self._transition(record, ProcState.READY, "resumed"))
 
-    def set_quota(self, caller: Caller, pid: int, quota: Quota) -> ProcRecord:
+    async def set_quota(self, caller: Caller, pid: int, quota: Quota) -> ProcRecord:
         record = self._live(caller, pid)
         validate_quota(quota)
-        return self._update(record, replace(record.spec, quota=quota))
+        return await _durable(*self._update(record, replace(record.spec, quota=quota)))
 
-    def set_priority(self, caller: Caller, pid: int, priority: int) -> ProcRecord:
+    async def set_priority(self, caller: Caller, pid: int, priority: int) -> ProcRecord:
         record = self._live(caller, pid)
         validate_priority(priority)
-        return self._update(record, replace(record.spec, priority=priority))
+        return await _durable(*self._update(record, replace(record.spec, priority=priority)))
 
     # the Ask path's bookkeeping
     def begin_ask(self, caller: Caller, pid: int, listener: Listener) -> ProcRecord:
@@ -118,24 +131,25 @@ class ProcessTable:
         return record
 
     def segment_started(self, pid: int) -> None:
-        """An ask of `pid` got a model slot: the process is RUNNING while any ask holds one."""
+        """An ask of `pid` got a model slot: the process is RUNNING while any ask holds one.
+        In memory only: a restart brings RUNNING back READY anyway."""
         self._slots[pid] = self._slots.get(pid, 0) + 1
         record = self._procs[pid]
         if record.state == ProcState.READY:
             record.move(ProcState.RUNNING)
-            self._store.put_process(record)
 
     def segment_ended(self, pid: int) -> None:
         self._slots[pid] = max(0, self._slots.get(pid, 0) - 1)
         record = self._procs[pid]
         if self._slots[pid] == 0 and record.state == ProcState.RUNNING:
             record.move(ProcState.READY)
-            self._store.put_process(record)
 
     def state(self, pid: int) -> ProcState:
         return self._procs[pid].state
 
     def end_ask(self, pid: int, listener: Listener, usage: Usage) -> ProcRecord:
+        """Account a finished Ask: the one write it makes, queued (with the page table its
+        working set touched), not waited for; a crash before its commit loses only this."""
         record = self._procs[pid]
         c = record.counters
         c.tokens_in += usage.tokens_in
@@ -160,23 +174,25 @@ class ProcessTable:
         record = self._procs[pid]
         record.counters.page_faults += faults
         record.counters.page_hits += hits
-        self._store.put_process(record)
+        if not self.running(pid):  # a Context syscall: no end_ask will write them
+            self._store.put_process(record)
 
-    def fork(self, caller: Caller, pid: int, name: str) -> tuple[ProcRecord, ProcRecord]:
+    async def fork(self, caller: Caller, pid: int, name: str) -> tuple[ProcRecord, ProcRecord]:
         """A new process with the parent's spec; its memory is shared by the caller."""
         parent = self._live(caller, pid)
-        child = self.spawn(caller, replace(parent.spec, name=name or f"{parent.spec.name}-fork"))
+        child = await self.spawn(caller, replace(parent.spec,
+                                                 name=name or f"{parent.spec.name}-fork"))
         return parent, child
 
     # tenants
     def weights(self) -> dict[str, float]:
         return dict(self._weights)
 
-    def set_weight(self, tenant: str, weight: float) -> None:
+    async def set_weight(self, tenant: str, weight: float) -> None:
         if not 0.01 <= weight <= 1000:
             raise InvalidArgument(f"tenant weight must be between 0.01 and 1000, got {weight}")
         self._weights[tenant] = weight
-        self._store.put_meta("tenant_weights", self._weights)
+        await asyncio.wrap_future(self._store.put_meta("tenant_weights", self._weights))
 
     def tenant_totals(self, caller: Caller) -> dict[str, tuple[int, Counters]]:
         """Per visible tenant: live processes and summed counters (ended processes count too)."""
@@ -208,17 +224,34 @@ class ProcessTable:
             raise FailedPrecondition(f"process {pid} is {record.state.name}")
         return record
 
-    def _update(self, record: ProcRecord, spec: ProcessSpec) -> ProcRecord:
-        updated = replace(record, spec=spec, updated_at=self._clock())
-        self._store.put_process(updated)
-        self._procs[record.pid] = updated
-        return updated
+    async def _created(self, tenant: str, written: Future) -> ProcRecord:
+        try:
+            record = await asyncio.wrap_future(written)
+        finally:
+            self._spawning[tenant] -= 1
+        self._procs[record.pid] = record
+        return record
 
-    def _transition(self, record: ProcRecord, target: ProcState, reason: str) -> ProcRecord:
+    # A change applies to memory at once and its write is queued in the same step, so the
+    # store sees changes in the order the table made them; the syscall awaits the write.
+    def _update(self, record: ProcRecord, spec: ProcessSpec) -> tuple[ProcRecord, Future]:
+        updated = replace(record, spec=spec, updated_at=self._clock())
+        written = self._store.put_process(updated)
+        self._procs[record.pid] = updated
+        return updated, written
+
+    def _transition(self, record: ProcRecord, target: ProcState,
+                    reason: str) -> tuple[ProcRecord, Future]:
         updated = replace(record, counters=record.counters)
         updated.move(target)
-        self._store.put_process(updated)  # durable before the syscall is acknowledged
+        written = self._store.put_process(updated)
         self._procs[record.pid] = updated
         for listener in list(self._listeners.get(record.pid, ())):
             listener(reason)
-        return updated
+        return updated, written
+
+
+async def _durable(record: ProcRecord, written: Future) -> ProcRecord:
+    """`record` once its write is durable: only then is the syscall that made it answered."""
+    await asyncio.wrap_future(written)
+    return record
