@@ -248,7 +248,7 @@ class AskRunner:
                               f"{from_rpc_error(exc).message}") from None
         self._models = {m.name: m for m in reply.models}
         self._default_model = next((m.name for m in reply.models if m.is_default), "")
-        self._dispatcher.default_model = self._default_model
+        self._dispatcher.set_default_model(self._default_model)
         for m in reply.models:
             self._dispatcher.set_capacity(m.name, m.max_batch)
         self._models_at = time.monotonic()
