@@ -59,9 +59,22 @@ class Dispatcher:
         self.default_capacity = default_capacity
         self._pools: dict[str, Pool] = {}
         self._ids = itertools.count(1)
-        self.default_model = ""
+        self._default_model = ""
         self.replan_tokens = 16
         self._since_plan = 0
+
+    # The dispatcher is the one writer of the default model and of the tenants' weights.
+    @property
+    def default_model(self) -> str:
+        return self._default_model
+
+    def set_default_model(self, model: str) -> None:
+        """The model an ask uses when its process names none (the model service says which)."""
+        self._default_model = model
+
+    def set_weight(self, tenant: str, weight: float) -> None:
+        """A tenant's fair-share weight (validated and stored by the process table first)."""
+        self.fair.set_weight(tenant, weight)
 
     def pool(self, model: str) -> Pool:
         pool = self._pools.get(model)
@@ -106,7 +119,8 @@ class Dispatcher:
         pool.schedule()
 
     def charge(self, tenant: str, tokens: int) -> None:
-        """Count decoded tokens; every few, let pools with waiters reconsider (preemption)."""
+        """Count decoded tokens (once per streamed piece, however many tokens it carries);
+        every `replan_tokens`, let pools with waiters reconsider (preemption)."""
         self.fair.charge(tenant, tokens)
         self._since_plan += tokens
         if self._since_plan >= self.replan_tokens:
@@ -134,6 +148,6 @@ class Dispatcher:
                 queued += 1
         # Slots of the default model plus those of any other model in use right now.
         capacity = sum(p.capacity for name, p in self._pools.items()
-                       if name == self.default_model or p.running or p.queued)
+                       if name == self._default_model or p.running or p.queued)
         return {"tenants": per_tenant, "capacity": capacity or self.default_capacity,
                 "running": running, "queued": queued}

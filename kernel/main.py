@@ -12,6 +12,7 @@ import lmdb
 from grpc_health.v1 import health_pb2
 
 from kernel import config as kconfig
+from kernel.adapters import GrpcDataClient, GrpcModelClient
 from kernel.ask import AskRunner
 from kernel.context import ContextManager
 from kernel.dispatch import Dispatcher
@@ -47,10 +48,9 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     auth = Authenticator(tickets, TokenBook(store))
     dispatcher = Dispatcher(Policy(cfg.policy), {**cfg.tenant_weights, **table.weights()},
                             max_slots=cfg.max_slots)
-    context = ContextManager(table, registry, PageTable(store))
-    servicer = KernelServicer(table, registry, auth,
-                              AskRunner(table, registry, dispatcher, context), dispatcher,
-                              started, context)
+    context = ContextManager(table, GrpcDataClient(registry), PageTable(store))
+    asks = AskRunner(table, GrpcModelClient(registry), dispatcher, context)
+    servicer = KernelServicer(table, registry, auth, asks, dispatcher, started, context)
     server_cfg = ServerConfig(unix_socket=cfg.socket, tcp_listen=cfg.listen,
                               tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
     try:

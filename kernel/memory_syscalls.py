@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import logging
 
-import grpc
-
 from kernel.context import ContextManager
 from kernel.convert import process_to_pb
 from kernel.identity import Caller
 from kernel.memory import Item
+from kernel.ports import DataRelay
 from kernel.syscall import syscall
 from kernel.table import ProcessTable
 from vfmos_runtime.errors import InvalidArgument, VfmError
-from vfmos.data.v1 import data_pb2 as dpb
 from vfmos.kernel.v1 import kernel_pb2 as pb
 
 log = logging.getLogger("vfmd.syscall")
@@ -30,7 +28,7 @@ def _for_own_tenant(method: str):
     """A syscall that forwards its request to vfm-datad as the caller's tenant."""
     async def forward(self, caller: Caller, request):
         request.tenant = caller.tenant
-        return await self.context.call(method, request)
+        return await self.relay.forward(method, request)
     forward.__name__ = forward.__qualname__ = method
     return syscall(forward)
 
@@ -40,6 +38,10 @@ class MemorySyscalls:
 
     table: ProcessTable
     context: ContextManager
+
+    @property
+    def relay(self) -> DataRelay:
+        return self.context.data  # the gRPC data adapter serves both the domain and the relay
 
     def _owned(self, caller: Caller, pid: int):
         return self.table.get(caller, pid)  # another tenant's pid is NOT_FOUND
@@ -57,23 +59,22 @@ class MemorySyscalls:
                              resident_pages=ws.resident, pages=ws.pages, pagein_ms=ws.pagein_ms)
 
     @syscall
-    async def Remember(self, caller: Caller, request: dpb.RememberRequest):
+    async def Remember(self, caller: Caller, request):
         record = self._owned(caller, request.pid)
         request.tenant = record.tenant
-        return await self.context.call("Remember", request)
+        return await self.relay.forward("Remember", request)
 
     @syscall
-    async def Recall(self, caller: Caller, request: dpb.RecallRequest):
+    async def Recall(self, caller: Caller, request):
         record = self._owned(caller, request.pid)
         request.tenant = record.tenant
-        return await self.context.call("Recall", request)
+        return await self.relay.forward("Recall", request)
 
     @syscall
     async def Fork(self, caller: Caller, request: pb.ForkRequest) -> pb.Process:
         parent, child = await self.table.fork(caller, request.pid, request.name)
         try:
-            await self.context.call("ForkMemory", dpb.ForkMemoryRequest(
-                tenant=parent.tenant, parent=parent.pid, child=child.pid))
+            await self.context.data.fork_memory(parent.tenant, parent.pid, child.pid)
         except VfmError as err:
             log.warning("fork %d -> %d without memory: %s", parent.pid, child.pid, err.message)
         return process_to_pb(child, 0)
@@ -93,8 +94,4 @@ class MemorySyscalls:
                 part.tenant = caller.tenant
                 yield part
 
-        try:
-            return await self.context.stub().Ingest(parts(), timeout=3600,
-                                                    metadata=self.context.metadata())
-        except grpc.RpcError as exc:
-            raise self.context.error(exc) from None
+        return await self.relay.ingest(parts())

@@ -56,8 +56,15 @@ class FairShare:
     def weight(self, tenant: str) -> float:
         return max(1e-9, self.weights.get(tenant, self.default_weight))
 
+    def set_weight(self, tenant: str, weight: float) -> None:
+        self.weights[tenant] = weight
+
     def charge(self, tenant: str, tokens: int) -> None:
-        self.vtime[tenant] = self.vtime.get(tenant, self.floor()) + tokens / self.weight(tenant)
+        # Once per streamed piece of every running ask: no scan of all tenants here.
+        vt = self.vtime.get(tenant)
+        if vt is None:
+            vt = self.floor()
+        self.vtime[tenant] = vt + tokens / self.weight(tenant)
 
     def floor(self) -> float:
         return min(self.vtime.values(), default=0.0)

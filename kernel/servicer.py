@@ -89,7 +89,7 @@ class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServicer):
     async def SetTenantWeight(self, caller: Caller, request: pb.SetTenantWeightRequest) -> pb.Empty:
         require_admin(caller, "set tenant weights")
         await self.table.set_weight(request.tenant, request.weight)
-        self.dispatcher.fair.weights[request.tenant] = request.weight
+        self.dispatcher.set_weight(request.tenant, request.weight)
         return pb.Empty()
 
     @syscall

@@ -198,11 +198,17 @@ class LocalTorchBackend:
         job = Job(ids, params, lambda item: loop.call_soon_threadsafe(out.put_nowait, item))
         self._jobs.put(job)
         traced = self._trace is None
+        held = None  # taken from the queue while merging, not merged: the next item
         try:
             while True:
-                item = await out.get()
+                if held is None:
+                    item = await out.get()
+                else:
+                    item, held = held, None
                 if isinstance(item, Exception):
                     raise item
+                if params.merge_queued and not item.done:
+                    item, held = _merge_queued(item, out)
                 if not traced and job.first_at:
                     traced = True
                     self._trace.record(self.entry.name, job)
@@ -211,6 +217,17 @@ class LocalTorchBackend:
                     return
         finally:
             job.cancel.set()  # the caller left (or finished): the row is dropped within a step
+
+
+def _merge_queued(piece: Piece, queue: asyncio.Queue) -> tuple[Piece, Piece | Exception | None]:
+    """`piece` merged with the steps queued behind it; the final piece or an error that
+    ends the run is returned apart, to be handled next."""
+    while not queue.empty():
+        item = queue.get_nowait()
+        if isinstance(item, Exception) or item.done:
+            return piece, item
+        piece = piece.merged(item)
+    return piece, None
 
 
 def _has_sliding_window(config) -> bool:

@@ -25,7 +25,7 @@ class ModelServicer(model_pb2_grpc.ModelServicer):
                            top_p=request.top_p, seed=request.seed, stop=tuple(request.stop),
                            assistant_prefix=request.assistant_prefix,
                            assistant_prefix_ids=tuple(request.assistant_prefix_ids),
-                           priority=request.priority)
+                           priority=request.priority, merge_queued=True)
         model = self.service.registry.get(request.model).name
         async for piece in self.service.generate(request.model, messages, params):
             yield pb.GenerateChunk(

@@ -15,6 +15,9 @@ class GenParams:
     assistant_prefix: str = ""   # an interrupted answer to continue
     assistant_prefix_ids: tuple[int, ...] = ()  # the same as token ids, when known
     priority: int = 0            # arrivals with higher priority are prefilled first
+    # The reader takes several decode steps in one piece: steps already queued when it
+    # asks for the next piece come merged (the gRPC servicer: one message, not one each).
+    merge_queued: bool = False
 
 
 @dataclass
@@ -28,3 +31,9 @@ class Piece:
     finish_reason: str = ""
     completion_tokens: int = 0
     token_ids: tuple[int, ...] = ()
+
+    def merged(self, later: "Piece") -> "Piece":
+        """This piece and the next one as one (neither is the final piece)."""
+        return Piece(text=self.text + later.text, tokens=self.tokens + later.tokens,
+                     prompt_tokens=self.prompt_tokens or later.prompt_tokens,
+                     token_ids=self.token_ids + later.token_ids)
