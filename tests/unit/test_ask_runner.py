@@ -36,6 +36,7 @@ class FakeModel:
         self.running = asyncio.Event()
         self.running.set()
         self.produced = 0
+        self.pause_at: int | None = None  # hold the model once this many tokens are out
 
     def generate(self, call: GenerateCall) -> "FakeStream":
         self.calls.append(call)
@@ -64,6 +65,9 @@ class FakeStream:
 
     async def __anext__(self) -> GenPiece:
         await asyncio.sleep(0)
+        if self.model.pause_at is not None and self.model.produced >= self.model.pause_at:
+            self.model.running.clear()  # the test acts at a known token, then lets it go on
+            self.model.pause_at = None
         while not self.model.running.is_set() and not self.cancelled:
             await asyncio.sleep(0.001)
         if self.cancelled or self.finished:
@@ -105,7 +109,7 @@ class Kernel:
 
     def spawn(self, name: str = "p", priority: int = 20, quota: Quota | None = None) -> int:
         spec = ProcessSpec(name=name, priority=priority, quota=quota or Quota())
-        return self.table.spawn(ALICE, spec).pid
+        return asyncio.run(self.table.spawn(ALICE, spec)).pid
 
     async def ask(self, pid: int, tokens: int, prompt: str = "Tell me a story.") -> list:
         items = []
@@ -162,7 +166,7 @@ def test_kill_ends_the_answer_where_it_is(kernel):
     async def scenario(k: Kernel, pid: int):
         ask = asyncio.create_task(k.ask(pid, 400))
         await until(lambda: k.model.produced >= 5)
-        k.table.kill(ALICE, pid)
+        await k.table.kill(ALICE, pid)
         return await ask
     k = kernel()
     pid = k.spawn()
@@ -175,15 +179,17 @@ def test_kill_ends_the_answer_where_it_is(kernel):
 
 def test_suspend_holds_the_answer_and_resume_continues_it(kernel):
     async def scenario(k: Kernel, pid: int):
+        k.model.pause_at = 5
         ask = asyncio.create_task(k.ask(pid, 40))
         await until(lambda: k.model.produced >= 5)
-        k.table.suspend(ALICE, pid)
+        await k.table.suspend(ALICE, pid)
+        k.model.running.set()
         await asyncio.sleep(0.05)
         held = k.model.produced
         await asyncio.sleep(0.05)
         assert k.model.produced == held and not ask.done()  # nothing while suspended
         assert k.table.get(ALICE, pid).state.name == "SUSPENDED"
-        k.table.resume(ALICE, pid)
+        await k.table.resume(ALICE, pid)
         return held, await ask
     k = kernel()
     pid = k.spawn()
@@ -200,11 +206,13 @@ def test_suspend_holds_the_answer_and_resume_continues_it(kernel):
 
 def test_kill_while_suspended_ends_the_answer(kernel):
     async def scenario(k: Kernel, pid: int):
+        k.model.pause_at = 3
         ask = asyncio.create_task(k.ask(pid, 40))
         await until(lambda: k.model.produced >= 3)
-        k.table.suspend(ALICE, pid)
+        await k.table.suspend(ALICE, pid)
+        k.model.running.set()
         await asyncio.sleep(0.02)
-        k.table.kill(ALICE, pid)
+        await k.table.kill(ALICE, pid)
         return await asyncio.wait_for(ask, 5)
     k = kernel()
     pid = k.spawn()
@@ -216,9 +224,9 @@ def test_preemption_is_a_context_switch(kernel):
     """One slot; a higher-priority ask of the same tenant takes it; the first ask continues
     afterwards from the answer so far, as the assistant's prefix and ids."""
     async def scenario(k: Kernel, low: int, high: int):
+        k.model.pause_at = 6  # hold the model so the cut is at a known token
         first = asyncio.create_task(k.ask(low, 30))
         await until(lambda: k.model.produced >= 6)
-        k.model.running.clear()  # hold the model so the cut is at a known token
         await asyncio.sleep(0.01)
         cut = k.model.produced
         second = asyncio.create_task(k.ask(high, 5))

@@ -112,7 +112,7 @@ def test_working_set_comes_from_the_data_port_and_counts_pages(tmp_path):
     store = KernelStore(tmp_path)
     try:
         table = ProcessTable(store)
-        record = table.spawn(ALICE, ProcessSpec(name="p", collections=["docs"]))
+        record = asyncio.run(table.spawn(ALICE, ProcessSpec(name="p", collections=["docs"])))
         data = Data()
         context = ContextManager(table, data, PageTable(store))
 
@@ -142,12 +142,12 @@ def test_registry_refuses_unknown_services_and_names_a_missing_one(tmp_path):
     try:
         registry = ServiceRegistry(store)
         with pytest.raises(InvalidArgument):
-            registry.register("vfm-nope", "unix:/tmp/x.sock", 1)
+            asyncio.run(registry.register("vfm-nope", "unix:/tmp/x.sock", 1))
         with pytest.raises(Unavailable, match="vfm-modeld is not running"):
             registry.channel("vfm-modeld")
 
         async def scenario():
-            registry.register("vfm-modeld", "unix:/tmp/x.sock", 42)
+            await registry.register("vfm-modeld", "unix:/tmp/x.sock", 42)
             channel = registry.channel("vfm-modeld")
             assert registry.channel("vfm-modeld") is channel  # one channel per service
             await registry.close()
