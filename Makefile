@@ -7,8 +7,11 @@ STATE_DIR ?=
 PROTOS := $(wildcard proto/vfmos/*/v1/*.proto)
 GENERATED := $(PROTOS:.proto=_pb2.py) $(PROTOS:.proto=_pb2_grpc.py)
 STAMP := $(VENV)/.installed
+# buf (proto lint and breaking-change check) comes from npm into .tools/ (git-ignored).
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
 
-.PHONY: run test setup proto clean down install-systemd bench-quick
+.PHONY: run test setup proto proto-lint proto-baseline buf clean down install-systemd bench-quick
 
 setup: $(STAMP) $(GENERATED)
 
@@ -28,6 +31,20 @@ proto/vfmos/%_pb2.py proto/vfmos/%_pb2_grpc.py: proto/vfmos/%.proto $(STAMP)
 
 proto: $(GENERATED)
 
+# Without npm (offline) buf is left out and the contract tests skip, saying why.
+$(BUF):
+	npm install --prefix .tools --no-save --no-audit --no-fund @bufbuild/buf@$(BUF_VERSION) \
+		|| echo "warning: buf not installed (npm failed); proto contract tests will skip"
+
+buf: $(BUF)
+
+proto-lint: $(BUF)
+	cd proto && ../$(BUF) lint && ../$(BUF) breaking --against baseline/v1.binpb
+
+# Run at each release, after the release note lists the contract's changes.
+proto-baseline: $(BUF)
+	cd proto && ../$(BUF) build --exclude-source-info -o baseline/v1.binpb
+
 VFMCTL = $(VENV)/bin/vfmctl $(if $(STATE_DIR),--state-dir $(STATE_DIR))
 
 # Reuses the FM process "hello" when it is still alive from an earlier run.
@@ -39,7 +56,7 @@ run: setup
 down:
 	$(VFMCTL) down
 
-test: setup
+test: setup $(BUF)
 	$(PY) -m pytest -q tests
 
 bench-quick: setup
@@ -50,4 +67,4 @@ install-systemd: setup
 	deploy/install-systemd.sh --prefix $(abspath $(VENV))
 
 clean:
-	rm -rf $(VENV) $(GENERATED) $(PROTOS:.proto=_pb2.pyi)
+	rm -rf $(VENV) $(GENERATED) $(PROTOS:.proto=_pb2.pyi) .tools examples/node/node_modules
