@@ -1,7 +1,7 @@
 """A fake-fast model service for `bench kernel_load`: a real `vfmos.model.v1.Model` gRPC server
 with no model behind it, registered with a kernel as `vfm-modeld`.
 
-What it sends, kept as honest as the real vfm-modeld's wire traffic: one `GenerateChunk` per
+What it sends, kept as honest as the real vfm-modeld's wire traffic: one `GenerateResponse` per
 token (tokens=1, a short word of text, its token id, and `prompt_tokens` on every chunk, as
 `services/model/batch.py` emits them), then one final chunk (done, finish_reason "length",
 completion_tokens, model). Every answer runs to `max_new_tokens`. No sleeping, no batching of
@@ -37,7 +37,7 @@ def prompt_tokens(request: pb.GenerateRequest) -> int:
     return words + 4 * len(request.messages) + len(request.assistant_prefix_ids) + 1
 
 
-class FakeModel(model_pb2_grpc.ModelServicer):
+class FakeModel(model_pb2_grpc.ModelServiceServicer):
     def __init__(self, max_batch: int):
         self.max_batch = max_batch
 
@@ -47,26 +47,26 @@ class FakeModel(model_pb2_grpc.ModelServicer):
         vocab = len(VOCAB)
         for i in range(n):
             word = i % vocab
-            yield pb.GenerateChunk(text=VOCAB[word], tokens=1, prompt_tokens=prompt,
-                                   token_ids=(100 + word,))
-        yield pb.GenerateChunk(done=True, finish_reason="length", prompt_tokens=prompt,
-                               completion_tokens=n, model=MODEL)
+            yield pb.GenerateResponse(text=VOCAB[word], tokens=1, prompt_tokens=prompt,
+                                      token_ids=(100 + word,))
+        yield pb.GenerateResponse(done=True, finish_reason=pb.FINISH_REASON_LENGTH,
+                                  prompt_tokens=prompt, completion_tokens=n, model=MODEL)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[pb.ModelInfo(
-            name=MODEL, backend="fake", context_window=32768, cost_per_1k_tokens=0.0,
-            loaded=True, is_default=True, max_batch=self.max_batch)])
+            name=MODEL, backend=pb.BACKEND_UNSPECIFIED, context_window=32768,
+            cost_per_1k_tokens=0.0, loaded=True, is_default=True, max_batch=self.max_batch)])
 
 
 async def serve(socket: Path, kernel_socket: Path | None, max_batch: int) -> None:
     servicer = FakeModel(max_batch)
-    service_name = pb.DESCRIPTOR.services_by_name["Model"].full_name
+    service_name = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
     # Registered, it admits only the kernel, as the real service does; serving the direct
     # baseline, it admits anyone.
     gate = KernelGate("vfm-modeld")
     server, health, _ = create_server(
         ServerConfig(unix_socket=socket, interceptors=(gate,) if kernel_socket else ()),
-        lambda s: model_pb2_grpc.add_ModelServicer_to_server(servicer, s), [service_name])
+        lambda s: model_pb2_grpc.add_ModelServiceServicer_to_server(servicer, s), [service_name])
     await server.start()
     if kernel_socket is None:
         from grpc_health.v1 import health_pb2

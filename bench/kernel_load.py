@@ -3,7 +3,7 @@ service, against the same clients reading that service directly, while other cli
 `Get`/`List`.
 
 Setup: a real vfmd on a temp state dir and `bench.fake_modeld` in its own process, registered
-with it as `vfm-modeld`. The fake has no model: it streams one `GenerateChunk` per token
+with it as `vfm-modeld`. The fake has no model: it streams one `GenerateResponse` per token
 (tokens=1, a short word, its token id, prompt_tokens on every chunk, as the real vfm-modeld
 does), then a done chunk; `ListModels` says max_batch 64, so all asks run at once. With no
 model cost, what is measured is the relay: vfmd's work per streamed token.
@@ -114,10 +114,11 @@ async def _ask_kernel(client: AsyncClient, pid: int, prompt: str, tokens: int, e
             await asyncio.sleep(0.05)
 
 
-async def _ask_direct(stub: model_pb2_grpc.ModelStub, prompt: str, tokens: int, end: float,
+async def _ask_direct(stub: model_pb2_grpc.ModelServiceStub, prompt: str, tokens: int, end: float,
                       tally: _Tally) -> None:
     request = model_pb2.GenerateRequest(
-        messages=[model_pb2.ChatMessage(role="user", content=prompt)], max_new_tokens=tokens)
+        messages=[model_pb2.ChatMessage(role=model_pb2.ROLE_USER, content=prompt)],
+        max_new_tokens=tokens)
     while time.monotonic() < end:
         pieces = 0
         call = stub.Generate(request)
@@ -152,7 +153,7 @@ async def _askers(mode: str, target: str, pids: list[int], tokens: int, ctrl, ou
     else:
         channels = [grpc.aio.insecure_channel(f"unix:{target}", options=CHANNEL_OPTIONS)
                     for _ in pids]
-        stubs = [model_pb2_grpc.ModelStub(ch) for ch in channels]
+        stubs = [model_pb2_grpc.ModelServiceStub(ch) for ch in channels]
         for stub in stubs:  # one short warm-up stream each
             async for _ in stub.Generate(model_pb2.GenerateRequest(max_new_tokens=4)):
                 pass

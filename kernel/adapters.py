@@ -16,9 +16,11 @@ from kernel.memory import Candidates, Item
 from kernel.ports import (CandidatesQuery, CandidatesReply, GenerateCall, GenPiece, MemoryEntry,
                           ModelInfo)
 from kernel.registry import ServiceRegistry
+from vfmos_runtime.convert import enum_str, enum_value, seconds, timestamp
 from vfmos_runtime.errors import Unavailable, VfmError, from_rpc_error
 from vfmos_runtime.protocol import DATA_SERVICE, MODEL_SERVICE
 from vfmos.data.v1 import data_pb2, data_pb2_grpc
+from vfmos.kernel.v1 import kernel_pb2 as kpb
 from vfmos.model.v1 import model_pb2, model_pb2_grpc
 
 LIST_MODELS_TIMEOUT_S = 5.0
@@ -41,8 +43,8 @@ class GrpcModelClient:
     def __init__(self, registry: ServiceRegistry):
         self._registry = registry
 
-    def _stub(self) -> model_pb2_grpc.ModelStub:
-        return model_pb2_grpc.ModelStub(self._registry.channel(MODEL_SERVICE))
+    def _stub(self) -> model_pb2_grpc.ModelServiceStub:
+        return model_pb2_grpc.ModelServiceStub(self._registry.channel(MODEL_SERVICE))
 
     def generate(self, call: GenerateCall) -> "_GenerateStream":
         return _GenerateStream(self, _generate_request(call))
@@ -57,7 +59,8 @@ class GrpcModelClient:
             self._registry.suspect(MODEL_SERVICE)
             raise Unavailable(f"service {MODEL_SERVICE} is unavailable: "
                               f"{from_rpc_error(exc).message}") from None
-        return [ModelInfo(name=m.name, backend=m.backend, context_window=m.context_window,
+        return [ModelInfo(name=m.name, backend=enum_str(model_pb2.Backend, m.backend),
+                          context_window=m.context_window,
                           cost_per_1k_tokens=m.cost_per_1k_tokens, loaded=m.loaded,
                           is_default=m.is_default, max_batch=m.max_batch)
                 for m in reply.models]
@@ -100,13 +103,14 @@ class _GenerateStream:
         if chunk is grpc.aio.EOF:
             raise StopAsyncIteration
         return GenPiece(chunk.text, chunk.tokens, chunk.token_ids, chunk.prompt_tokens,
-                        chunk.done, chunk.finish_reason)
+                        chunk.done, enum_str(model_pb2.FinishReason, chunk.finish_reason))
 
 
 def _generate_request(call: GenerateCall) -> model_pb2.GenerateRequest:
     return model_pb2.GenerateRequest(
         model=call.model,
-        messages=[model_pb2.ChatMessage(role=m.role, content=m.content) for m in call.messages],
+        messages=[model_pb2.ChatMessage(role=enum_value(model_pb2.Role, m.role), content=m.content)
+                  for m in call.messages],
         max_new_tokens=call.max_new_tokens, assistant_prefix=call.assistant_prefix,
         assistant_prefix_ids=call.assistant_prefix_ids, temperature=call.temperature,
         top_p=call.top_p, seed=call.seed, stop=list(call.stop), priority=call.priority)
@@ -119,13 +123,13 @@ class GrpcDataClient:
     def __init__(self, registry: ServiceRegistry):
         self._registry = registry
 
-    def _stub(self) -> data_pb2_grpc.DataStub:
-        return data_pb2_grpc.DataStub(self._registry.channel(DATA_SERVICE))
+    def _stub(self) -> data_pb2_grpc.DataServiceStub:
+        return data_pb2_grpc.DataServiceStub(self._registry.channel(DATA_SERVICE))
 
     def _error(self, exc: grpc.RpcError) -> VfmError:
         return _service_error(self._registry, DATA_SERVICE, exc)
 
-    async def forward(self, method: str, request, timeout: float = DATA_CALL_TIMEOUT_S):
+    async def _call(self, method: str, request, timeout: float = DATA_CALL_TIMEOUT_S):
         """One unary call to vfm-datad, its errors in our vocabulary."""
         try:
             return await getattr(self._stub(), method)(
@@ -133,36 +137,46 @@ class GrpcDataClient:
         except grpc.RpcError as exc:
             raise self._error(exc) from None
 
-    async def ingest(self, parts: AsyncIterator):
+    async def forward(self, method: str, tenant: str, request):
+        """A kernel.v1 syscall as `tenant`: copied into data.v1, its reply copied back."""
+        to_data, from_data = _RELAYED[method]
+        return from_data(await self._call(method, to_data(tenant, request)))
+
+    async def ingest(self, tenant: str, parts: AsyncIterator):
+        async def data_parts():
+            async for part in parts:
+                yield ingest_to_data(tenant, part)
+
         try:
-            return await self._stub().Ingest(parts, timeout=INGEST_TIMEOUT_S,
-                                             metadata=self._registry.metadata(DATA_SERVICE))
+            return ingest_from_data(await self._stub().Ingest(
+                data_parts(), timeout=INGEST_TIMEOUT_S,
+                metadata=self._registry.metadata(DATA_SERVICE)))
         except grpc.RpcError as exc:
             raise self._error(exc) from None
 
     async def candidates(self, query: CandidatesQuery) -> CandidatesReply:
-        reply = await self.forward("Candidates", data_pb2.CandidatesRequest(
+        reply = await self._call("Candidates", data_pb2.CandidatesRequest(
             tenant=query.tenant, pid=query.pid, question=query.question, limit=query.limit,
             recent=query.recent, collections=list(query.collections),
-            knowledge_k=query.knowledge_k, now=query.now))
+            knowledge_k=query.knowledge_k, now=timestamp(query.now)))
         return CandidatesReply(_candidates(reply), reply.pages)
 
     async def remember(self, tenant: str, pid: int, entries: list[MemoryEntry]) -> None:
-        await self.forward("Remember", data_pb2.RememberRequest(
+        await self._call("Remember", data_pb2.RememberRequest(
             tenant=tenant, pid=pid,
-            entries=[data_pb2.MemoryEntry(speaker=e.speaker, text=e.text, time=e.time)
+            entries=[data_pb2.MemoryEntry(speaker=e.speaker, text=e.text, time=timestamp(e.time))
                      for e in entries]))
 
     async def fork_memory(self, tenant: str, parent: int, child: int) -> None:
-        await self.forward("ForkMemory", data_pb2.ForkMemoryRequest(
+        await self._call("ForkMemory", data_pb2.ForkMemoryRequest(
             tenant=tenant, parent=parent, child=child))
 
 
 def _entry_item(kind: str, e: data_pb2.MemoryEntry, score: float = 0.0) -> Item:
     return Item(kind=kind, text=e.line or f"{e.speaker}: {e.text}", tokens=e.tokens,
                 source_ids=[f"mem:{e.seq}", f"page:{e.page}"], score=score, page=e.page,
-                seq=e.seq, speaker=e.speaker, time=e.time, meta=dict(e.meta), group=e.group,
-                group_tokens=e.group_tokens)
+                seq=e.seq, speaker=e.speaker, time=seconds(e, "time"), meta=dict(e.meta),
+                group=e.group, group_tokens=e.group_tokens)
 
 
 def _candidates(reply: data_pb2.CandidatesResponse) -> Candidates:
@@ -179,3 +193,116 @@ def _candidates(reply: data_pb2.CandidatesResponse) -> Candidates:
                       recent=[_entry_item("recent", e) for e in reply.recent],
                       ranked=[_entry_item("memory", h.entry, h.score) for h in reply.ranked],
                       knowledge=knowledge, summaries=summaries)
+
+
+# --- kernel.v1 <-> data.v1: the kernel names the tenant, the client never does ---------
+# The two packages share field meanings and enum numbers but not field numbers, so each
+# message is copied field by field; Timestamps and maps are copied as they are.
+
+def _time(msg, field: str):
+    return getattr(msg, field) if msg.HasField(field) else None
+
+
+def entry_to_data(e: kpb.MemoryEntry) -> data_pb2.MemoryEntry:
+    return data_pb2.MemoryEntry(speaker=e.speaker, text=e.text, time=_time(e, "time"),
+                           meta=dict(e.meta), pinned=e.pinned)
+
+
+def entry_from_data(e: data_pb2.MemoryEntry) -> kpb.MemoryEntry:
+    return kpb.MemoryEntry(seq=e.seq, speaker=e.speaker, text=e.text, time=_time(e, "time"),
+                          meta=dict(e.meta), pinned=e.pinned, tokens=e.tokens, page=e.page,
+                          line=e.line)
+
+
+def remember_to_data(tenant: str, r: kpb.RememberRequest) -> data_pb2.RememberRequest:
+    return data_pb2.RememberRequest(tenant=tenant, pid=r.pid,
+                               entries=[entry_to_data(e) for e in r.entries])
+
+
+def remember_from_data(r: data_pb2.RememberResponse) -> kpb.RememberResponse:
+    return kpb.RememberResponse(first_seq=r.first_seq, count=r.count, pages=r.pages)
+
+
+def recall_to_data(tenant: str, r: kpb.RecallRequest) -> data_pb2.RecallRequest:
+    return data_pb2.RecallRequest(tenant=tenant, pid=r.pid, query=r.query, k=r.k,
+                                  now=_time(r, "now"))
+
+
+def recall_from_data(r: data_pb2.RecallResponse) -> kpb.RecallResponse:
+    return kpb.RecallResponse(hits=[kpb.RecallHit(entry=entry_from_data(h.entry), score=h.score)
+                                   for h in r.hits])
+
+
+def collection_from_data(c: data_pb2.Collection) -> kpb.Collection:
+    return kpb.Collection(name=c.name, description=c.description, chunks=c.chunks,
+                         sources=c.sources, create_time=_time(c, "create_time"))
+
+
+def create_collection_to_data(tenant: str, r: kpb.CreateCollectionRequest):
+    return data_pb2.CreateCollectionRequest(tenant=tenant, name=r.name, description=r.description)
+
+
+def create_collection_from_data(r: data_pb2.CreateCollectionResponse):
+    return kpb.CreateCollectionResponse(collection=collection_from_data(r.collection))
+
+
+def delete_collection_to_data(tenant: str, r: kpb.DeleteCollectionRequest):
+    return data_pb2.DeleteCollectionRequest(tenant=tenant, name=r.name)
+
+
+def delete_collection_from_data(r: data_pb2.DeleteCollectionResponse):
+    return kpb.DeleteCollectionResponse(chunks=r.chunks)
+
+
+def delete_source_to_data(tenant: str, r: kpb.DeleteSourceRequest):
+    return data_pb2.DeleteSourceRequest(tenant=tenant, collection=r.collection, source=r.source)
+
+
+def delete_source_from_data(r: data_pb2.DeleteSourceResponse):
+    return kpb.DeleteSourceResponse(chunks=r.chunks)
+
+
+def search_to_data(tenant: str, r: kpb.SearchRequest) -> data_pb2.SearchRequest:
+    return data_pb2.SearchRequest(tenant=tenant, collection=r.collection, query=r.query, k=r.k,
+                             filters=dict(r.filters), since=_time(r, "since"),
+                             until=_time(r, "until"))
+
+
+def search_from_data(r: data_pb2.SearchResponse) -> kpb.SearchResponse:
+    return kpb.SearchResponse(hits=[kpb.SearchHit(
+        chunk_id=h.chunk_id, score=h.score, text=h.text, source=h.source, title=h.title,
+        position=h.position, meta=dict(h.meta), tokens=h.tokens, collection=h.collection)
+        for h in r.hits])
+
+
+def ingest_to_data(tenant: str, part: kpb.IngestRequest) -> data_pb2.IngestRequest:
+    return data_pb2.IngestRequest(tenant=tenant, collection=part.collection, source=part.source,
+                             kind=int(part.kind), mtime=_time(part, "mtime"),
+                             meta=dict(part.meta), data=part.data)
+
+
+def ingest_from_data(r: data_pb2.IngestResponse) -> kpb.IngestResponse:
+    return kpb.IngestResponse(source=r.source, chunks=r.chunks, unchanged=r.unchanged,
+                             replaced=r.replaced)
+
+
+def list_collections_to_data(tenant: str, r: kpb.ListCollectionsRequest):
+    return data_pb2.ListCollectionsRequest(tenant=tenant)
+
+
+def list_collections_from_data(r: data_pb2.ListCollectionsResponse):
+    """Every collection, by name: the kernel pages them (the data service does not)."""
+    return kpb.ListCollectionsResponse(collections=[
+        collection_from_data(c) for c in sorted(r.collections, key=lambda c: c.name)])
+
+
+# The relayed syscalls: kernel.v1 request -> data.v1 request, data.v1 reply -> kernel.v1 reply.
+_RELAYED = {
+    "Remember": (remember_to_data, remember_from_data),
+    "Recall": (recall_to_data, recall_from_data),
+    "CreateCollection": (create_collection_to_data, create_collection_from_data),
+    "ListCollections": (list_collections_to_data, list_collections_from_data),
+    "DeleteCollection": (delete_collection_to_data, delete_collection_from_data),
+    "DeleteSource": (delete_source_to_data, delete_source_from_data),
+    "Search": (search_to_data, search_from_data),
+}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kernel.process import DEFAULT_PRIORITY, ProcRecord
-from vfmos_runtime.convert import counters_to_pb, quota_from_pb, spec_to_pb
+from vfmos_runtime.convert import counters_to_pb, quota_from_pb, spec_to_pb, timestamp
 from vfmos_runtime.types import ProcessSpec
 from vfmos.kernel.v1 import kernel_pb2 as pb
 
@@ -19,4 +19,5 @@ def process_to_pb(record: ProcRecord, running: int) -> pb.Process:
     return pb.Process(
         pid=record.pid, tenant=record.tenant, state=int(record.state),
         spec=spec_to_pb(record.spec), counters=counters_to_pb(record.counters),
-        created_at=record.created_at, updated_at=record.updated_at, running=running)
+        create_time=timestamp(record.created_at), update_time=timestamp(record.updated_at),
+        running=running)

@@ -31,7 +31,7 @@ from vfmos_runtime.paths import credentials_socket
 from vfmos.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 
 log = logging.getLogger("vfmd")
-SERVICE_NAME = kernel_pb2.DESCRIPTOR.services_by_name["Kernel"].full_name
+SERVICE_NAME = kernel_pb2.DESCRIPTOR.services_by_name["KernelService"].full_name
 
 
 async def serve(cfg: kconfig.KernelConfig) -> None:
@@ -55,7 +55,7 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
                               tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
     try:
         server, health, port = create_server(
-            server_cfg, lambda s: kernel_pb2_grpc.add_KernelServicer_to_server(servicer, s),
+            server_cfg, lambda s: kernel_pb2_grpc.add_KernelServiceServicer_to_server(servicer, s),
             [SERVICE_NAME])
     except (RuntimeError, OSError) as exc:
         raise DaemonStartError(f"cannot listen: {exc}") from exc

@@ -8,9 +8,11 @@ from kernel.context import ContextManager
 from kernel.convert import process_to_pb
 from kernel.identity import Caller
 from kernel.memory import Item
+from kernel.pagination import page
 from kernel.ports import DataRelay
 from kernel.syscall import syscall
 from kernel.table import ProcessTable
+from vfmos_runtime.convert import enum_value, seconds, timestamp
 from vfmos_runtime.errors import InvalidArgument, VfmError
 from vfmos.kernel.v1 import kernel_pb2 as pb
 
@@ -19,16 +21,16 @@ MAX_QUESTION_CHARS = 64 * 1024
 
 
 def item_to_pb(item: Item) -> pb.ContextItem:
-    return pb.ContextItem(kind=item.kind, text=item.text, tokens=item.tokens,
-                          source_ids=item.source_ids, meta=item.meta, score=item.score,
-                          page=item.page, speaker=item.speaker, time=item.time)
+    return pb.ContextItem(kind=enum_value(pb.ContextItemKind, item.kind), text=item.text,
+                          tokens=item.tokens, source_ids=item.source_ids, meta=item.meta,
+                          score=item.score, page=item.page, speaker=item.speaker,
+                          time=timestamp(item.time))
 
 
 def _for_own_tenant(method: str):
     """A syscall that forwards its request to vfm-datad as the caller's tenant."""
     async def forward(self, caller: Caller, request):
-        request.tenant = caller.tenant
-        return await self.relay.forward(method, request)
+        return await self.relay.forward(method, caller.tenant, request)
     forward.__name__ = forward.__qualname__ = method
     return syscall(forward)
 
@@ -47,51 +49,52 @@ class MemorySyscalls:
         return self.table.get(caller, pid)  # another tenant's pid is NOT_FOUND
 
     @syscall
-    async def Context(self, caller: Caller, request: pb.ContextRequest) -> pb.WorkingSet:
+    async def GetWorkingSet(self, caller: Caller, request: pb.GetWorkingSetRequest):
         record = self._owned(caller, request.pid)
         if len(request.question) > MAX_QUESTION_CHARS:
             raise InvalidArgument(f"the question is longer than {MAX_QUESTION_CHARS} characters")
         ws = await self.context.working_set(record, request.question, request.budget,
-                                            request.now, request.touch)
-        return pb.WorkingSet(pid=record.pid, budget=ws.assembly.budget, used=ws.assembly.used,
-                             items=[item_to_pb(i) for i in ws.assembly.items],
-                             page_faults=ws.faults, page_hits=ws.hits,
-                             resident_pages=ws.resident, pages=ws.pages, pagein_ms=ws.pagein_ms)
+                                            seconds(request, "now"), request.touch)
+        return pb.GetWorkingSetResponse(working_set=pb.WorkingSet(
+            pid=record.pid, budget=ws.assembly.budget, used=ws.assembly.used,
+            items=[item_to_pb(i) for i in ws.assembly.items], page_faults=ws.faults,
+            page_hits=ws.hits, resident_pages=ws.resident, pages=ws.pages,
+            pagein_ms=ws.pagein_ms))
 
     @syscall
-    async def Remember(self, caller: Caller, request):
+    async def Remember(self, caller: Caller, request: pb.RememberRequest):
         record = self._owned(caller, request.pid)
-        request.tenant = record.tenant
-        return await self.relay.forward("Remember", request)
+        return await self.relay.forward("Remember", record.tenant, request)
 
     @syscall
-    async def Recall(self, caller: Caller, request):
+    async def Recall(self, caller: Caller, request: pb.RecallRequest):
         record = self._owned(caller, request.pid)
-        request.tenant = record.tenant
-        return await self.relay.forward("Recall", request)
+        return await self.relay.forward("Recall", record.tenant, request)
 
     @syscall
-    async def Fork(self, caller: Caller, request: pb.ForkRequest) -> pb.Process:
+    async def ForkProcess(self, caller: Caller, request: pb.ForkProcessRequest):
         parent, child = await self.table.fork(caller, request.pid, request.name)
         try:
             await self.context.data.fork_memory(parent.tenant, parent.pid, child.pid)
         except VfmError as err:
             log.warning("fork %d -> %d without memory: %s", parent.pid, child.pid, err.message)
-        return process_to_pb(child, 0)
+        return pb.ForkProcessResponse(process=process_to_pb(child, 0))
 
-    # knowledge: the caller's own tenant, whatever the request says
+    # knowledge: always the caller's own tenant (the kernel's requests cannot name one)
     CreateCollection = _for_own_tenant("CreateCollection")
-    ListCollections = _for_own_tenant("ListCollections")
     DeleteCollection = _for_own_tenant("DeleteCollection")
     DeleteSource = _for_own_tenant("DeleteSource")
     Search = _for_own_tenant("Search")
 
     @syscall
-    async def Ingest(self, caller: Caller, request_iterator):
-        """A document streamed through: parts are forwarded as they come, tenant rewritten."""
-        async def parts():
-            async for part in request_iterator:
-                part.tenant = caller.tenant
-                yield part
+    async def ListCollections(self, caller: Caller, request: pb.ListCollectionsRequest):
+        """vfm-datad lists them all (by name); the kernel pages them."""
+        reply = await self.relay.forward("ListCollections", caller.tenant, request)
+        found, token = page(reply.collections, lambda c: c.name, "ListCollections",
+                            request.page_size, request.page_token)
+        return pb.ListCollectionsResponse(collections=found, next_page_token=token)
 
-        return await self.relay.ingest(parts())
+    @syscall
+    async def Ingest(self, caller: Caller, request_iterator):
+        """A document streamed through: parts are forwarded as they come, as the caller's tenant."""
+        return await self.relay.ingest(caller.tenant, request_iterator)

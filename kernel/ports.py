@@ -114,10 +114,11 @@ class DataClient(Protocol):
 
 
 class DataRelay(Protocol):
-    """Syscalls the kernel hands to vfm-datad unchanged but for the tenant: their requests
-    and replies are the wire's own messages, so only the wire layer uses this."""
+    """Syscalls the kernel hands to vfm-datad as the caller's tenant: requests and replies
+    are the kernel's own wire messages (which have no tenant; the adapter copies them into
+    vfm-datad's, which do), so only the wire layer uses this."""
 
-    async def forward(self, method: str, request): ...
+    async def forward(self, method: str, tenant: str, request): ...
 
-    async def ingest(self, parts: AsyncIterator): ...
+    async def ingest(self, tenant: str, parts: AsyncIterator): ...
 

@@ -12,7 +12,9 @@ from kernel.memory_syscalls import MemorySyscalls
 from kernel.syscall import syscall
 from kernel.convert import process_to_pb, quota_from_pb, spec_from_pb
 from kernel.dispatch import Dispatcher
-from vfmos_runtime.convert import counters_to_pb, usage_to_pb
+from kernel.pagination import page
+from vfmos_runtime.convert import (counters_to_pb, duration, enum_value, seconds, timestamp,
+                                   usage_to_pb)
 from kernel.figures import daemon_figures
 from kernel.identity import Authenticator, Caller, require_admin
 from kernel.registry import ServiceRegistry
@@ -23,7 +25,7 @@ from vfmos.kernel.v1 import kernel_pb2_grpc
 log = logging.getLogger("vfmd.syscall")
 
 
-class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServicer):
+class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServiceServicer):
     def __init__(self, table: ProcessTable, registry: ServiceRegistry, auth: Authenticator,
                  asks: AskRunner, dispatcher: Dispatcher, started_at: float,
                  context: ContextManager):
@@ -39,40 +41,49 @@ class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServicer):
         return process_to_pb(record, self.table.running(record.pid))
 
     @syscall
-    async def Spawn(self, caller: Caller, request: pb.SpawnRequest) -> pb.Process:
-        return self._proc(await self.table.spawn(caller, spec_from_pb(request.spec)))
+    async def SpawnProcess(self, caller: Caller, request: pb.SpawnProcessRequest):
+        return pb.SpawnProcessResponse(
+            process=self._proc(await self.table.spawn(caller, spec_from_pb(request.spec))))
 
     @syscall
-    def List(self, caller: Caller, request: pb.ListRequest) -> pb.ListResponse:
-        records = self.table.list(caller, include_ended=request.all)
-        return pb.ListResponse(processes=[self._proc(r) for r in records])
+    def ListProcesses(self, caller: Caller, request: pb.ListProcessesRequest):
+        records = sorted(self.table.list(caller, include_ended=request.all), key=lambda r: r.pid)
+        found, token = page(records, lambda r: r.pid, "ListProcesses", request.page_size,
+                            request.page_token)
+        return pb.ListProcessesResponse(processes=[self._proc(r) for r in found],
+                                        next_page_token=token)
 
     @syscall
-    def Get(self, caller: Caller, request: pb.PidRequest) -> pb.Process:
-        return self._proc(self.table.get(caller, request.pid))
+    def GetProcess(self, caller: Caller, request: pb.GetProcessRequest):
+        return pb.GetProcessResponse(process=self._proc(self.table.get(caller, request.pid)))
 
     @syscall
-    async def Kill(self, caller: Caller, request: pb.PidRequest) -> pb.Process:
-        return self._proc(await self.table.kill(caller, request.pid))
+    async def KillProcess(self, caller: Caller, request: pb.KillProcessRequest):
+        return pb.KillProcessResponse(
+            process=self._proc(await self.table.kill(caller, request.pid)))
 
     @syscall
-    async def Suspend(self, caller: Caller, request: pb.PidRequest) -> pb.Process:
-        return self._proc(await self.table.suspend(caller, request.pid))
+    async def SuspendProcess(self, caller: Caller, request: pb.SuspendProcessRequest):
+        return pb.SuspendProcessResponse(
+            process=self._proc(await self.table.suspend(caller, request.pid)))
 
     @syscall
-    async def Resume(self, caller: Caller, request: pb.PidRequest) -> pb.Process:
-        return self._proc(await self.table.resume(caller, request.pid))
+    async def ResumeProcess(self, caller: Caller, request: pb.ResumeProcessRequest):
+        return pb.ResumeProcessResponse(
+            process=self._proc(await self.table.resume(caller, request.pid)))
 
     @syscall
-    async def SetQuota(self, caller: Caller, request: pb.SetQuotaRequest) -> pb.Process:
-        return self._proc(await self.table.set_quota(caller, request.pid, quota_from_pb(request.quota)))
+    async def SetProcessQuota(self, caller: Caller, request: pb.SetProcessQuotaRequest):
+        record = await self.table.set_quota(caller, request.pid, quota_from_pb(request.quota))
+        return pb.SetProcessQuotaResponse(process=self._proc(record))
 
     @syscall
-    async def SetPriority(self, caller: Caller, request: pb.SetPriorityRequest) -> pb.Process:
-        return self._proc(await self.table.set_priority(caller, request.pid, request.priority))
+    async def SetProcessPriority(self, caller: Caller, request: pb.SetProcessPriorityRequest):
+        record = await self.table.set_priority(caller, request.pid, request.priority)
+        return pb.SetProcessPriorityResponse(process=self._proc(record))
 
     @syscall
-    def Usage(self, caller: Caller, request: pb.UsageRequest) -> pb.UsageResponse:
+    def GetUsage(self, caller: Caller, request: pb.GetUsageRequest) -> pb.GetUsageResponse:
         snap = self.dispatcher.snapshot()
         weights = self.table.weights()
         tenants = []
@@ -81,69 +92,89 @@ class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServicer):
             tenants.append(pb.TenantUsage(
                 tenant=tenant, weight=weights.get(tenant, 1.0), processes=live, running=running,
                 queued=queued, counters=counters_to_pb(sums)))
-        return pb.UsageResponse(tenants=tenants, policy=self.dispatcher.policy.value,
-                                capacity=snap["capacity"], running=snap["running"],
-                                queued=snap["queued"])
+        return pb.GetUsageResponse(
+            tenants=tenants, policy=enum_value(pb.SchedulingPolicy, self.dispatcher.policy.value),
+            capacity=snap["capacity"], running=snap["running"], queued=snap["queued"])
 
     @syscall
-    async def SetTenantWeight(self, caller: Caller, request: pb.SetTenantWeightRequest) -> pb.Empty:
+    async def SetTenantWeight(self, caller: Caller, request: pb.SetTenantWeightRequest):
         require_admin(caller, "set tenant weights")
         await self.table.set_weight(request.tenant, request.weight)
         self.dispatcher.set_weight(request.tenant, request.weight)
-        return pb.Empty()
+        return pb.SetTenantWeightResponse()
 
     @syscall
     def Ping(self, caller: Caller, request: pb.PingRequest) -> pb.PingResponse:
         return pb.PingResponse(payload=request.payload)
 
     @syscall
-    def WhoAmI(self, caller: Caller, request: pb.WhoAmIRequest) -> pb.Identity:
-        return pb.Identity(tenant=caller.tenant, uid=caller.uid, admin=caller.admin,
-                           transport=caller.transport)
+    def WhoAmI(self, caller: Caller, request: pb.WhoAmIRequest) -> pb.WhoAmIResponse:
+        return pb.WhoAmIResponse(identity=pb.Identity(
+            tenant=caller.tenant, uid=caller.uid, admin=caller.admin,
+            transport=enum_value(pb.Transport, caller.transport)))
 
     @syscall
-    def Services(self, caller: Caller, request: pb.ServicesRequest) -> pb.ServicesResponse:
-        daemons = [pb.DaemonStatus(name="vfmd", address="", pid=os.getpid(), health="SERVING",
-                                   last_seen=time.time(), **daemon_figures(os.getpid()))]
+    def ListServices(self, caller: Caller, request: pb.ListServicesRequest):
+        daemons = [_daemon("vfmd", "", os.getpid(), "SERVING", time.time())]
         for entry in self.registry.entries():
-            daemons.append(pb.DaemonStatus(
-                name=entry.name, address=entry.address, pid=entry.pid, health=entry.health,
-                last_seen=entry.last_seen, **daemon_figures(entry.pid)))
-        return pb.ServicesResponse(daemons=daemons)
+            daemons.append(_daemon(entry.name, entry.address, entry.pid, entry.health,
+                                   entry.last_seen))
+        return pb.ListServicesResponse(daemons=daemons)
 
     @syscall
     async def RegisterService(self, caller: Caller, request: pb.RegisterServiceRequest):
         require_admin(caller, "register a service")
         entry = await self.registry.register(request.name, request.address, request.pid)
-        return pb.RegisterServiceResponse(heartbeat_s=self.registry.interval_s,
+        return pb.RegisterServiceResponse(heartbeat_interval=duration(self.registry.interval_s),
                                           kernel_secret=entry.secret)
 
     @syscall
-    async def CreateToken(self, caller: Caller, request: pb.TokenCreateRequest):
+    async def CreateToken(self, caller: Caller, request: pb.CreateTokenRequest):
         require_admin(caller, "create tokens")
         secret, token_id = await self.auth.tokens.create(request.tenant, request.admin, request.label)
-        return pb.TokenCreateResponse(token=secret, token_id=token_id)
+        return pb.CreateTokenResponse(token=secret, token_id=token_id)
 
     @syscall
-    async def RevokeToken(self, caller: Caller, request: pb.TokenRevokeRequest) -> pb.Empty:
+    async def RevokeToken(self, caller: Caller, request: pb.RevokeTokenRequest):
         require_admin(caller, "revoke tokens")
         await self.auth.tokens.revoke(request.token_id)
-        return pb.Empty()
+        return pb.RevokeTokenResponse()
 
     @syscall
-    def ListTokens(self, caller: Caller, request: pb.TokenListRequest):
+    def ListTokens(self, caller: Caller, request: pb.ListTokensRequest):
         require_admin(caller, "list tokens")
-        return pb.TokenListResponse(tokens=[pb.TokenInfo(**info) for info in self.auth.tokens.list()])
+        infos = sorted(self.auth.tokens.list(), key=lambda info: info["token_id"])
+        found, token = page(infos, lambda info: info["token_id"], "ListTokens",
+                            request.page_size, request.page_token)
+        return pb.ListTokensResponse(next_page_token=token, tokens=[pb.TokenInfo(
+            token_id=i["token_id"], tenant=i["tenant"], admin=i["admin"], label=i["label"],
+            create_time=timestamp(i["created_at"])) for i in found])
 
     @syscall
     async def Ask(self, caller: Caller, request: pb.AskRequest):
         query = AskQuery(pid=request.pid, prompt=request.prompt,
                          max_new_tokens=request.max_new_tokens, temperature=request.temperature,
                          top_p=request.top_p, seed=request.seed, stop=tuple(request.stop),
-                         ttft_slo_ms=request.ttft_slo_ms, stateless=request.stateless)
+                         ttft_slo_ms=seconds(request, "ttft_slo") * 1000,
+                         stateless=request.stateless)
         async for item in self.asks.ask(caller, query):
             if isinstance(item, AskDone):
-                yield pb.AskChunk(done=pb.AskDone(finish_reason=item.finish_reason,
-                                                  usage=usage_to_pb(item.usage)))
+                yield pb.AskResponse(done=pb.AskDone(
+                    finish_reason=enum_value(pb.FinishReason, item.finish_reason),
+                    usage=usage_to_pb(item.usage)))
             else:
-                yield pb.AskChunk(text=item)
+                yield pb.AskResponse(text=item)
+
+
+# Health strings the registry keeps, as the wire's enum; anything else reads NOT_SERVING.
+_HEALTH = {"SERVING": pb.SERVICE_HEALTH_SERVING, "NOT_SERVING": pb.SERVICE_HEALTH_NOT_SERVING,
+           "UNREACHABLE": pb.SERVICE_HEALTH_UNREACHABLE, "UNKNOWN": pb.SERVICE_HEALTH_UNKNOWN}
+
+
+def _daemon(name: str, address: str, pid: int, health: str, last_seen: float) -> pb.DaemonStatus:
+    figures = daemon_figures(pid)
+    return pb.DaemonStatus(name=name, address=address, pid=pid,
+                           health=_HEALTH.get(health, pb.SERVICE_HEALTH_NOT_SERVING),
+                           rss_mb=figures["rss_mb"], cpu_percent=figures["cpu_percent"],
+                           uptime=duration(figures["uptime_s"]),
+                           last_seen_time=timestamp(last_seen))

@@ -16,7 +16,6 @@ from vfmos_runtime.protocol import INGEST_PART_BYTES, MAX_MESSAGE_BYTES, TICKET_
 from libvfm.types import (AskResult, Collection, DaemonStatus, Identity, IngestResult,
                           MemoryEntry, Process, ProcessSpec, Quota, RecallHit, SearchHit,
                           ServiceRegistration, SystemUsage, TokenInfo, Usage, WorkingSet)
-from vfmos.data.v1 import data_pb2 as dpb
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos.kernel.v1 import kernel_pb2_grpc
 
@@ -48,7 +47,7 @@ class AsyncClient:
         else:
             self._sock_path = kernel_socket(str(socket) if socket else None)
             self._channel = grpc.aio.insecure_channel(f"unix:{self._sock_path}", options=options)
-        self._stub = kernel_pb2_grpc.KernelStub(self._channel)
+        self._stub = kernel_pb2_grpc.KernelServiceStub(self._channel)
 
     @property
     def socket_path(self) -> Path | None:
@@ -84,6 +83,16 @@ class AsyncClient:
                     continue
                 raise err from None
 
+    async def _pages(self, method: str, request, field: str) -> list:
+        """Every item of a paginated list call, following next_page_token to the end."""
+        items: list = []
+        while True:
+            reply = await self._call(method, request)
+            items.extend(getattr(reply, field))
+            if not reply.next_page_token:
+                return items
+            request.page_token = reply.next_page_token
+
     # process syscalls
     async def spawn(self, name: str, *, priority: int = 20, model: str = "",
                     context_budget: int = 0, quota: Quota | None = None,
@@ -91,32 +100,37 @@ class AsyncClient:
         spec = ProcessSpec(name=name, priority=priority, model=model,
                            context_budget=context_budget, quota=quota or Quota(),
                            system_prompt=system_prompt, collections=list(collections or ()))
-        reply = await self._call("Spawn", pb.SpawnRequest(spec=convert.spec_to_pb(spec)))
-        return convert.process_from_pb(reply)
+        reply = await self._call("SpawnProcess",
+                                 pb.SpawnProcessRequest(spec=convert.spec_to_pb(spec)))
+        return convert.process_from_pb(reply.process)
 
     async def ps(self, all: bool = False) -> list[Process]:
-        reply = await self._call("List", pb.ListRequest(all=all))
-        return [convert.process_from_pb(p) for p in reply.processes]
+        found = await self._pages("ListProcesses", pb.ListProcessesRequest(all=all), "processes")
+        return [convert.process_from_pb(p) for p in found]
 
     async def get(self, pid: int) -> Process:
-        return convert.process_from_pb(await self._call("Get", pb.PidRequest(pid=pid)))
+        reply = await self._call("GetProcess", pb.GetProcessRequest(pid=pid))
+        return convert.process_from_pb(reply.process)
 
     async def kill(self, pid: int) -> Process:
-        return convert.process_from_pb(await self._call("Kill", pb.PidRequest(pid=pid)))
+        reply = await self._call("KillProcess", pb.KillProcessRequest(pid=pid))
+        return convert.process_from_pb(reply.process)
 
     async def suspend(self, pid: int) -> Process:
-        return convert.process_from_pb(await self._call("Suspend", pb.PidRequest(pid=pid)))
+        reply = await self._call("SuspendProcess", pb.SuspendProcessRequest(pid=pid))
+        return convert.process_from_pb(reply.process)
 
     async def resume(self, pid: int) -> Process:
-        return convert.process_from_pb(await self._call("Resume", pb.PidRequest(pid=pid)))
+        reply = await self._call("ResumeProcess", pb.ResumeProcessRequest(pid=pid))
+        return convert.process_from_pb(reply.process)
 
     async def set_quota(self, pid: int, quota: Quota) -> Process:
-        request = pb.SetQuotaRequest(pid=pid, quota=convert.quota_to_pb(quota))
-        return convert.process_from_pb(await self._call("SetQuota", request))
+        request = pb.SetProcessQuotaRequest(pid=pid, quota=convert.quota_to_pb(quota))
+        return convert.process_from_pb((await self._call("SetProcessQuota", request)).process)
 
     async def set_priority(self, pid: int, priority: int) -> Process:
-        request = pb.SetPriorityRequest(pid=pid, priority=priority)
-        return convert.process_from_pb(await self._call("SetPriority", request))
+        request = pb.SetProcessPriorityRequest(pid=pid, priority=priority)
+        return convert.process_from_pb((await self._call("SetProcessPriority", request)).process)
 
     # work
     async def ask_stream(self, pid: int, prompt: str, *, max_new_tokens: int = 0,
@@ -131,14 +145,16 @@ class AsyncClient:
         """
         request = pb.AskRequest(pid=pid, prompt=prompt, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, seed=seed, stop=stop or [],
-                                ttft_slo_ms=ttft_slo_ms, stateless=stateless)
+                                ttft_slo=convert.duration(ttft_slo_ms / 1000),
+                                stateless=stateless)
         pieces: list[str] = []
         for attempt in (0, 1):
             call = self._stub.Ask(request, metadata=self._metadata(renew=attempt == 1))
             try:
                 async for chunk in call:
                     if chunk.HasField("done"):
-                        yield AskResult("".join(pieces), chunk.done.finish_reason,
+                        reason = convert.enum_str(pb.FinishReason, chunk.done.finish_reason)
+                        yield AskResult("".join(pieces), reason,
                                         convert.usage_from_pb(chunk.done.usage))
                         return
                     pieces.append(chunk.text)
@@ -162,48 +178,52 @@ class AsyncClient:
     # virtual context memory
     async def remember(self, pid: int, entries: list[MemoryEntry]) -> tuple[int, int]:
         """Append entries to a process's memory in one call; returns (first seq, count)."""
-        reply = await self._call("Remember", dpb.RememberRequest(
+        reply = await self._call("Remember", pb.RememberRequest(
             pid=pid, entries=[convert.entry_to_pb(e) for e in entries]))
         return reply.first_seq, reply.count
 
     async def recall(self, pid: int, query: str, k: int = 10,
                      now: float = 0.0) -> list[RecallHit]:
-        reply = await self._call("Recall", dpb.RecallRequest(pid=pid, query=query, k=k, now=now))
+        reply = await self._call("Recall", pb.RecallRequest(pid=pid, query=query, k=k,
+                                                             now=convert.timestamp(now)))
         return [RecallHit(convert.entry_from_pb(h.entry), h.score) for h in reply.hits]
 
     async def context(self, pid: int, question: str = "", *, budget: int = 0, now: float = 0.0,
                       touch: bool = False) -> WorkingSet:
         """The working set an Ask of `question` would use; `touch` counts it as paged in."""
-        reply = await self._call("Context", pb.ContextRequest(
-            pid=pid, question=question, budget=budget, now=now, touch=touch))
-        return convert.working_set_from_pb(reply)
+        reply = await self._call("GetWorkingSet", pb.GetWorkingSetRequest(
+            pid=pid, question=question, budget=budget, now=convert.timestamp(now), touch=touch))
+        return convert.working_set_from_pb(reply.working_set)
 
     async def fork(self, pid: int, name: str = "") -> Process:
         """A child process sharing the parent's memory copy-on-write."""
-        return convert.process_from_pb(await self._call("Fork", pb.ForkRequest(pid=pid, name=name)))
+        reply = await self._call("ForkProcess", pb.ForkProcessRequest(pid=pid, name=name))
+        return convert.process_from_pb(reply.process)
 
     # knowledge collections of the caller's tenant
     async def collection_create(self, name: str, description: str = "") -> Collection:
-        reply = await self._call("CreateCollection", dpb.CreateCollectionRequest(
+        reply = await self._call("CreateCollection", pb.CreateCollectionRequest(
             name=name, description=description))
-        return convert.collection_from_pb(reply)
+        return convert.collection_from_pb(reply.collection)
 
     async def collections(self) -> list[Collection]:
-        reply = await self._call("ListCollections", dpb.ListCollectionsRequest())
-        return [convert.collection_from_pb(c) for c in reply.collections]
+        found = await self._pages("ListCollections", pb.ListCollectionsRequest(), "collections")
+        return [convert.collection_from_pb(c) for c in found]
 
     async def collection_delete(self, name: str) -> int:
-        return (await self._call("DeleteCollection", dpb.CollectionRequest(name=name))).chunks
+        return (await self._call("DeleteCollection", pb.DeleteCollectionRequest(name=name))).chunks
 
     async def ingest(self, collection: str, source: str, data: bytes, *, kind: str = "",
                      mtime: float = 0.0, meta: dict[str, str] | None = None,
                      progress: Callable[[int], None] | None = None) -> IngestResult:
         """Stream one document; `progress(n)` hears each part's size as it is sent."""
+        head = pb.IngestRequest(collection=collection, source=source,
+                                kind=convert.document_kind_to_pb(kind),
+                                mtime=convert.timestamp(mtime), meta=meta or {})
+
         def parts():
-            head = dpb.IngestPart(collection=collection, source=source, kind=kind, mtime=mtime,
-                                  meta=meta or {})
             for start in range(0, max(len(data), 1), INGEST_PART_BYTES):
-                part = head if start == 0 else dpb.IngestPart()
+                part = head if start == 0 else pb.IngestRequest()
                 part.data = data[start:start + INGEST_PART_BYTES]
                 yield part
                 if progress is not None:
@@ -221,15 +241,15 @@ class AsyncClient:
                 raise err from None
 
     async def delete_source(self, collection: str, source: str) -> int:
-        return (await self._call("DeleteSource", dpb.DeleteSourceRequest(
+        return (await self._call("DeleteSource", pb.DeleteSourceRequest(
             collection=collection, source=source))).chunks
 
     async def search(self, collection: str, query: str, k: int = 10, *,
                      filters: dict[str, str] | None = None, since: float = 0.0,
                      until: float = 0.0) -> list[SearchHit]:
-        reply = await self._call("Search", dpb.SearchRequest(
-            collection=collection, query=query, k=k, filters=filters or {}, since=since,
-            until=until))
+        reply = await self._call("Search", pb.SearchRequest(
+            collection=collection, query=query, k=k, filters=filters or {},
+            since=convert.timestamp(since), until=convert.timestamp(until)))
         return [convert.hit_from_pb(h) for h in reply.hits]
 
     # introspection and administration
@@ -237,15 +257,15 @@ class AsyncClient:
         return (await self._call("Ping", pb.PingRequest(payload=payload))).payload
 
     async def whoami(self) -> Identity:
-        return convert.identity_from_pb(await self._call("WhoAmI", pb.WhoAmIRequest()))
+        return convert.identity_from_pb((await self._call("WhoAmI", pb.WhoAmIRequest())).identity)
 
     async def services(self) -> list[DaemonStatus]:
-        reply = await self._call("Services", pb.ServicesRequest())
+        reply = await self._call("ListServices", pb.ListServicesRequest())
         return [convert.daemon_from_pb(d) for d in reply.daemons]
 
     async def usage(self) -> SystemUsage:
         """Scheduler figures and per-tenant totals (an admin sees every tenant)."""
-        return convert.system_usage_from_pb(await self._call("Usage", pb.UsageRequest()))
+        return convert.system_usage_from_pb(await self._call("GetUsage", pb.GetUsageRequest()))
 
     async def set_tenant_weight(self, tenant: str, weight: float) -> None:
         await self._call("SetTenantWeight", pb.SetTenantWeightRequest(tenant=tenant, weight=weight))
@@ -255,19 +275,20 @@ class AsyncClient:
         kernel will present on its calls to the service."""
         request = pb.RegisterServiceRequest(name=name, address=address, pid=pid)
         reply = await self._call("RegisterService", request)
-        return ServiceRegistration(reply.heartbeat_s, reply.kernel_secret)
+        return ServiceRegistration(convert.seconds(reply, "heartbeat_interval"),
+                                   reply.kernel_secret)
 
     async def token_create(self, tenant: str, admin: bool = False, label: str = "") -> tuple[str, str]:
-        reply = await self._call("CreateToken", pb.TokenCreateRequest(
+        reply = await self._call("CreateToken", pb.CreateTokenRequest(
             tenant=tenant, admin=admin, label=label))
         return reply.token, reply.token_id
 
     async def token_revoke(self, token_id: str) -> None:
-        await self._call("RevokeToken", pb.TokenRevokeRequest(token_id=token_id))
+        await self._call("RevokeToken", pb.RevokeTokenRequest(token_id=token_id))
 
     async def token_list(self) -> list[TokenInfo]:
-        reply = await self._call("ListTokens", pb.TokenListRequest())
-        return [convert.token_from_pb(t) for t in reply.tokens]
+        found = await self._pages("ListTokens", pb.ListTokensRequest(), "tokens")
+        return [convert.token_from_pb(t) for t in found]
 
 
 class Client:

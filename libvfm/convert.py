@@ -6,69 +6,75 @@ from libvfm.types import (Collection, ContextItem, DaemonStatus, Identity, Memor
                           ProcessSpec, SearchHit, SystemUsage, TenantUsage, TokenInfo,
                           WorkingSet)
 # The client also encodes quotas and specs and decodes usage: the shared conversions.
-from vfmos_runtime.convert import counters_from_pb, quota_from_pb
+from vfmos_runtime.convert import counters_from_pb, enum_str, quota_from_pb, seconds
+from vfmos_runtime.convert import document_kind_to_pb as document_kind_to_pb
+from vfmos_runtime.convert import duration as duration
 from vfmos_runtime.convert import quota_to_pb as quota_to_pb
 from vfmos_runtime.convert import spec_to_pb as spec_to_pb
+from vfmos_runtime.convert import timestamp as timestamp
 from vfmos_runtime.convert import usage_from_pb as usage_from_pb
-from vfmos.data.v1 import data_pb2 as dpb
 from vfmos.kernel.v1 import kernel_pb2 as pb
 
 
 def process_from_pb(msg: pb.Process) -> Process:
     s, q, c = msg.spec, msg.spec.quota, msg.counters
     return Process(
-        pid=msg.pid, tenant=msg.tenant, state=pb.ProcState.Name(msg.state),
+        pid=msg.pid, tenant=msg.tenant, state=enum_str(pb.ProcState, msg.state, lower=False),
         spec=ProcessSpec(name=s.name, priority=s.priority, model=s.model,
                          context_budget=s.context_budget, system_prompt=s.system_prompt,
                          collections=list(s.collections),
                          quota=quota_from_pb(q)),
         counters=counters_from_pb(c),
-        created_at=msg.created_at, updated_at=msg.updated_at, running=msg.running)
+        created_at=seconds(msg, "create_time"), updated_at=seconds(msg, "update_time"),
+        running=msg.running)
 
 
-def system_usage_from_pb(msg: pb.UsageResponse) -> SystemUsage:
-    return SystemUsage(msg.policy, msg.capacity, msg.running, msg.queued, [
+def system_usage_from_pb(msg: pb.GetUsageResponse) -> SystemUsage:
+    return SystemUsage(enum_str(pb.SchedulingPolicy, msg.policy), msg.capacity, msg.running,
+                       msg.queued, [
         TenantUsage(t.tenant, t.weight, t.processes, t.running, t.queued,
                     counters_from_pb(t.counters)) for t in msg.tenants])
 
 
 def identity_from_pb(msg: pb.Identity) -> Identity:
-    return Identity(msg.tenant, msg.uid, msg.admin, msg.transport)
+    return Identity(msg.tenant, msg.uid, msg.admin, enum_str(pb.Transport, msg.transport))
 
 
 def daemon_from_pb(msg: pb.DaemonStatus) -> DaemonStatus:
-    return DaemonStatus(msg.name, msg.address, msg.pid, msg.health, msg.rss_mb,
-                        msg.cpu_percent, msg.uptime_s, msg.last_seen)
+    return DaemonStatus(msg.name, msg.address, msg.pid,
+                        enum_str(pb.ServiceHealth, msg.health, lower=False), msg.rss_mb,
+                        msg.cpu_percent, seconds(msg, "uptime"), seconds(msg, "last_seen_time"))
 
 
 def token_from_pb(msg: pb.TokenInfo) -> TokenInfo:
-    return TokenInfo(msg.token_id, msg.tenant, msg.admin, msg.label, msg.created_at)
+    return TokenInfo(msg.token_id, msg.tenant, msg.admin, msg.label, seconds(msg, "create_time"))
 
 
-def entry_to_pb(e: MemoryEntry) -> dpb.MemoryEntry:
-    return dpb.MemoryEntry(speaker=e.speaker, text=e.text, time=e.time, meta=e.meta,
-                           pinned=e.pinned)
+def entry_to_pb(e: MemoryEntry) -> pb.MemoryEntry:
+    return pb.MemoryEntry(speaker=e.speaker, text=e.text, time=timestamp(e.time), meta=e.meta,
+                          pinned=e.pinned)
 
 
-def entry_from_pb(m: dpb.MemoryEntry) -> MemoryEntry:
-    return MemoryEntry(text=m.text, speaker=m.speaker, time=m.time, meta=dict(m.meta),
+def entry_from_pb(m: pb.MemoryEntry) -> MemoryEntry:
+    return MemoryEntry(text=m.text, speaker=m.speaker, time=seconds(m, "time"), meta=dict(m.meta),
                        pinned=m.pinned, seq=m.seq, tokens=m.tokens, page=m.page, line=m.line)
 
 
 def working_set_from_pb(m: pb.WorkingSet) -> WorkingSet:
-    items = [ContextItem(kind=i.kind, text=i.text, tokens=i.tokens,
+    items = [ContextItem(kind=enum_str(pb.ContextItemKind, i.kind), text=i.text, tokens=i.tokens,
                          source_ids=list(i.source_ids), meta=dict(i.meta), score=i.score,
-                         page=i.page, speaker=i.speaker, time=i.time) for i in m.items]
+                         page=i.page, speaker=i.speaker, time=seconds(i, "time"))
+             for i in m.items]
     return WorkingSet(pid=m.pid, budget=m.budget, used=m.used, items=items,
                       page_faults=m.page_faults, page_hits=m.page_hits,
                       resident_pages=m.resident_pages, pages=m.pages, pagein_ms=m.pagein_ms)
 
 
-def collection_from_pb(m: dpb.Collection) -> Collection:
-    return Collection(m.name, m.description, m.chunks, m.sources, m.created_at)
+def collection_from_pb(m: pb.Collection) -> Collection:
+    return Collection(m.name, m.description, m.chunks, m.sources, seconds(m, "create_time"))
 
 
-def hit_from_pb(m: dpb.Hit) -> SearchHit:
+def hit_from_pb(m: pb.SearchHit) -> SearchHit:
     return SearchHit(chunk_id=m.chunk_id, score=m.score, text=m.text, source=m.source,
                      title=m.title, position=m.position, meta=dict(m.meta),
                      collection=m.collection)

@@ -1,9 +1,93 @@
-"""Shared messages of the FM-process vocabulary (quota, spec, counters, usage) to dataclasses and back."""
+"""Shared FM-process messages to dataclasses and back, and the wire's enum and time rules."""
 
 from __future__ import annotations
 
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from vfmos.kernel.v1 import kernel_pb2 as pb
+from vfmos_runtime.errors import InvalidArgument
 from vfmos_runtime.types import Counters, ProcessSpec, Quota, Usage
+
+# Other names the data service has always accepted for a document kind.
+DOCUMENT_KIND_ALIASES = {"txt": "text", "md": "markdown", "htm": "html", "tsv": "csv",
+                         "jsonl": "json", "ndjson": "json", "plain": "text"}
+
+
+# --- enums: the wire says FINISH_REASON_STOP, Python callers have always seen "stop" -----
+
+def _prefix(enum) -> str:
+    return enum.DESCRIPTOR.values_by_number[0].name[:-len("UNSPECIFIED")]
+
+
+def enum_str(enum, value: int, lower: bool = True) -> str:
+    """The string callers see for an enum value: "stop", "local-torch", "READY"; "" for 0."""
+    if not value:
+        return ""
+    try:
+        name = enum.Name(value)[len(_prefix(enum)):]
+    except ValueError:
+        return ""  # a value newer than this code
+    return name.lower().replace("_", "-") if lower else name
+
+
+def enum_value(enum, text: str) -> int:
+    """The enum value for a string written either way ("stop", "STOP", "local-torch"); 0 for ""."""
+    if not text:
+        return 0
+    try:
+        return enum.Value(_prefix(enum) + text.upper().replace("-", "_"))
+    except ValueError:
+        names = [enum_str(enum, v.number) for v in enum.DESCRIPTOR.values if v.number]
+        raise InvalidArgument(f"unknown {enum.DESCRIPTOR.name} {text!r}; use one of "
+                              f"{', '.join(names)}") from None
+
+
+def document_kind_to_pb(kind: str) -> int:
+    """A document kind as vfmctl and libvfm callers write it ("md", ".pdf", "text")."""
+    name = (kind or "").strip().lower().lstrip(".")
+    name = DOCUMENT_KIND_ALIASES.get(name, name)
+    try:
+        return enum_value(pb.DocumentKind, name)
+    except InvalidArgument:
+        names = [enum_str(pb.DocumentKind, v.number) for v in pb.DocumentKind.DESCRIPTOR.values
+                 if v.number]
+        raise InvalidArgument(f"unknown document kind {name!r}; use one of "
+                              f"{', '.join(names)}") from None
+
+
+# --- times: unix seconds in Python, Timestamp/Duration on the wire; 0 <-> unset ---------
+
+def timestamp(seconds_: float) -> Timestamp | None:
+    """A Timestamp for unix seconds, or None (field left unset) for 0."""
+    if not seconds_:
+        return None
+    ts = Timestamp()
+    whole = int(seconds_ // 1)
+    ts.seconds, ts.nanos = whole, min(int(round((seconds_ - whole) * 1e9)), 999_999_999)
+    return ts
+
+
+def seconds(msg, field: str) -> float:
+    """Unix seconds of a Timestamp field (or seconds of a Duration field); 0 when unset."""
+    if not msg.HasField(field):
+        return 0.0
+    value = getattr(msg, field)
+    return value.seconds + value.nanos / 1e9
+
+
+def duration(seconds_: float) -> Duration | None:
+    """A Duration for seconds, or None (field left unset) for 0."""
+    if not seconds_:
+        return None
+    if seconds_ != seconds_ or abs(seconds_) > 315_576_000_000:  # NaN, or beyond Duration
+        raise InvalidArgument(f"not a usable duration: {seconds_} s")
+    d = Duration()
+    d.FromNanoseconds(int(round(seconds_ * 1e9)))
+    return d
+
+
+# --- messages ------------------------------------------------------------------------
 
 
 def quota_to_pb(quota: Quota) -> pb.Quota:

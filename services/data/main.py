@@ -25,7 +25,7 @@ from services.data.config import NAME, DataConfig, load
 from vfmos.data.v1 import data_pb2, data_pb2_grpc
 
 log = logging.getLogger("vfm-datad")
-SERVICE_NAME = data_pb2.DESCRIPTOR.services_by_name["Data"].full_name
+SERVICE_NAME = data_pb2.DESCRIPTOR.services_by_name["DataService"].full_name
 
 
 async def serve(cfg: DataConfig) -> None:
@@ -47,7 +47,7 @@ async def serve(cfg: DataConfig) -> None:
     gate = KernelGate(NAME)
     server, health, _ = create_server(
         ServerConfig(unix_socket=socket, interceptors=(gate,)),
-        lambda s: data_pb2_grpc.add_DataServicer_to_server(servicer, s), [SERVICE_NAME])
+        lambda s: data_pb2_grpc.add_DataServiceServicer_to_server(servicer, s), [SERVICE_NAME])
     await server.start()
     os.chmod(socket, 0o660)  # only the kernel (same user or group) talks to us
     background = ()

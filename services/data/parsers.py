@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import PurePosixPath
 
+from vfmos_runtime.convert import DOCUMENT_KIND_ALIASES
 from vfmos_runtime.errors import InvalidArgument
 from services.data.chunking import Block
 
 KINDS = ("text", "markdown", "html", "pdf", "csv", "json")
-_ALIASES = {"txt": "text", "md": "markdown", "htm": "html", "tsv": "csv", "jsonl": "json",
-            "ndjson": "json", "plain": "text"}
+_ALIASES = DOCUMENT_KIND_ALIASES  # clients map them to the wire's enum the same way
 _EXTENSIONS = {
     ".txt": "text", ".text": "text", ".log": "text", ".rst": "text", ".org": "text",
     ".md": "markdown", ".markdown": "markdown", ".mdx": "markdown",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from vfmos_runtime.boundary import rpc as boundary
+from vfmos_runtime.convert import enum_str, seconds, timestamp
 from vfmos_runtime.errors import InvalidArgument
 from services.data.memory import Stored
 from services.data.service import DataService, check_tenant
@@ -17,7 +18,8 @@ MAX_DOCUMENT_BYTES = 512 << 20
 
 
 def entry_to_pb(s: Stored) -> pb.MemoryEntry:
-    return pb.MemoryEntry(seq=s.seq, speaker=s.speaker, text=s.text, time=s.time, meta=s.meta,
+    return pb.MemoryEntry(seq=s.seq, speaker=s.speaker, text=s.text, time=timestamp(s.time),
+                          meta=s.meta,
                           pinned=s.pinned, tokens=s.tokens, page=s.page, line=s.line,
                           group=s.group, group_tokens=s.group_tokens)
 
@@ -29,16 +31,16 @@ def hit_to_pb(hit, collection: str = "", tokens: int = 0) -> pb.Hit:
                   collection=collection)
 
 
-class DataServicer(data_pb2_grpc.DataServicer):
+class DataServicer(data_pb2_grpc.DataServiceServicer):
     def __init__(self, service: DataService):
         self.s = service
 
     # knowledge
     @rpc
-    async def CreateCollection(self, request: pb.CreateCollectionRequest, context) -> pb.Collection:
+    async def CreateCollection(self, request: pb.CreateCollectionRequest, context):
         c = await self.s.run(self.s.knowledge.create_collection, check_tenant(request.tenant),
                              request.name, request.description)
-        return _collection(c)
+        return pb.CreateCollectionResponse(collection=_collection(c))
 
     @rpc
     async def ListCollections(self, request: pb.ListCollectionsRequest, context):
@@ -46,7 +48,7 @@ class DataServicer(data_pb2_grpc.DataServicer):
         return pb.ListCollectionsResponse(collections=[_collection(c) for c in items])
 
     @rpc
-    async def DeleteCollection(self, request: pb.CollectionRequest, context):
+    async def DeleteCollection(self, request: pb.DeleteCollectionRequest, context):
         n = await self.s.run(self.s.knowledge.delete_collection, check_tenant(request.tenant),
                              request.name)
         return pb.DeleteCollectionResponse(chunks=n)
@@ -56,7 +58,8 @@ class DataServicer(data_pb2_grpc.DataServicer):
         head, data = await _read_document(request_iterator)
         result = await self.s.run(
             self.s.knowledge.ingest, check_tenant(head.tenant), head.collection, head.source,
-            data, kind=head.kind or None, mtime=head.mtime or None, meta=dict(head.meta))
+            data, kind=enum_str(pb.DocumentKind, head.kind) or None,
+            mtime=seconds(head, "mtime") or None, meta=dict(head.meta))
         return pb.IngestResponse(source=head.source, chunks=result.chunks,
                                  unchanged=result.skipped_unchanged, replaced=result.replaced)
 
@@ -71,14 +74,15 @@ class DataServicer(data_pb2_grpc.DataServicer):
         hits = await self.s.run(self.s.knowledge.search, check_tenant(request.tenant),
                                 request.collection, request.query, k=request.k or 10,
                                 filters=dict(request.filters) or None,
-                                since=_when(request.since), until=_when(request.until))
+                                since=_when(seconds(request, "since")),
+                                until=_when(seconds(request, "until")))
         return pb.SearchResponse(hits=[hit_to_pb(h, request.collection) for h in hits])
 
     # episodic memory
     @rpc
     async def Remember(self, request: pb.RememberRequest, context) -> pb.RememberResponse:
-        items = [{"speaker": e.speaker, "text": e.text, "time": e.time, "meta": dict(e.meta),
-                  "pinned": e.pinned} for e in request.entries]
+        items = [{"speaker": e.speaker, "text": e.text, "time": seconds(e, "time"),
+                  "meta": dict(e.meta), "pinned": e.pinned} for e in request.entries]
         first, count, pages = await self.s.run(self.s.memory.remember,
                                                check_tenant(request.tenant), request.pid, items)
         return pb.RememberResponse(first_seq=first, count=count, pages=pages)
@@ -86,7 +90,7 @@ class DataServicer(data_pb2_grpc.DataServicer):
     @rpc
     async def Recall(self, request: pb.RecallRequest, context) -> pb.RecallResponse:
         hits = await self.s.run(self.s.memory.recall, check_tenant(request.tenant), request.pid,
-                                request.query, request.k or 10, request.now)
+                                request.query, request.k or 10, seconds(request, "now"))
         return pb.RecallResponse(hits=[pb.RecallHit(entry=entry_to_pb(s), score=score)
                                        for s, score in hits])
 
@@ -94,7 +98,7 @@ class DataServicer(data_pb2_grpc.DataServicer):
     async def Candidates(self, request: pb.CandidatesRequest, context) -> pb.CandidatesResponse:
         tenant = check_tenant(request.tenant)
         found = await self.s.run(self.s.memory.candidates, tenant, request.pid, request.question,
-                                 request.limit or 200, request.recent, request.now)
+                                 request.limit or 200, request.recent, seconds(request, "now"))
         knowledge = []
         if request.collections and request.question.strip():
             chunks = await self.s.run(self.s.knowledge_for, tenant, list(request.collections),
@@ -124,7 +128,7 @@ class DataServicer(data_pb2_grpc.DataServicer):
 
 def _collection(c) -> pb.Collection:
     return pb.Collection(name=c.name, description=c.description, chunks=c.chunks,
-                         sources=c.sources, created_at=c.created_at)
+                         sources=c.sources, create_time=timestamp(c.created_at))
 
 
 def _when(seconds: float):
@@ -133,7 +137,7 @@ def _when(seconds: float):
     return datetime.fromtimestamp(seconds, timezone.utc) if seconds else None
 
 
-async def _read_document(parts) -> tuple[pb.IngestPart, bytes]:
+async def _read_document(parts) -> tuple[pb.IngestRequest, bytes]:
     """The header (first part) and the whole document, refusing oversize uploads early."""
     head, chunks, size = None, [], 0
     async for part in parts:

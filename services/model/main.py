@@ -22,7 +22,7 @@ from services.model.servicer import ModelServicer
 from vfmos.model.v1 import model_pb2, model_pb2_grpc
 
 log = logging.getLogger("vfm-modeld")
-SERVICE_NAME = model_pb2.DESCRIPTOR.services_by_name["Model"].full_name
+SERVICE_NAME = model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 
 
 async def serve(cfg: ModelConfig) -> None:
@@ -40,7 +40,7 @@ async def serve(cfg: ModelConfig) -> None:
     gate = KernelGate(NAME)
     server, health, _ = create_server(
         ServerConfig(unix_socket=socket, interceptors=(gate,)),
-        lambda s: model_pb2_grpc.add_ModelServicer_to_server(servicer, s), [SERVICE_NAME])
+        lambda s: model_pb2_grpc.add_ModelServiceServicer_to_server(servicer, s), [SERVICE_NAME])
     await server.start()
     os.chmod(socket, 0o660)  # only the kernel (same user or group) talks to us
     await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

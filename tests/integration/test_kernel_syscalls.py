@@ -104,10 +104,10 @@ def test_garbage_bytes_on_the_sockets_do_not_hurt(kernel, state_dir, client):
 
 def test_calls_without_or_with_forged_identity_are_refused(kernel, state_dir):
     with grpc.insecure_channel(f"unix:{state_dir / 'vfmd.sock'}") as channel:
-        stub = kernel_pb2_grpc.KernelStub(channel)
+        stub = kernel_pb2_grpc.KernelServiceStub(channel)
         for metadata in ((), (("x-vfm-ticket", "forged"),), (("authorization", "Bearer vfm_nope"),)):
             with pytest.raises(grpc.RpcError) as info:
-                stub.List(kernel_pb2.ListRequest(), metadata=metadata)
+                stub.ListProcesses(kernel_pb2.ListProcessesRequest(), metadata=metadata)
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -119,7 +119,7 @@ def test_health_and_reflection_work_for_standard_tools(kernel, state_dir):
         responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
             list_services="")]))
         names = {s.name for r in responses for s in r.list_services_response.service}
-    assert {"vfmos.kernel.v1.Kernel", "grpc.health.v1.Health"} <= names
+    assert {"vfmos.kernel.v1.KernelService", "grpc.health.v1.Health"} <= names
 
 
 def test_restart_after_kill9_keeps_every_process(kernel, state_dir):

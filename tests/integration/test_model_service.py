@@ -105,14 +105,14 @@ def test_grpc_generate_and_list_models(service, tmp_path):
         sock = tmp_path / "m.sock"
         server, _, _ = create_server(
             ServerConfig(unix_socket=sock),
-            lambda s: model_pb2_grpc.add_ModelServicer_to_server(ModelServicer(service), s),
-            ["vfmos.model.v1.Model"])
+            lambda s: model_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(service), s),
+            ["vfmos.model.v1.ModelService"])
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
-                stub = model_pb2_grpc.ModelStub(channel)
+                stub = model_pb2_grpc.ModelServiceStub(channel)
                 chunks = [c async for c in stub.Generate(model_pb2.GenerateRequest(
-                    messages=[model_pb2.ChatMessage(role="user", content="Hi!")],
+                    messages=[model_pb2.ChatMessage(role=model_pb2.ROLE_USER, content="Hi!")],
                     max_new_tokens=5))]
                 models = await stub.ListModels(model_pb2.ListModelsRequest())
                 with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -55,18 +55,19 @@ async def _direct(sock: Path, metadata=()):
 
 
 def _calls(channel, metadata):
-    data = data_pb2_grpc.DataStub(channel)
-    model = model_pb2_grpc.ModelStub(channel)
+    data = data_pb2_grpc.DataServiceStub(channel)
+    model = model_pb2_grpc.ModelServiceStub(channel)
 
     async def generate():
         async for _ in model.Generate(model_pb2.GenerateRequest(
-                messages=[model_pb2.ChatMessage(role="user", content="hi")], max_new_tokens=1),
+                messages=[model_pb2.ChatMessage(role=model_pb2.ROLE_USER, content="hi")],
+                max_new_tokens=1),
                 metadata=metadata):
             pass
 
     async def ingest():
         async def parts():
-            yield data_pb2.IngestPart(tenant="bob", collection="c", source="s", data=b"x")
+            yield data_pb2.IngestRequest(tenant="bob", collection="c", source="s", data=b"x")
         await data.Ingest(parts(), metadata=metadata)
 
     return [("list_collections", lambda: data.ListCollections(
