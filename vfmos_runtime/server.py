@@ -13,9 +13,12 @@ from typing import Awaitable, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from vfmos_runtime.protocol import MAX_MESSAGE_BYTES
+
+# grpcio-reflection ships only v1alpha; tools such as grpcurl and Postman ask for v1 first.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 
@@ -43,8 +46,8 @@ def create_server(config: ServerConfig, register: Callable[[grpc.aio.Server], No
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names) + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                   reflection.SERVICE_NAME]
-    reflection.enable_server_reflection(names, server)
+                                   reflection.SERVICE_NAME, REFLECTION_V1]
+    enable_reflection(names, server)
 
     path = config.unix_socket
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +63,18 @@ def create_server(config: ServerConfig, register: Callable[[grpc.aio.Server], No
         else:
             port = server.add_insecure_port(config.tcp_listen)
     return server, health_servicer, port
+
+
+def enable_reflection(names: list[str], server: grpc.aio.Server) -> None:
+    """Serve reflection as v1alpha and v1: one handler under both service names, since the
+    two protos differ only in their package name and so are identical on the wire."""
+    servicer = reflection.aio.ReflectionServicer(names)
+    handlers = {"ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}
+    for service in (reflection.SERVICE_NAME, REFLECTION_V1):
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
 
 
 async def serve_until_signal(server: grpc.aio.Server, on_stop: Callable[[], Awaitable[None]] | None = None,
