@@ -82,16 +82,27 @@ _BY_CODE: dict[grpc.StatusCode, type[VfmError]] = {
 }
 
 
+ERROR_DOMAIN = "vfmos.dev"
+
+
+def _packed(detail) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    return packed
+
+
 def to_status(err: VfmError) -> grpc.Status:
-    """The rich gRPC status for `err` (QuotaFailure details for quota errors)."""
+    """The rich gRPC status for `err`: a quota refusal carries a QuotaFailure naming the quota
+    and an ErrorInfo whose reason (QUOTA_MAX_TOKENS, ...) programs can switch on."""
     details = []
     if isinstance(err, QuotaExceeded):
-        failure = error_details_pb2.QuotaFailure(
+        details.append(_packed(error_details_pb2.QuotaFailure(
             violations=[error_details_pb2.QuotaFailure.Violation(
-                subject=err.subject, description=err.quota)])
-        packed = any_pb2.Any()
-        packed.Pack(failure)
-        details.append(packed)
+                subject=err.subject, description=err.quota)])))
+        reason = f"QUOTA_{err.quota.upper()}" if err.quota else "QUOTA_EXCEEDED"
+        details.append(_packed(error_details_pb2.ErrorInfo(
+            reason=reason, domain=ERROR_DOMAIN,
+            metadata={"quota": err.quota, "subject": err.subject})))
     status = status_pb2.Status(code=err.code.value[0], message=err.message, details=details)
     return rpc_status.to_status(status)
 

@@ -43,3 +43,17 @@ def test_expected_codes():
     assert errors.FailedPrecondition.code == grpc.StatusCode.FAILED_PRECONDITION
     assert errors.QuotaExceeded.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert errors.Unavailable.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_quota_refusal_also_carries_a_machine_readable_error_info():
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = errors.to_status(errors.QuotaExceeded("spent", "max_tokens", "pid 4"))
+    rich = rpc_status.from_call(FakeRpcError(status))
+    infos = [d for d in rich.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
+    assert len(infos) == 1
+    info = error_details_pb2.ErrorInfo()
+    infos[0].Unpack(info)
+    assert (info.reason, info.domain) == ("QUOTA_MAX_TOKENS", "vfmos.dev")
+    assert dict(info.metadata) == {"quota": "max_tokens", "subject": "pid 4"}
