@@ -46,6 +46,7 @@ import grpc
 import psutil
 import uvloop
 
+from bench.fake_modeld import tokens_in_text
 from bench.common import (cleanup, percentile, report, spawn_daemon, stop, temp_state_dir,
                           wait_until)
 from bench.stackutil import model_service_serving, story_prompts
@@ -81,9 +82,9 @@ async def _wait_start(ctrl) -> tuple[float, float]:
 class _Tally:
     def __init__(self):
         self.completed_tokens = 0   # from usage of answers that finished in the window
-        self.cut_tokens = 0         # pieces of answers cut at the window's end
+        self.cut_tokens = 0         # tokens of answers cut at the window's end (from their text)
         self.asks = 0
-        self.mismatches = 0         # completed answers whose usage differs from pieces seen
+        self.mismatches = 0         # completed answers whose usage differs from their text
         self.errors = 0
         self.first_error = ""
 
@@ -94,19 +95,19 @@ class _Tally:
 async def _ask_kernel(client: AsyncClient, pid: int, prompt: str, tokens: int, end: float,
                       tally: _Tally) -> None:
     while time.monotonic() < end:
-        pieces = 0
+        chars = 0  # a piece may be several tokens joined (the kernel coalesces for slow readers)
         try:
             async for item in client.ask_stream(pid, prompt, max_new_tokens=tokens,
                                                 stateless=True):
                 if isinstance(item, AskResult):
                     tally.completed_tokens += item.usage.tokens_out
                     tally.asks += 1
-                    tally.mismatches += item.usage.tokens_out != pieces
-                    pieces = 0
-                elif item:
-                    pieces += 1
+                    tally.mismatches += item.usage.tokens_out != tokens_in_text(chars)
+                    chars = 0
+                else:
+                    chars += len(item)
         except asyncio.CancelledError:
-            tally.cut_tokens += pieces
+            tally.cut_tokens += tokens_in_text(chars)
             raise
         except VfmError as err:
             tally.errors += 1
