@@ -23,10 +23,11 @@ shared machine falls on both alike. Every client asks for `--tokens` tokens agai
 until its window closes; an answer cut at the close counts the tokens it had streamed (with
 2048-token answers most are cut). Tokens of completed answers come from their usage (kernel:
 `usage.tokens_out`, direct: `completion_tokens`), checked against the pieces received.
-The load generators (the fake and the streaming clients) run at `--nice` 10, vfmd and the
-readers at 0: in a real deployment the engine runs on its accelerator and the clients on
-other machines; on two shared cores they would otherwise take the CPU vfmd needs to answer
-a Get, and the figure would measure the OS scheduler instead of the kernel's event loop.
+With `--pin` (the default on a machine of 2+ cores), vfmd and the readers get CPU 0 and
+the load generators (the fake and the streaming clients) the other CPUs: in a deployment the
+engine runs on its accelerator and the clients on other machines, and on two shared cores
+they would otherwise take the CPU vfmd needs, so a Get's latency would measure the OS
+scheduler rather than the kernel's event loop. The ceiling is measured on the same CPUs.
 Daemon CPU is psutil user+system of the process over the window; `kernel_ms_per_token` is
 vfmd's (reader calls included; `..._asks_only` takes off their cost measured unloaded).
 """
@@ -213,12 +214,15 @@ async def _readers(target: str, pids: list[int], readers: int, pause_s: float, c
         await client.close()
 
 
-def _asker_process(mode, target, pids, tokens, nice, ctrl, out) -> None:
-    os.nice(nice)
+def _asker_process(mode, target, pids, tokens, cpus, ctrl, out) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     uvloop.run(_askers(mode, target, pids, tokens, ctrl, out))
 
 
-def _reader_process(target, pids, readers, pause_s, ctrl, out) -> None:
+def _reader_process(target, pids, readers, pause_s, cpus, ctrl, out) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     uvloop.run(_readers(target, pids, readers, pause_s, ctrl, out))
 
 
@@ -238,13 +242,14 @@ def _phase(name: str, kernel: psutil.Process, fake: psutil.Process, socket: Path
         workers.append((proc, ctrl))
 
     try:
-        start(_reader_process, str(socket), pids, args.readers, args.reader_pause_ms / 1000)
+        start(_reader_process, str(socket), pids, args.readers, args.reader_pause_ms / 1000,
+              args.kernel_cpus)
         if askers:
             target = str(socket) if askers == "kernel" else str(fake_socket)
             for i in range(args.procs):
                 share = pids[i::args.procs]
                 if share:
-                    start(_asker_process, askers, target, share, args.tokens, args.nice)
+                    start(_asker_process, askers, target, share, args.tokens, args.load_cpus)
         ready, deadline = 0, time.monotonic() + READY_TIMEOUT_S
         while ready < len(workers):
             try:
@@ -333,16 +338,19 @@ def main(argv: list[str]) -> int:
                         help="processes the streaming clients share (default 2)")
     parser.add_argument("--tokens", type=int, default=2048,
                         help="max_new_tokens of each ask (default 2048; at most 4096)")
-    parser.add_argument("--nice", type=int, default=10,
-                        help="niceness of the load generators, the fake model service and the "
-                        "streaming clients (default 10): on a small shared machine they would "
-                        "otherwise take the CPU vfmd needs to answer Get, which measures the "
-                        "OS scheduler, not the kernel; 0 runs everything alike")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
+                        help="vfmd and the readers on CPU 0, the fake and the streaming "
+                        "clients on the others (default: on with 2+ CPUs)")
     parser.add_argument("--reader-pause-ms", type=float, default=20.0,
                         help="pause between one reader's calls (default 20)")
     args = parser.parse_args(argv)
     args.duration = args.duration or (3.0 if args.quick else 10.0)
     args.rounds = args.rounds or (1 if args.quick else 2)
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin is None:
+        args.pin = len(cpus) >= 2
+    args.kernel_cpus = {cpus[0]} if args.pin and len(cpus) >= 2 else set()
+    args.load_cpus = set(cpus[1:]) if args.kernel_cpus else set()
     if not 1 <= args.tokens <= 4096:
         parser.error("--tokens must be 1..4096")
     if args.clients < 1 or args.readers < 1 or args.procs < 1:
@@ -364,7 +372,8 @@ def main(argv: list[str]) -> int:
         with Client(socket, timeout=30) as client:
             pids = [client.spawn(f"load-{i}").pid for i in range(args.clients)]
         kproc, fproc = psutil.Process(kernel.pid), psutil.Process(fake.pid)
-        fproc.nice(args.nice)
+        kproc.cpu_affinity(sorted(args.kernel_cpus) or kproc.cpu_affinity())
+        fproc.cpu_affinity(sorted(args.load_cpus) or fproc.cpu_affinity())
         for name, seconds in _schedule(args.duration, args.rounds):
             ph = _phase(name, kproc, fproc, socket, fake_socket, pids, args,
                         None if name == "unloaded" else name, seconds)
