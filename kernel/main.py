@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 import time
 
 import lmdb
@@ -21,9 +20,8 @@ from kernel.scheduler import Policy
 from kernel.identity import Authenticator, CredentialsServer, TicketBook, TokenBook
 from kernel.registry import ServiceRegistry
 from vfmos_runtime.notify import notify_ready, notify_stopping
-from vfmos_runtime.config import ConfigError
-from vfmos_runtime.server import (DaemonStartError, ServerConfig, create_server, run_daemon,
-                                   serve_until_signal, setup_logging)
+from vfmos_runtime.server import (DaemonStartError, ServerConfig, create_server,
+                                   run_configured, serve_until_signal)
 from kernel.servicer import KernelServicer
 from kernel.store import KernelStore
 from kernel.table import ProcessTable
@@ -84,14 +82,8 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = kconfig.load(argv)
-    except ConfigError as exc:
-        print(f"vfmd: bad configuration: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(cfg.log_level)
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    return run_daemon(lambda: serve(cfg))
+    return run_configured("vfmd", kconfig.load, serve, argv,
+                          prepare=lambda cfg: cfg.state_dir.mkdir(parents=True, exist_ok=True))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -103,6 +103,30 @@ def run_daemon(main: Callable[[], Awaitable[None]]) -> int:
         print(f"{os.path.basename(sys.argv[0])}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_configured(name: str, load: Callable[[list[str] | None], Any],
+                   serve: Callable[[Any], Awaitable[None]], argv: list[str] | None = None,
+                   prepare: Callable[[Any], None] | None = None) -> int:
+    """A daemon's main: load its typed config (a bad value is one line and exit 2), set up
+    logging, `prepare(cfg)` if given, then serve until told to stop."""
+    from vfmos_runtime.config import ConfigError
+
+    try:
+        cfg = load(argv)
+    except ConfigError as exc:
+        print(f"{name}: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    if prepare is not None:
+        prepare(cfg)
+    return run_daemon(lambda: serve(cfg))
+
+
+def models_offline(_cfg=None) -> None:
+    """Model libraries never reach for a hub at run time, and tokenizers stay single-threaded."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class DaemonStartError(Exception):

@@ -10,10 +10,9 @@ from grpc_health.v1 import health_pb2
 
 from vfmos_runtime.notify import notify_status
 from services.registration import serve_registered
-from vfmos_runtime.server import (DaemonStartError, ServerConfig, create_server, run_daemon,
-                                   setup_logging)
+from vfmos_runtime.server import (DaemonStartError, ServerConfig, create_server,
+                                   models_offline, run_configured)
 from vfmos_runtime.errors import VfmError
-from vfmos_runtime.config import ConfigError
 from vfmos_runtime.gate import KernelGate
 from services.model.config import NAME, ModelConfig, load
 from services.model.registry import ModelRegistry
@@ -55,15 +54,7 @@ async def serve(cfg: ModelConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = load(argv)
-    except ConfigError as exc:
-        print(f"{NAME}: bad configuration: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(cfg.log_level)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return run_daemon(lambda: serve(cfg))
+    return run_configured(NAME, load, serve, argv, prepare=models_offline)
 
 
 if __name__ == "__main__":
