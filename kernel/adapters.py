@@ -102,8 +102,9 @@ class _GenerateStream:
             raise _service_error(self._client._registry, MODEL_SERVICE, exc) from None
         if chunk is grpc.aio.EOF:
             raise StopAsyncIteration
-        return GenPiece(chunk.text, chunk.tokens, chunk.token_ids, chunk.prompt_tokens,
-                        chunk.done, enum_str(model_pb2.FinishReason, chunk.finish_reason))
+        done = chunk.done  # only the last piece has a finish reason: no enum lookup per token
+        return GenPiece(chunk.text, chunk.tokens, chunk.token_ids, chunk.prompt_tokens, done,
+                        enum_str(model_pb2.FinishReason, chunk.finish_reason) if done else "")
 
 
 def _generate_request(call: GenerateCall) -> model_pb2.GenerateRequest:
