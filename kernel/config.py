@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vfmos_runtime.config import load_config
+from vfmos_runtime.config import load_config, state_dir_named
 from vfmos_runtime.paths import KERNEL_SOCKET, default_data_dir, default_state_dir
 
 
@@ -90,6 +90,6 @@ def load(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Ke
     args = parse_args(argv)
     cfg = load_config(KernelConfig, args, env, prefix="VFM_", state_dir=default_state_dir(env))
     if cfg.data_dir is None:
-        explicit_state = args.state_dir is not None or "VFM_STATE_DIR" in env or args.config
-        cfg.data_dir = default_data_dir(cfg.state_dir if explicit_state else None, env)
+        named = state_dir_named(args, env)
+        cfg.data_dir = default_data_dir(cfg.state_dir if named else None, env)
     return cfg

@@ -14,6 +14,8 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
+from vfmos_runtime.paths import KERNEL_SOCKET
+
 T = TypeVar("T")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
@@ -70,6 +72,32 @@ def load_config(cls: type[T], args: argparse.Namespace, env: Mapping[str, str] |
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     return config
+
+
+def service_parser(prog: str, description: str, socket_name: str) -> argparse.ArgumentParser:
+    """A service daemon's parser with the flags every service has: its config file, the
+    state dir, its own socket, the kernel's socket and the log level."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", type=Path, help="TOML file with the settings below")
+    p.add_argument("--state-dir", type=Path, help="dir of the sockets (default: as vfmd)")
+    p.add_argument("--socket", type=Path, help="this service's socket "
+                   f"(default: STATE_DIR/{socket_name})")
+    p.add_argument("--kernel-socket", type=Path, help="vfmd's socket "
+                   f"(default: STATE_DIR/{KERNEL_SOCKET})")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    return p
+
+
+def service_sockets(cfg, socket_name: str) -> None:
+    """Fill a service config's unset `socket` and `kernel_socket` from its state dir."""
+    cfg.socket = cfg.socket or cfg.state_dir / socket_name
+    cfg.kernel_socket = cfg.kernel_socket or cfg.state_dir / KERNEL_SOCKET
+
+
+def state_dir_named(args: argparse.Namespace, env: Mapping[str, str]) -> bool:
+    """Whether a state dir was named (flag, environment or config file): then the data
+    lives beside it (tests, `vfmctl up --state-dir`) instead of in the host's default."""
+    return args.state_dir is not None or "VFM_STATE_DIR" in env or bool(args.config)
 
 
 def coerce(value: Any, kind: Any) -> Any:

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from vfmos_runtime.config import load_config
-from vfmos_runtime.paths import (DATA_SOCKET, KERNEL_SOCKET, cache_root, default_data_dir,
-                                 default_state_dir)
+from vfmos_runtime.config import load_config, service_parser, service_sockets, state_dir_named
+from vfmos_runtime.paths import DATA_SOCKET, cache_root, default_data_dir, default_state_dir
 
 NAME = "vfm-datad"
 DEFAULT_TOKEN_MODEL = "smollm2-135m"
@@ -42,15 +41,9 @@ class DataConfig:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=NAME, description="VFMOS Data Agent: knowledge "
-                                "collections, episodic memory, retrieval.")
-    p.add_argument("--config", type=Path, help="TOML file with the settings below")
-    p.add_argument("--state-dir", type=Path, help="dir of the sockets (default: as vfmd)")
+    p = service_parser(NAME, "VFMOS Data Agent: knowledge collections, episodic memory, "
+                       "retrieval.", DATA_SOCKET)
     p.add_argument("--data-dir", type=Path, help="dir of data.lmdb (default: as vfmd)")
-    p.add_argument("--socket", type=Path, help="this service's socket "
-                   "(default: STATE_DIR/datad.sock)")
-    p.add_argument("--kernel-socket", type=Path, help="vfmd's socket "
-                   "(default: STATE_DIR/vfmd.sock)")
     p.add_argument("--cache-dir", type=Path, help="vfm-modeld's model cache, for the token "
                    "counter (default: $VFM_CACHE_DIR or ~/.cache/vfmos)")
     p.add_argument("--embedder", help="a local HF encoder directory "
@@ -63,7 +56,6 @@ def parser() -> argparse.ArgumentParser:
                    help="pages per background summary (default 4; 0 = no summaries)")
     p.add_argument("--summary-interval", type=float,
                    help="seconds between looks for ranges to summarise (default 10)")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     return p
 
 
@@ -72,8 +64,7 @@ def load(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     args = parser().parse_args(argv)
     cfg = load_config(DataConfig, args, env, prefix="VFM_DATAD_",
                       state_dir=default_state_dir(env), cache_dir=cache_root(env))
-    explicit_state = args.state_dir is not None or "VFM_STATE_DIR" in env or args.config
-    cfg.data_dir = cfg.data_dir or default_data_dir(cfg.state_dir if explicit_state else None, env)
-    cfg.socket = cfg.socket or cfg.state_dir / DATA_SOCKET
-    cfg.kernel_socket = cfg.kernel_socket or cfg.state_dir / KERNEL_SOCKET
+    named = state_dir_named(args, env)
+    cfg.data_dir = cfg.data_dir or default_data_dir(cfg.state_dir if named else None, env)
+    service_sockets(cfg, DATA_SOCKET)
     return cfg

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from vfmos_runtime.config import load_config
-from vfmos_runtime.paths import KERNEL_SOCKET, MODEL_SOCKET, cache_root, default_state_dir
+from vfmos_runtime.config import load_config, service_parser, service_sockets
+from vfmos_runtime.paths import MODEL_SOCKET, cache_root, default_state_dir
 
 NAME = "vfm-modeld"
 
@@ -39,14 +39,8 @@ class ModelConfig:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=NAME, description="VFMOS model service: physical "
-                                "FMs, streaming generation.")
-    p.add_argument("--config", type=Path, help="TOML file with the settings below")
-    p.add_argument("--state-dir", type=Path, help="dir of the sockets (default: as vfmd)")
-    p.add_argument("--socket", type=Path, help="this service's socket "
-                   "(default: STATE_DIR/modeld.sock)")
-    p.add_argument("--kernel-socket", type=Path, help="vfmd's socket "
-                   "(default: STATE_DIR/vfmd.sock)")
+    p = service_parser(NAME, "VFMOS model service: physical FMs, streaming generation.",
+                       MODEL_SOCKET)
     p.add_argument("--cache-dir", type=Path, help="converted models (default: $VFM_CACHE_DIR "
                    "or ~/.cache/vfmos)")
     p.add_argument("--models", type=Path, help='JSON file adding models: {"models": '
@@ -64,7 +58,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ttft-trace", type=Path, metavar="FILE",
                    help="append one JSON line per request at its first token: where the "
                    "time went (running step, other prefills, own prefill)")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     return p
 
 
@@ -73,6 +66,5 @@ def load(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     args = parser().parse_args(argv)
     cfg = load_config(ModelConfig, args, env, prefix="VFM_MODELD_",
                       state_dir=default_state_dir(dict(env)), cache_dir=cache_root(dict(env)))
-    cfg.socket = cfg.socket or cfg.state_dir / MODEL_SOCKET
-    cfg.kernel_socket = cfg.kernel_socket or cfg.state_dir / KERNEL_SOCKET
+    service_sockets(cfg, MODEL_SOCKET)
     return cfg
