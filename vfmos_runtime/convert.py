@@ -31,29 +31,23 @@ def enum_str(enum, value: int, lower: bool = True) -> str:
     return name.lower().replace("_", "-") if lower else name
 
 
-def enum_value(enum, text: str) -> int:
-    """The enum value for a string written either way ("stop", "STOP", "local-torch"); 0 for ""."""
+def enum_value(enum, text: str, what: str = "") -> int:
+    """The enum value for a string written either way ("stop", "STOP", "local-torch"); 0 for "".
+    An unknown one is InvalidArgument naming `what` (default: the enum's name)."""
     if not text:
         return 0
     try:
         return enum.Value(_prefix(enum) + text.upper().replace("-", "_"))
     except ValueError:
         names = [enum_str(enum, v.number) for v in enum.DESCRIPTOR.values if v.number]
-        raise InvalidArgument(f"unknown {enum.DESCRIPTOR.name} {text!r}; use one of "
+        raise InvalidArgument(f"unknown {what or enum.DESCRIPTOR.name} {text!r}; use one of "
                               f"{', '.join(names)}") from None
 
 
 def document_kind_to_pb(kind: str) -> int:
     """A document kind as vfmctl and libvfm callers write it ("md", ".pdf", "text")."""
     name = (kind or "").strip().lower().lstrip(".")
-    name = DOCUMENT_KIND_ALIASES.get(name, name)
-    try:
-        return enum_value(pb.DocumentKind, name)
-    except InvalidArgument:
-        names = [enum_str(pb.DocumentKind, v.number) for v in pb.DocumentKind.DESCRIPTOR.values
-                 if v.number]
-        raise InvalidArgument(f"unknown document kind {name!r}; use one of "
-                              f"{', '.join(names)}") from None
+    return enum_value(pb.DocumentKind, DOCUMENT_KIND_ALIASES.get(name, name), "document kind")
 
 
 # --- times: unix seconds in Python, Timestamp/Duration on the wire; 0 <-> unset ---------
