@@ -206,18 +206,18 @@ def _time(msg, field: str):
 
 def entry_to_data(e: kpb.MemoryEntry) -> data_pb2.MemoryEntry:
     return data_pb2.MemoryEntry(speaker=e.speaker, text=e.text, time=_time(e, "time"),
-                           meta=dict(e.meta), pinned=e.pinned)
+                                meta=dict(e.meta), pinned=e.pinned)
 
 
 def entry_from_data(e: data_pb2.MemoryEntry) -> kpb.MemoryEntry:
     return kpb.MemoryEntry(seq=e.seq, speaker=e.speaker, text=e.text, time=_time(e, "time"),
-                          meta=dict(e.meta), pinned=e.pinned, tokens=e.tokens, page=e.page,
-                          line=e.line)
+                           meta=dict(e.meta), pinned=e.pinned, tokens=e.tokens, page=e.page,
+                           line=e.line)
 
 
 def remember_to_data(tenant: str, r: kpb.RememberRequest) -> data_pb2.RememberRequest:
     return data_pb2.RememberRequest(tenant=tenant, pid=r.pid,
-                               entries=[entry_to_data(e) for e in r.entries])
+                                    entries=[entry_to_data(e) for e in r.entries])
 
 
 def remember_from_data(r: data_pb2.RememberResponse) -> kpb.RememberResponse:
@@ -231,12 +231,12 @@ def recall_to_data(tenant: str, r: kpb.RecallRequest) -> data_pb2.RecallRequest:
 
 def recall_from_data(r: data_pb2.RecallResponse) -> kpb.RecallResponse:
     return kpb.RecallResponse(hits=[kpb.RecallHit(entry=entry_from_data(h.entry), score=h.score)
-                                   for h in r.hits])
+                                    for h in r.hits])
 
 
 def collection_from_data(c: data_pb2.Collection) -> kpb.Collection:
     return kpb.Collection(name=c.name, description=c.description, chunks=c.chunks,
-                         sources=c.sources, create_time=_time(c, "create_time"))
+                          sources=c.sources, create_time=_time(c, "create_time"))
 
 
 def create_collection_to_data(tenant: str, r: kpb.CreateCollectionRequest):
@@ -265,8 +265,8 @@ def delete_source_from_data(r: data_pb2.DeleteSourceResponse):
 
 def search_to_data(tenant: str, r: kpb.SearchRequest) -> data_pb2.SearchRequest:
     return data_pb2.SearchRequest(tenant=tenant, collection=r.collection, query=r.query, k=r.k,
-                             filters=dict(r.filters), since=_time(r, "since"),
-                             until=_time(r, "until"))
+                                  filters=dict(r.filters), since=_time(r, "since"),
+                                  until=_time(r, "until"))
 
 
 def search_from_data(r: data_pb2.SearchResponse) -> kpb.SearchResponse:
@@ -278,13 +278,13 @@ def search_from_data(r: data_pb2.SearchResponse) -> kpb.SearchResponse:
 
 def ingest_to_data(tenant: str, part: kpb.IngestRequest) -> data_pb2.IngestRequest:
     return data_pb2.IngestRequest(tenant=tenant, collection=part.collection, source=part.source,
-                             kind=int(part.kind), mtime=_time(part, "mtime"),
-                             meta=dict(part.meta), data=part.data)
+                                  kind=int(part.kind), mtime=_time(part, "mtime"),
+                                  meta=dict(part.meta), data=part.data)
 
 
 def ingest_from_data(r: data_pb2.IngestResponse) -> kpb.IngestResponse:
     return kpb.IngestResponse(source=r.source, chunks=r.chunks, unchanged=r.unchanged,
-                             replaced=r.replaced)
+                              replaced=r.replaced)
 
 
 def list_collections_to_data(tenant: str, r: kpb.ListCollectionsRequest):
