@@ -12,7 +12,8 @@ from kernel.pagination import page
 from kernel.ports import DataRelay
 from kernel.syscall import syscall
 from kernel.table import ProcessTable
-from vfmos_runtime.convert import enum_value, seconds, timestamp
+from vfmos_runtime import validate
+from vfmos_runtime.convert import enum_value, timestamp
 from vfmos_runtime.errors import InvalidArgument, VfmError
 from vfmos.kernel.v1 import kernel_pb2 as pb
 
@@ -35,6 +36,14 @@ def _for_own_tenant(method: str):
     return syscall(forward)
 
 
+async def _after(head, rest):
+    """An ingest stream again, its head part (already read and checked) first."""
+    if head is not None:
+        yield head
+        async for part in rest:
+            yield part
+
+
 class MemorySyscalls:
     """Mixed into KernelServicer: needs `self.auth`, `self.table` and `self.context`."""
 
@@ -54,7 +63,7 @@ class MemorySyscalls:
         if len(request.question) > MAX_QUESTION_CHARS:
             raise InvalidArgument(f"the question is longer than {MAX_QUESTION_CHARS} characters")
         ws = await self.context.working_set(record, request.question, request.budget,
-                                            seconds(request, "now"), request.touch)
+                                            validate.time_field(request, "now"), request.touch)
         return pb.GetWorkingSetResponse(working_set=pb.WorkingSet(
             pid=record.pid, budget=ws.assembly.budget, used=ws.assembly.used,
             items=[item_to_pb(i) for i in ws.assembly.items], page_faults=ws.faults,
@@ -64,11 +73,15 @@ class MemorySyscalls:
     @syscall
     async def Remember(self, caller: Caller, request: pb.RememberRequest):
         record = self._owned(caller, request.pid)
+        for i, entry in enumerate(request.entries):
+            validate.time_field(entry, "time", f"entries[{i}].time")
         return await self.relay.forward("Remember", record.tenant, request)
 
     @syscall
     async def Recall(self, caller: Caller, request: pb.RecallRequest):
         record = self._owned(caller, request.pid)
+        validate.integer(request.k, "k", 0, validate.MAX_RESULTS)
+        validate.time_field(request, "now")
         return await self.relay.forward("Recall", record.tenant, request)
 
     @syscall
@@ -84,7 +97,14 @@ class MemorySyscalls:
     CreateCollection = _for_own_tenant("CreateCollection")
     DeleteCollection = _for_own_tenant("DeleteCollection")
     DeleteSource = _for_own_tenant("DeleteSource")
-    Search = _for_own_tenant("Search")
+
+    @syscall
+    async def Search(self, caller: Caller, request: pb.SearchRequest):
+        validate.integer(request.k, "k", 0, validate.MAX_RESULTS)
+        since, until = validate.time_field(request, "since"), validate.time_field(request, "until")
+        if since and until and since > until:
+            raise InvalidArgument(f"since ({since}) is after until ({until})")
+        return await self.relay.forward("Search", caller.tenant, request)
 
     @syscall
     async def ListCollections(self, caller: Caller, request: pb.ListCollectionsRequest):
@@ -97,4 +117,9 @@ class MemorySyscalls:
     @syscall
     async def Ingest(self, caller: Caller, request_iterator):
         """A document streamed through: parts are forwarded as they come, as the caller's tenant."""
-        return await self.relay.ingest(caller.tenant, request_iterator)
+        parts = aiter(request_iterator)
+        head = await anext(parts, None)
+        if head is not None:  # only the head's kind and mtime count; refuse bad ones here
+            validate.enum_field(pb.DocumentKind, head.kind, "kind")
+            validate.time_field(head, "mtime")
+        return await self.relay.ingest(caller.tenant, _after(head, parts))

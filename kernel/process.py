@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 from vfmos_runtime.errors import FailedPrecondition, InvalidArgument
 from vfmos_runtime.types import Counters, ProcessSpec, Quota
+from vfmos_runtime.validate import number
 
 MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 0, 39, 20
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -60,8 +61,7 @@ def validate_quota(quota: Quota) -> Quota:
             raise InvalidArgument(f"quota {name} must be >= 0 (0 = no limit), got {value}")
         if value > MAX_QUOTA:
             raise InvalidArgument(f"quota {name} is absurdly large: {value}")
-    if not quota.cost_budget >= 0:  # also rejects NaN
-        raise InvalidArgument(f"quota cost_budget must be >= 0, got {quota.cost_budget}")
+    number(quota.cost_budget, "quota cost_budget", 0, MAX_QUOTA)  # 0 = no limit
     return quota
 
 

@@ -13,8 +13,8 @@ from kernel.syscall import syscall
 from kernel.convert import process_to_pb, quota_from_pb, spec_from_pb
 from kernel.dispatch import Dispatcher
 from kernel.pagination import page
-from vfmos_runtime.convert import (counters_to_pb, duration, enum_value, seconds, timestamp,
-                                   usage_to_pb)
+from vfmos_runtime import validate
+from vfmos_runtime.convert import counters_to_pb, duration, enum_value, timestamp, usage_to_pb
 from kernel.figures import daemon_figures
 from kernel.identity import Authenticator, Caller, require_admin
 from kernel.registry import ServiceRegistry
@@ -124,7 +124,8 @@ class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServiceServicer):
     @syscall
     async def RegisterService(self, caller: Caller, request: pb.RegisterServiceRequest):
         require_admin(caller, "register a service")
-        entry = await self.registry.register(request.name, request.address, request.pid)
+        entry = await self.registry.register(request.name, request.address,
+                                             validate.pid(request.pid))
         return pb.RegisterServiceResponse(heartbeat_interval=duration(self.registry.interval_s),
                                           kernel_secret=entry.secret)
 
@@ -155,7 +156,7 @@ class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServiceServicer):
         query = AskQuery(pid=request.pid, prompt=request.prompt,
                          max_new_tokens=request.max_new_tokens, temperature=request.temperature,
                          top_p=request.top_p, seed=request.seed, stop=tuple(request.stop),
-                         ttft_slo_ms=seconds(request, "ttft_slo") * 1000,
+                         ttft_slo_ms=validate.duration_field(request, "ttft_slo", 3600) * 1000,
                          stateless=request.stateless)
         async for item in self.asks.ask(caller, query):
             if isinstance(item, AskDone):

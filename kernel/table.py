@@ -22,6 +22,7 @@ from kernel.quota import TokenBucket, admit
 from kernel.store import KernelStore
 from vfmos_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from vfmos_runtime.types import Counters, ProcessSpec, Quota, Usage
+from vfmos_runtime.validate import pid as validate_pid
 
 log = logging.getLogger("vfmd.table")
 
@@ -57,7 +58,7 @@ class ProcessTable:
 
     # lookups
     def get(self, caller: Caller, pid: int) -> ProcRecord:
-        record = self._procs.get(pid)
+        record = self._procs.get(validate_pid(pid))
         # Another tenant's pid reads as missing: existence itself is not to be learned.
         if record is None or not caller.may_touch(record.tenant):
             raise NotFound(f"no process with pid {pid}")

@@ -145,7 +145,7 @@ class AsyncClient:
         """
         request = pb.AskRequest(pid=pid, prompt=prompt, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, seed=seed, stop=stop or [],
-                                ttft_slo=convert.duration(ttft_slo_ms / 1000),
+                                ttft_slo=convert.duration(ttft_slo_ms / 1000, "ttft_slo_ms"),
                                 stateless=stateless)
         pieces: list[str] = []
         for attempt in (0, 1):
@@ -185,14 +185,14 @@ class AsyncClient:
     async def recall(self, pid: int, query: str, k: int = 10,
                      now: float = 0.0) -> list[RecallHit]:
         reply = await self._call("Recall", pb.RecallRequest(pid=pid, query=query, k=k,
-                                                             now=convert.timestamp(now)))
+                                                             now=convert.timestamp(now, "now")))
         return [RecallHit(convert.entry_from_pb(h.entry), h.score) for h in reply.hits]
 
     async def context(self, pid: int, question: str = "", *, budget: int = 0, now: float = 0.0,
                       touch: bool = False) -> WorkingSet:
         """The working set an Ask of `question` would use; `touch` counts it as paged in."""
         reply = await self._call("GetWorkingSet", pb.GetWorkingSetRequest(
-            pid=pid, question=question, budget=budget, now=convert.timestamp(now), touch=touch))
+            pid=pid, question=question, budget=budget, now=convert.timestamp(now, "now"), touch=touch))
         return convert.working_set_from_pb(reply.working_set)
 
     async def fork(self, pid: int, name: str = "") -> Process:
@@ -219,7 +219,7 @@ class AsyncClient:
         """Stream one document; `progress(n)` hears each part's size as it is sent."""
         head = pb.IngestRequest(collection=collection, source=source,
                                 kind=convert.document_kind_to_pb(kind),
-                                mtime=convert.timestamp(mtime), meta=meta or {})
+                                mtime=convert.timestamp(mtime, "mtime"), meta=meta or {})
 
         def parts():
             for start in range(0, max(len(data), 1), INGEST_PART_BYTES):
@@ -249,7 +249,7 @@ class AsyncClient:
                      until: float = 0.0) -> list[SearchHit]:
         reply = await self._call("Search", pb.SearchRequest(
             collection=collection, query=query, k=k, filters=filters or {},
-            since=convert.timestamp(since), until=convert.timestamp(until)))
+            since=convert.timestamp(since, "since"), until=convert.timestamp(until, "until")))
         return [convert.hit_from_pb(h) for h in reply.hits]
 
     # introspection and administration

@@ -51,7 +51,7 @@ def token_from_pb(msg: pb.TokenInfo) -> TokenInfo:
 
 
 def entry_to_pb(e: MemoryEntry) -> pb.MemoryEntry:
-    return pb.MemoryEntry(speaker=e.speaker, text=e.text, time=timestamp(e.time), meta=e.meta,
+    return pb.MemoryEntry(speaker=e.speaker, text=e.text, time=timestamp(e.time, "entry time"), meta=e.meta,
                           pinned=e.pinned)
 
 

@@ -8,6 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos_runtime.errors import InvalidArgument
 from vfmos_runtime.types import Counters, ProcessSpec, Quota, Usage
+from vfmos_runtime.validate import unix_seconds
 
 # Other names the data service has always accepted for a document kind.
 DOCUMENT_KIND_ALIASES = {"txt": "text", "md": "markdown", "htm": "html", "tsv": "csv",
@@ -52,9 +53,10 @@ def document_kind_to_pb(kind: str) -> int:
 
 # --- times: unix seconds in Python, Timestamp/Duration on the wire; 0 <-> unset ---------
 
-def timestamp(seconds_: float) -> Timestamp | None:
-    """A Timestamp for unix seconds, or None (field left unset) for 0."""
-    if not seconds_:
+def timestamp(seconds_: float, field: str = "time") -> Timestamp | None:
+    """A Timestamp for unix seconds, or None (field left unset) for 0; a time no part could
+    read (NaN, infinite, negative, past the year 3000) is InvalidArgument naming `field`."""
+    if not unix_seconds(seconds_, field):
         return None
     ts = Timestamp()
     whole = int(seconds_ // 1)
@@ -70,12 +72,12 @@ def seconds(msg, field: str) -> float:
     return value.seconds + value.nanos / 1e9
 
 
-def duration(seconds_: float) -> Duration | None:
+def duration(seconds_: float, field: str = "duration") -> Duration | None:
     """A Duration for seconds, or None (field left unset) for 0."""
     if not seconds_:
         return None
     if seconds_ != seconds_ or abs(seconds_) > 315_576_000_000:  # NaN, or beyond Duration
-        raise InvalidArgument(f"not a usable duration: {seconds_} s")
+        raise InvalidArgument(f"{field} is not a usable duration: {seconds_} s")
     d = Duration()
     d.FromNanoseconds(int(round(seconds_ * 1e9)))
     return d

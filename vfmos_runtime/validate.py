@@ -1,0 +1,81 @@
+"""Boundary checks of request fields (numbers, times, enums): a bad one is InvalidArgument naming it.
+
+Daemons check what arrives on the wire before domain code turns it into dates, counts or
+enum names (where a NaN or a year-10^12 timestamp would otherwise escape as a ValueError
+and read INTERNAL); clients run the same checks on their arguments before sending them.
+"""
+
+from __future__ import annotations
+
+import math
+
+from vfmos_runtime.errors import InvalidArgument
+
+# Times every part can turn into a date: unix seconds from 1970 up to the year 3000.
+MAX_UNIX_S = 32_503_680_000
+# A Duration longer than this (a year) is a mistake, not a setting.
+MAX_DURATION_S = 366 * 24 * 3600
+# Results one search or recall may ask for (0 = the service's default).
+MAX_RESULTS = 1000
+
+
+def unix_seconds(value: float, field: str) -> float:
+    """`value` if it is 0 (unset) or a usable time in unix seconds."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise InvalidArgument(f"{field} must be unix seconds (a number), got {value!r}")
+    if value and not (math.isfinite(value) and 0 < value <= MAX_UNIX_S):
+        raise InvalidArgument(f"{field} must be unix seconds between 1970 and the year 3000 "
+                              f"(0 = unset), got {value!r}")
+    return float(value)
+
+
+def time_field(msg, field: str, name: str = "") -> float:
+    """Unix seconds of the Timestamp field `field` of `msg`; 0 when unset."""
+    if not msg.HasField(field):
+        return 0.0
+    ts = getattr(msg, field)
+    label = name or field
+    if not 0 <= ts.nanos <= 999_999_999:
+        raise InvalidArgument(f"{label} has nanos {ts.nanos}: they must be 0..999999999")
+    if not 0 <= ts.seconds <= MAX_UNIX_S:
+        raise InvalidArgument(f"{label} must be a time between 1970 and the year 3000, "
+                              f"got {ts.seconds} s")
+    return ts.seconds + ts.nanos / 1e9
+
+
+def duration_field(msg, field: str, max_s: float = MAX_DURATION_S) -> float:
+    """Seconds of the Duration field `field` of `msg`; 0 when unset; never negative."""
+    if not msg.HasField(field):
+        return 0.0
+    d = getattr(msg, field)
+    if d.seconds < 0 or d.nanos < 0 or d.nanos > 999_999_999 or d.seconds > max_s:
+        raise InvalidArgument(f"{field} must be a duration of 0..{max_s:g} s, "
+                              f"got {d.seconds} s {d.nanos} ns")
+    return d.seconds + d.nanos / 1e9
+
+
+def integer(value: int, field: str, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise InvalidArgument(f"{field} must be {low}..{high}, got {value}")
+    return value
+
+
+def number(value: float, field: str, low: float, high: float) -> float:
+    """A finite float in [low, high] (NaN and infinities are refused)."""
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InvalidArgument(f"{field} must be a number in {low:g}..{high:g}, got {value}")
+    return value
+
+
+def pid(value: int, field: str = "pid") -> int:
+    if value <= 0:
+        raise InvalidArgument(f"{field} must be a process id (>= 1), got {value}")
+    return value
+
+
+def enum_field(enum, value: int, field: str) -> int:
+    """`value` if it is one of `enum`'s numbers (0, unset, included)."""
+    if value not in enum.DESCRIPTOR.values_by_number:
+        raise InvalidArgument(f"{field} has no value {value}; use one of "
+                              f"{', '.join(v.name for v in enum.DESCRIPTOR.values)}")
+    return value
