@@ -192,7 +192,8 @@ class AsyncClient:
                       touch: bool = False) -> WorkingSet:
         """The working set an Ask of `question` would use; `touch` counts it as paged in."""
         reply = await self._call("GetWorkingSet", pb.GetWorkingSetRequest(
-            pid=pid, question=question, budget=budget, now=convert.timestamp(now, "now"), touch=touch))
+            pid=pid, question=question, budget=budget, now=convert.timestamp(now, "now"),
+            touch=touch))
         return convert.working_set_from_pb(reply.working_set)
 
     async def fork(self, pid: int, name: str = "") -> Process:

@@ -51,8 +51,8 @@ def token_from_pb(msg: pb.TokenInfo) -> TokenInfo:
 
 
 def entry_to_pb(e: MemoryEntry) -> pb.MemoryEntry:
-    return pb.MemoryEntry(speaker=e.speaker, text=e.text, time=timestamp(e.time, "entry time"), meta=e.meta,
-                          pinned=e.pinned)
+    return pb.MemoryEntry(speaker=e.speaker, text=e.text, time=timestamp(e.time, "entry time"),
+                          meta=e.meta, pinned=e.pinned)
 
 
 def entry_from_pb(m: pb.MemoryEntry) -> MemoryEntry:

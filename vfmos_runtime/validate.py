@@ -1,4 +1,4 @@
-"""Boundary checks of request fields (numbers, times, enums): a bad one is InvalidArgument naming it.
+"""Boundary checks of request fields (numbers, times, enums): a bad one is refused by name.
 
 Daemons check what arrives on the wire before domain code turns it into dates, counts or
 enum names (where a NaN or a year-10^12 timestamp would otherwise escape as a ValueError

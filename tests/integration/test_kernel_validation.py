@@ -87,8 +87,8 @@ WIRE_CALLS = {
     "GetProcess pid 0": ("GetProcess", lambda pid: pb.GetProcessRequest(pid=0), "pid"),
     "KillProcess pid negative": ("KillProcess", lambda pid: pb.KillProcessRequest(pid=-7),
                                  "pid"),
-    "Spawn cost_budget inf": ("SpawnProcess", lambda pid: pb.SpawnProcessRequest(spec=pb.ProcessSpec(
-        name="x", quota=pb.Quota(cost_budget=float("inf")))), "cost_budget"),
+    "Spawn cost_budget inf": ("SpawnProcess", lambda pid: pb.SpawnProcessRequest(
+        spec=pb.ProcessSpec(name="x", quota=pb.Quota(cost_budget=float("inf")))), "cost_budget"),
     "SetQuota cost_budget nan": ("SetProcessQuota", lambda pid: pb.SetProcessQuotaRequest(
         pid=pid, quota=pb.Quota(cost_budget=float("nan"))), "cost_budget"),
     "Ask ttft_slo negative": ("Ask", lambda pid: pb.AskRequest(
