@@ -8,6 +8,7 @@ import hmac
 import logging
 import os
 import pwd
+import re
 import secrets
 import socket
 import struct
@@ -25,6 +26,7 @@ log = logging.getLogger("vfmd.identity")
 
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 MAX_TICKETS = 65536
+TOKEN_ID_RE = re.compile(r"[0-9a-f]{12}")
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,13 @@ class TokenBook:
         return [info for _, info in self._store.tokens()]
 
     async def revoke(self, token_id: str) -> None:
+        # An id is 12 hex digits (what `token list` shows); anything else cannot name a token,
+        # and compare_digest refuses non-ASCII text outright.
+        if not TOKEN_ID_RE.fullmatch(token_id):
+            raise InvalidArgument(f"token_id must be the 12 hex digits 'vfmctl token list' "
+                                  f"shows, got {token_id[:40]!r}")
         for digest, info in self._store.tokens():
-            if hmac.compare_digest(info["token_id"], token_id):
+            if hmac.compare_digest(info["token_id"].encode(), token_id.encode()):
                 self._cache.pop(digest, None)
                 await asyncio.wrap_future(self._store.delete_token(digest))
                 return
