@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from kernel.memory import (DEFAULT_BUDGET, RANKED_LIMIT, RECENT_TURNS, Assembly, Item, PageTable,
                            assemble)
 from kernel.ports import CandidatesQuery, DataClient, MemoryEntry
-from kernel.process import ProcRecord
+from kernel.process import MAX_CONTEXT_BUDGET, ProcRecord
 from kernel.table import ProcessTable
 from vfmos_runtime.errors import InvalidArgument, Unavailable, VfmError
 
 log = logging.getLogger("vfmd.context")
-MAX_BUDGET = 1 << 20
 
 
 @dataclass
@@ -41,8 +40,8 @@ class ContextManager:
     async def working_set(self, record: ProcRecord, question: str, budget: int = 0,
                           now: float = 0.0, touch: bool = False) -> WorkingSet:
         budget = budget or record.spec.context_budget or DEFAULT_BUDGET
-        if not 0 < budget <= MAX_BUDGET:
-            raise InvalidArgument(f"budget must be 1..{MAX_BUDGET} tokens, got {budget}")
+        if not 0 < budget <= MAX_CONTEXT_BUDGET:
+            raise InvalidArgument(f"budget must be 1..{MAX_CONTEXT_BUDGET} tokens, got {budget}")
         started = time.perf_counter()
         reply = await self.data.candidates(CandidatesQuery(
             tenant=record.tenant, pid=record.pid, question=question, limit=RANKED_LIMIT,

@@ -16,6 +16,9 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_SYSTEM_PROMPT = 64 * 1024
 MAX_QUOTA = 10**15
 MAX_COLLECTIONS = 16
+# Tokens of one working set: the one limit, checked when a process is spawned (its
+# context_budget) and when a working set is assembled (a Context call's budget).
+MAX_CONTEXT_BUDGET = 1 << 20
 
 
 class ProcState(enum.IntEnum):
@@ -78,8 +81,9 @@ def validate_spec(spec: ProcessSpec) -> ProcessSpec:
         raise InvalidArgument(
             f"bad process name {spec.name!r}: use 1-64 letters, digits, '.', '_' or '-'")
     validate_priority(spec.priority)
-    if spec.context_budget < 0 or spec.context_budget > 10**9:
-        raise InvalidArgument(f"context budget must be >= 0 tokens, got {spec.context_budget}")
+    if not 0 <= spec.context_budget <= MAX_CONTEXT_BUDGET:
+        raise InvalidArgument(f"context_budget must be 0..{MAX_CONTEXT_BUDGET} tokens "
+                              f"(0 = the default), got {spec.context_budget}")
     if len(spec.model) > 256:
         raise InvalidArgument("model name is longer than 256 characters")
     if len(spec.system_prompt) > MAX_SYSTEM_PROMPT:

@@ -20,3 +20,10 @@ def test_token_revoke_of_a_malformed_id_is_bad_input(with_token, token_id):
     assert "token_id" in done.stderr and "Traceback" not in done.stderr
     assert "internal" not in done.stderr.lower()
     assert len(vfmctl(with_token, "token", "list", "-o", "json").stdout.strip()) > 2
+
+
+def test_spawn_with_a_context_budget_no_ask_could_use_is_bad_input(kernel, state_dir):
+    done = vfmctl(state_dir, "spawn", "b", "--context-budget", "1000000000", check=False)
+    assert done.returncode == 2, done.stderr
+    assert "context_budget" in done.stderr and "Traceback" not in done.stderr
+    assert vfmctl(state_dir, "ps", "-o", "json").stdout.strip() == "[]"

@@ -124,3 +124,20 @@ def test_good_requests_still_work_after_the_bad_ones(stack):
     assert client.search("kb", "refund", since=1.0, until=4102444800.0)
     assert client.recall(pid, "refund", now=1700000000.0)
     assert client.get(pid).state == "READY"
+
+
+def test_spawn_refuses_a_context_budget_no_working_set_could_have(stack):
+    client = stack["client"]
+    with pytest.raises(InvalidArgument, match="context_budget"):
+        client.spawn("b", context_budget=1_000_000_000)
+    assert "b" not in {p.name for p in client.ps()}
+
+
+def test_the_largest_budget_spawn_accepts_is_one_a_working_set_accepts(stack):
+    from kernel.process import MAX_CONTEXT_BUDGET
+
+    client = stack["client"]
+    pid = client.spawn("widest", context_budget=MAX_CONTEXT_BUDGET).pid
+    assert client.context(pid, "refund").budget == MAX_CONTEXT_BUDGET
+    with pytest.raises(InvalidArgument, match="budget"):
+        client.context(pid, "refund", budget=MAX_CONTEXT_BUDGET + 1)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from kernel.process import (ON_RECOVERY, TERMINAL, TRANSITIONS, ProcRecord, ProcState,
-                            check_transition, validate_spec)
+from kernel.process import (MAX_CONTEXT_BUDGET, ON_RECOVERY, TERMINAL, TRANSITIONS, ProcRecord,
+                            ProcState, check_transition, validate_spec)
 from libvfm.errors import FailedPrecondition, InvalidArgument
 from libvfm.types import ProcessSpec, Quota
 
@@ -58,7 +58,8 @@ def test_record_round_trips_through_dict():
     (ProcessSpec("x" * 65), "bad process name"),
     (ProcessSpec("ok", priority=40), "priority"),
     (ProcessSpec("ok", priority=-1), "priority"),
-    (ProcessSpec("ok", context_budget=-5), "context budget"),
+    (ProcessSpec("ok", context_budget=-5), "context_budget"),
+    (ProcessSpec("ok", context_budget=MAX_CONTEXT_BUDGET + 1), "context_budget"),
     (ProcessSpec("ok", quota=Quota(max_tokens=-1)), "max_tokens"),
     (ProcessSpec("ok", quota=Quota(tokens_per_minute=-1)), "tokens_per_minute"),
     (ProcessSpec("ok", quota=Quota(max_concurrent=-2)), "max_concurrent"),
