@@ -13,8 +13,10 @@ import secrets
 import socket
 import struct
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import msgpack
 
@@ -25,7 +27,10 @@ from vfmos_runtime.errors import InvalidArgument, NotFound, PermissionDenied, Un
 log = logging.getLogger("vfmd.identity")
 
 _UCRED = struct.Struct("3i")  # pid, uid, gid
-MAX_TICKETS = 65536
+# Live session tickets one uid may hold (each client object holds one), and how long one
+# may go unused; libvfm fetches a new ticket by itself when its own has gone.
+MAX_TICKETS_PER_UID = 1024
+TICKET_IDLE_S = 3600.0
 TOKEN_ID_RE = re.compile(r"[0-9a-f]{12}")
 
 
@@ -54,22 +59,64 @@ class TicketBook:
     proves its uid on the credentials socket and then presents the ticket it got
     there with every call. Tickets live in memory: after a kernel restart clients
     fetch a new one (libvfm does this by itself).
+
+    Memory is bounded per uid, never across uids: a uid holding `per_uid` tickets loses its
+    own least recently used one for a new one, so a flood of handshakes from one user cannot
+    log any other user out. A ticket unused for `idle_s` expires.
     """
 
-    def __init__(self, admin_uids: frozenset[int]):
+    def __init__(self, admin_uids: frozenset[int], per_uid: int = MAX_TICKETS_PER_UID,
+                 idle_s: float = TICKET_IDLE_S, clock: Callable[[], float] = time.monotonic):
         self._admin_uids = admin_uids
-        self._tickets: dict[str, Caller] = {}
+        self._per_uid = per_uid
+        self._idle_s = idle_s
+        self._clock = clock
+        # ticket -> (caller, last use), least recently used first: overall and per uid
+        self._tickets: OrderedDict[str, tuple[Caller, float]] = OrderedDict()
+        self._by_uid: dict[int, OrderedDict[str, None]] = {}
 
     def issue(self, uid: int) -> tuple[str, Caller]:
-        if len(self._tickets) >= MAX_TICKETS:
-            self._tickets.pop(next(iter(self._tickets)))  # oldest first: dicts keep order
+        now = self._clock()
+        self._expire(now)
+        own = self._by_uid.setdefault(uid, OrderedDict())
+        while len(own) >= self._per_uid:
+            self._drop(next(iter(own)))
         ticket = secrets.token_urlsafe(24)
         caller = Caller(tenant_of_uid(uid), uid, uid in self._admin_uids, "unix")
-        self._tickets[ticket] = caller
+        self._tickets[ticket] = (caller, now)
+        own[ticket] = None
         return ticket, caller
 
     def lookup(self, ticket: str) -> Caller | None:
-        return self._tickets.get(ticket)
+        found = self._tickets.get(ticket)
+        if found is None:
+            return None
+        caller, used = found
+        now = self._clock()
+        if now - used > self._idle_s:
+            self._drop(ticket)
+            return None
+        self._tickets[ticket] = (caller, now)
+        self._tickets.move_to_end(ticket)
+        self._by_uid[caller.uid].move_to_end(ticket)
+        return caller
+
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+    def _expire(self, now: float) -> None:
+        while self._tickets:
+            ticket, (_, used) = next(iter(self._tickets.items()))
+            if now - used <= self._idle_s:
+                return
+            self._drop(ticket)
+
+    def _drop(self, ticket: str) -> None:
+        caller, _ = self._tickets.pop(ticket)
+        own = self._by_uid[caller.uid]
+        del own[ticket]
+        if not own:
+            del self._by_uid[caller.uid]
 
 
 def _digest(secret: str) -> bytes:
