@@ -32,6 +32,9 @@ _UCRED = struct.Struct("3i")  # pid, uid, gid
 MAX_TICKETS_PER_UID = 1024
 TICKET_IDLE_S = 3600.0
 TOKEN_ID_RE = re.compile(r"[0-9a-f]{12}")
+LOCAL_TENANT_PREFIX = "unix:"
+TOKEN_TENANT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+LOCAL_NAME_RE = re.compile(r"[A-Za-z0-9._$-]{1,64}")  # what user names are made of
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,33 @@ class Caller:
 
 
 def tenant_of_uid(uid: int) -> str:
+    """A local user's tenant: "unix:" and the user name (or "unix:uid<N>" without one).
+
+    Local users and token tenants are two namespaces: a token tenant's name cannot hold a
+    ':', so a token made for "root" or "nobody" is never the Unix user of that name."""
     try:
-        return pwd.getpwuid(uid).pw_name
+        name = pwd.getpwuid(uid).pw_name
     except KeyError:
-        return f"uid{uid}"
+        name = f"uid{uid}"
+    return LOCAL_TENANT_PREFIX + name
+
+
+def check_token_tenant(tenant: str) -> str:
+    """A token tenant's name: letters, digits, '-' and '_' (never a local user's tenant)."""
+    if not TOKEN_TENANT_RE.fullmatch(tenant or ""):
+        raise InvalidArgument(f"bad tenant name {tenant!r}: use 1-64 letters, digits, '-' or '_' "
+                              f"(local users are tenants {LOCAL_TENANT_PREFIX}NAME by themselves)")
+    return tenant
+
+
+def check_tenant(tenant: str) -> str:
+    """Any tenant's name: a token tenant, or a local user's ("unix:alice")."""
+    local = tenant.startswith(LOCAL_TENANT_PREFIX)
+    name = tenant[len(LOCAL_TENANT_PREFIX):] if local else tenant
+    if not (LOCAL_NAME_RE if local else TOKEN_TENANT_RE).fullmatch(name):
+        raise InvalidArgument(f"bad tenant {tenant!r}: a token tenant (letters, digits, '-', "
+                              f"'_') or {LOCAL_TENANT_PREFIX}USER for a local user")
+    return tenant
 
 
 class TicketBook:
@@ -134,8 +160,7 @@ class TokenBook:
 
     async def create(self, tenant: str, admin: bool, label: str) -> tuple[str, str]:
         """A new token, durable before it is shown: (secret, token id)."""
-        if not tenant or len(tenant) > 64 or not tenant.replace("-", "").replace("_", "").isalnum():
-            raise InvalidArgument(f"bad tenant name {tenant!r}: use letters, digits, '-' or '_'")
+        check_token_tenant(tenant)
         secret = self.PREFIX + secrets.token_urlsafe(32)
         digest = _digest(secret)
         token_id = digest.hex()[:12]

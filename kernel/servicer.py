@@ -16,7 +16,7 @@ from kernel.pagination import page
 from vfmos_runtime import validate
 from vfmos_runtime.convert import counters_to_pb, duration, enum_value, timestamp, usage_to_pb
 from kernel.figures import daemon_figures
-from kernel.identity import Authenticator, Caller, require_admin
+from kernel.identity import Authenticator, Caller, check_tenant, require_admin
 from kernel.registry import ServiceRegistry
 from kernel.table import ProcessTable
 from vfmos.kernel.v1 import kernel_pb2 as pb
@@ -99,7 +99,7 @@ class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServiceServicer):
     @syscall
     async def SetTenantWeight(self, caller: Caller, request: pb.SetTenantWeightRequest):
         require_admin(caller, "set tenant weights")
-        await self.table.set_weight(request.tenant, request.weight)
+        await self.table.set_weight(check_tenant(request.tenant), request.weight)
         self.dispatcher.set_weight(request.tenant, request.weight)
         return pb.SetTenantWeightResponse()
 

@@ -15,7 +15,7 @@ from concurrent.futures import Future
 from dataclasses import replace
 from typing import Callable
 
-from kernel.identity import Caller
+from kernel.identity import LOCAL_TENANT_PREFIX, Caller
 from kernel.process import (ON_RECOVERY, TERMINAL, ProcRecord, ProcState, validate_priority,
                             validate_quota, validate_spec)
 from kernel.quota import TokenBucket, admit
@@ -47,14 +47,17 @@ class ProcessTable:
         """Reload every process; those caught mid-work come back READY."""
         changed = []
         for record in self._store.processes():
+            dirty = _into_local_namespace(record)
             if record.state in ON_RECOVERY:
                 record.state = ON_RECOVERY[record.state]
                 record.updated_at = self._clock()
+                dirty = True
+            if dirty:
                 changed.append(record)
             self._procs[record.pid] = record
         if changed:
             self._store.put_processes(changed).result()  # before serving: waiting is fine
-        log.info("recovered %d processes (%d were mid-work)", len(self._procs), len(changed))
+        log.info("recovered %d processes (%d mid-work or renamed)", len(self._procs), len(changed))
 
     # lookups
     def get(self, caller: Caller, pid: int) -> ProcRecord:
@@ -250,6 +253,16 @@ class ProcessTable:
         for listener in list(self._listeners.get(record.pid, ())):
             listener(reason)
         return updated, written
+
+
+def _into_local_namespace(record: ProcRecord) -> bool:
+    """A process a local user spawned before local tenants had their own namespace was
+    stored under the bare user name, which a token tenant of that name would now own:
+    move it to "unix:NAME". Token callers have no uid (-1)."""
+    if record.owner_uid < 0 or record.tenant.startswith(LOCAL_TENANT_PREFIX):
+        return False
+    record.tenant = LOCAL_TENANT_PREFIX + record.tenant
+    return True
 
 
 async def _durable(record: ProcRecord, written: Future) -> ProcRecord:

@@ -107,7 +107,7 @@ def test_socket_found_through_environment(stack):
     env = {**os.environ, "VFM_STATE_DIR": stack}
     done = subprocess.run([*VFMCTL, "whoami", "-o", "json"], capture_output=True, text=True,
                           cwd=REPO, env=env)
-    assert done.returncode == 0 and json.loads(done.stdout)["tenant"] == "root"
+    assert done.returncode == 0 and json.loads(done.stdout)["tenant"] == "unix:root"
     env = {**os.environ, "VFM_SOCKET": os.path.join(stack, "vfmd.sock")}
     done = subprocess.run([*VFMCTL, "whoami"], capture_output=True, text=True, cwd=REPO, env=env)
     assert done.returncode == 0 and "root" in done.stdout

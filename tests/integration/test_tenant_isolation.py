@@ -136,12 +136,12 @@ def test_second_local_uid_is_its_own_tenant(kernel, state_dir):
                               timeout=60)
         assert done.returncode == 0, done.stderr
         out = json.loads(done.stdout)
-        assert out["whoami"] == "nobody"
+        assert out["whoami"] == "unix:nobody"
         assert out["ps"] == []
         assert out["get"] == out["kill"] == out["suspend"] == "NotFound"
-        assert out["own"] == "nobody"
+        assert out["own"] == "unix:nobody"
         assert root.get(root_pid).state == "READY"
-        assert {p.tenant for p in root.ps()} == {"root", "nobody"}
+        assert {p.tenant for p in root.ps()} == {"unix:root", "unix:nobody"}
 
 
 def test_tls_listener_with_bearer_token(state_dir):
