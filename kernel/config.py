@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kernel.process import DEFAULT_REAP_AFTER_S
 from vfmos_runtime.config import load_config, state_dir_named
 from vfmos_runtime.paths import KERNEL_SOCKET, default_data_dir, default_state_dir
 
@@ -39,6 +40,7 @@ class KernelConfig:
     policy: str = "fair"              # "fair" (weighted fair share) or "fifo" (baseline)
     max_slots: int = 0                # cap on concurrent asks per model (0 = its max_batch)
     tenant_weights: dict[str, float] = field(default_factory=dict, metadata={"parse": _weights})
+    reap_after_s: float = DEFAULT_REAP_AFTER_S  # an ended process leaves the table then
     # Tests only, so no flag ($VFM_SLOW_COMMIT_MS): the store's writer sleeps this long in
     # every commit, as on a slow disk.
     slow_commit_ms: float = 0.0
@@ -52,6 +54,8 @@ class KernelConfig:
             raise ValueError("--health-interval must be between 0 and 3600 seconds")
         if not 0 <= self.slow_commit_ms <= 60_000:
             raise ValueError("slow_commit_ms must be between 0 and 60000")
+        if not 0 < self.reap_after_s <= 10 * 365 * 86400:
+            raise ValueError("--reap-after must be between 0 and ten years (in seconds)")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
 
@@ -81,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tenant-weight", action="append", dest="tenant_weights",
                         metavar="TENANT=W", help="fair-share weight of a tenant (repeatable; "
                         "default 1; 'vfmctl tenant weight' changes it at run time)")
+    parser.add_argument("--reap-after", type=float, dest="reap_after_s", metavar="SECONDS",
+                        help="remove exited and killed processes this long after they ended "
+                        "(default 86400; their usage stays in the tenant's totals)")
     return parser.parse_args(argv)
 
 

@@ -40,7 +40,7 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
                             before_commit=(lambda: time.sleep(delay_s)) if delay_s else None)
     except (lmdb.Error, OSError) as exc:
         raise DaemonStartError(f"cannot open the kernel store in {cfg.data_dir}: {exc}") from exc
-    table = ProcessTable(store)
+    table = ProcessTable(store, reap_after_s=cfg.reap_after_s)
     registry = ServiceRegistry(store, interval_s=cfg.health_interval_s)
     tickets = TicketBook(admin_uids=frozenset({0, os.geteuid()}))
     auth = Authenticator(tickets, TokenBook(store))
@@ -64,6 +64,7 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_task = asyncio.create_task(registry.run())
+    reaper_task = asyncio.create_task(table.reap_forever(context.pages.forget))
     log.info("vfmd serving on %s%s (data in %s)", cfg.socket,
              f" and TCP port {port}" if port else "", cfg.data_dir)
     notify_ready(f"serving on {cfg.socket}")
@@ -71,6 +72,7 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     async def on_stop() -> None:
         notify_stopping()
         health_task.cancel()
+        reaper_task.cancel()
         await creds.stop()
         await registry.close()
 

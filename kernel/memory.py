@@ -200,6 +200,10 @@ class PageTable:
     def resident(self, pid: int) -> int:
         return sum(1 for p in self._table(pid)["pages"] if p[1])
 
+    def forget(self, pid: int) -> None:
+        """Drop the table from memory only (its process was reaped; the store removed it)."""
+        self._tables.pop(pid, None)
+
     def drop(self, pid: int) -> None:
         self._tables.pop(pid, None)
         self._store.delete_page_table(pid)

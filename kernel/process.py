@@ -19,6 +19,9 @@ MAX_COLLECTIONS = 16
 # Tokens of one working set: the one limit, checked when a process is spawned (its
 # context_budget) and when a working set is assembled (a Context call's budget).
 MAX_CONTEXT_BUDGET = 1 << 20
+# How long an ended (EXITED, KILLED) process stays in the table and `ps -a` before it is
+# reaped; its counters stay in its tenant's totals.
+DEFAULT_REAP_AFTER_S = 24 * 3600.0
 
 
 class ProcState(enum.IntEnum):

@@ -14,6 +14,7 @@ from vfmos_runtime.storage import pack as _pack
 from vfmos_runtime.storage import unpack as _unpack
 
 _NEXT_PID = b"next_pid"
+_REAPED_TOTALS = b"reaped_totals"
 
 
 class KernelStore:
@@ -77,6 +78,28 @@ class KernelStore:
             for key, value in rows:
                 txn.put(key, value, db=self._procs)
         return self._writer.submit(write)
+
+    def reap_processes(self, pids: list[int], totals: dict) -> Future:
+        """Remove ended processes (their records and page tables) and store `totals`, the
+        per-tenant accounting that now holds their counters, in one transaction: a crash
+        leaves them either still stored and uncounted, or gone and counted."""
+        keys = [_PID.pack(pid) for pid in pids]
+        for pid in pids:
+            self._staged_pages.pop(pid, None)
+        packed = _pack(totals)
+
+        def write(txn) -> None:
+            for key in keys:
+                txn.delete(key, db=self._procs)
+                txn.delete(key, db=self._pages)
+            txn.put(_REAPED_TOTALS, packed, db=self._meta)
+        return self._writer.submit(write)
+
+    def reaped_totals(self) -> dict:
+        """Per tenant, the summed counters of its processes reaped so far."""
+        with self._env.begin() as txn:
+            raw = txn.get(_REAPED_TOTALS, db=self._meta)
+        return _unpack(raw) if raw else {}
 
     def processes(self) -> Iterator[ProcRecord]:
         with self._env.begin() as txn:

@@ -16,8 +16,8 @@ from dataclasses import replace
 from typing import Callable
 
 from kernel.identity import LOCAL_TENANT_PREFIX, Caller
-from kernel.process import (ON_RECOVERY, TERMINAL, ProcRecord, ProcState, validate_priority,
-                            validate_quota, validate_spec)
+from kernel.process import (DEFAULT_REAP_AFTER_S, ON_RECOVERY, TERMINAL, ProcRecord, ProcState,
+                            validate_priority, validate_quota, validate_spec)
 from kernel.quota import TokenBucket, admit
 from kernel.store import KernelStore
 from vfmos_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
@@ -31,9 +31,14 @@ Listener = Callable[[str], None]  # hears "killed", "suspended" or "resumed" for
 
 
 class ProcessTable:
-    def __init__(self, store: KernelStore, clock: Callable[[], float] = time.time):
+    def __init__(self, store: KernelStore, clock: Callable[[], float] = time.time,
+                 reap_after_s: float = DEFAULT_REAP_AFTER_S):
         self._store = store
         self._clock = clock
+        self._reap_after_s = reap_after_s
+        # Per tenant, the counters of its reaped processes: accounting outlives the records.
+        self._reaped: dict[str, Counters] = {
+            tenant: Counters(**sums) for tenant, sums in store.reaped_totals().items()}
         self._procs: dict[int, ProcRecord] = {}
         self._running: dict[int, int] = {}
         self._buckets: dict[int, TokenBucket] = {}
@@ -175,7 +180,9 @@ class ProcessTable:
 
     def count_pages(self, pid: int, faults: int, hits: int) -> None:
         """Page faults and hits of the virtual context memory (from each working set)."""
-        record = self._procs[pid]
+        record = self._procs.get(pid)
+        if record is None:  # reaped while its working set was assembled
+            return
         record.counters.page_faults += faults
         record.counters.page_hits += hits
         if not self.running(pid):  # a Context syscall: no end_ask will write them
@@ -199,16 +206,47 @@ class ProcessTable:
         await asyncio.wrap_future(self._store.put_meta("tenant_weights", self._weights))
 
     def tenant_totals(self, caller: Caller) -> dict[str, tuple[int, Counters]]:
-        """Per visible tenant: live processes and summed counters (ended processes count too)."""
-        totals: dict[str, tuple[int, Counters]] = {}
+        """Per visible tenant: live processes and summed counters (ended processes count
+        too, reaped ones included)."""
+        totals: dict[str, tuple[int, Counters]] = {
+            tenant: (0, replace(sums)) for tenant, sums in self._reaped.items()
+            if caller.may_touch(tenant)}
         for r in self._procs.values():
             if not caller.may_touch(r.tenant):
                 continue
             live, sums = totals.get(r.tenant, (0, Counters()))
-            for name, value in vars(r.counters).items():
-                setattr(sums, name, getattr(sums, name) + value)
+            _add(sums, r.counters)
             totals[r.tenant] = (live + (r.state not in TERMINAL), sums)
         return totals
+
+    # reaping
+    def reap(self) -> list[int]:
+        """Remove processes that ended (EXITED, KILLED) more than the retention period ago;
+        their counters stay in their tenant's totals. One queued write; the pids reaped."""
+        cutoff = self._clock() - self._reap_after_s
+        gone = [r for r in self._procs.values()
+                if r.state in TERMINAL and r.updated_at <= cutoff and not self.running(r.pid)]
+        if not gone:
+            return []
+        for record in gone:
+            _add(self._reaped.setdefault(record.tenant, Counters()), record.counters)
+            pid = record.pid
+            del self._procs[pid]
+            for per_pid in (self._running, self._buckets, self._slots, self._listeners):
+                per_pid.pop(pid, None)
+        self._store.reap_processes([r.pid for r in gone],
+                                   {t: vars(c) for t, c in self._reaped.items()})
+        log.info("reaped %d ended processes", len(gone))
+        return [r.pid for r in gone]
+
+    async def reap_forever(self, forget: Callable[[int], None]) -> None:
+        """Reap every so often (a tenth of the retention period, at most a minute);
+        `forget(pid)` hears each reaped pid (to drop what other parts keep for it)."""
+        every_s = min(60.0, self._reap_after_s / 10)
+        while True:
+            for pid in self.reap():
+                forget(pid)
+            await asyncio.sleep(every_s)
 
     # helpers
     def _bucket(self, record: ProcRecord) -> TokenBucket | None:
@@ -248,11 +286,17 @@ class ProcessTable:
                     reason: str) -> tuple[ProcRecord, Future]:
         updated = replace(record, counters=record.counters)
         updated.move(target)
+        updated.updated_at = self._clock()  # for a final state: when it ended (see reap)
         written = self._store.put_process(updated)
         self._procs[record.pid] = updated
         for listener in list(self._listeners.get(record.pid, ())):
             listener(reason)
         return updated, written
+
+
+def _add(sums: Counters, counters: Counters) -> None:
+    for name, value in vars(counters).items():
+        setattr(sums, name, getattr(sums, name) + value)
 
 
 def _into_local_namespace(record: ProcRecord) -> bool:

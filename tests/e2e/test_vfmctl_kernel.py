@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.e2e.test_vfmctl import vfmctl
@@ -27,3 +29,14 @@ def test_spawn_with_a_context_budget_no_ask_could_use_is_bad_input(kernel, state
     assert done.returncode == 2, done.stderr
     assert "context_budget" in done.stderr and "Traceback" not in done.stderr
     assert vfmctl(state_dir, "ps", "-o", "json").stdout.strip() == "[]"
+
+
+def test_ps_all_lists_every_process_past_one_page(kernel, state_dir):
+    from libvfm import Client
+
+    with Client(state_dir / "vfmd.sock") as client:
+        pids = [client.spawn(f"p{i}").pid for i in range(105)]
+        for pid in pids[:100]:
+            client.kill(pid)
+    listed = json.loads(vfmctl(state_dir, "ps", "-a", "-o", "json").stdout)
+    assert [p["pid"] for p in listed] == pids
