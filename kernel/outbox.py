@@ -1,4 +1,4 @@
-"""The exchange outbox: Ask exchanges kept in the kernel store until vfm-datad has remembered them."""
+"""The exchange outbox: Ask exchanges kept in the kernel store until vfm-datad has them."""
 
 from __future__ import annotations
 
