@@ -9,6 +9,8 @@ from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+import lmdb
+
 from kernel.ports import DataClient, MemoryEntry
 from kernel.store import KernelStore
 from kernel.writer import WriterClosed
@@ -91,6 +93,7 @@ class ExchangeOutbox:
         self._pending: dict[int, tuple[Exchange, int]] = {}  # key -> (exchange, record size)
         self._lanes: OrderedDict[tuple[str, int], deque[int]] = OrderedDict()
         self._attempts: dict[int, int] = {}
+        self._writing: dict[int, Future] = {}  # key -> its record's write, until durable
         self._bytes = 0
         self._next = 1
         self._drain: asyncio.Task | None = None
@@ -120,6 +123,7 @@ class ExchangeOutbox:
             return refused
         key, self._next = self._next, self._next + 1
         written = self._store.put(key, value)  # WriterClosed when the kernel is stopping
+        self._writing[key] = written
         self._queue(key, exchange, len(value))
         self.kick()
         return written
@@ -151,6 +155,9 @@ class ExchangeOutbox:
         exchange, _ = self._pending[key]
         lane = (exchange.tenant, exchange.pid)
         self._lanes.move_to_end(lane)  # lanes beyond LANES get their turn in the next rounds
+        if not await self._stored(key):
+            self._done(key, lane)  # the Ask was told: not remembered
+            return True
         try:
             await self._data.remember(exchange.tenant, exchange.pid, list(exchange.entries),
                                       exchange_id=exchange.id)
@@ -172,6 +179,20 @@ class ExchangeOutbox:
                          len(self._pending))
                 self._away = False
         self._done(key, lane)
+        return True
+
+    async def _stored(self, key: int) -> bool:
+        """Wait until the exchange's record is durable; False if the store refused it.
+        Delivering only what is stored puts the record's removal in a later transaction
+        than the record: a crash in between means a replay (which vfm-datad recognises),
+        never a loss."""
+        written = self._writing.pop(key, None)
+        if written is None:
+            return True  # loaded from the store, or waited for by an earlier attempt
+        try:
+            await asyncio.wrap_future(written)
+        except lmdb.Error:
+            return False
         return True
 
     def _done(self, key: int, lane: tuple[str, int]) -> None:

@@ -18,7 +18,7 @@ from tests.conftest import Daemon, start_kernel, wait_for
 from tests.e2e.test_vfmctl import vfmctl
 from tests.integration.test_data_service import serving, start_datad
 
-SLOW_COMMIT_MS = "2000"
+SLOW_COMMIT_MS = "2500"
 
 
 def start_fake_modeld(state: Path) -> Daemon:
@@ -125,16 +125,17 @@ def test_datad_killed_during_an_ask_loses_nothing(stack):
 
 
 def test_a_delivery_repeated_after_a_kernel_crash_is_remembered_once(stack_dir):
-    # With slow commits the exchange's delivery runs while its outbox record is being
-    # committed (the Ask's end waits for that commit), and the record's removal, queued when
-    # vfm-datad has answered, waits for the next commit: a SIGKILL as soon as the Ask has
-    # ended leaves the record in place, so the restarted kernel delivers the exchange again
-    # and vfm-datad must recognise it.
+    # An exchange is delivered once its outbox record is durable, and the record's removal,
+    # queued when vfm-datad has answered, is a later transaction: with slow commits it takes
+    # seconds, so a SIGKILL as soon as vfm-datad has the exchange leaves the record in place,
+    # the restarted kernel delivers the exchange again, and vfm-datad must recognise it.
     stack = Stack(stack_dir, kernel_env={**os.environ, "VFM_SLOW_COMMIT_MS": SLOW_COMMIT_MS})
     try:
         pid = stack.client.spawn("twice").pid
         question = "The boat is called Marigold. Say OK."
         stack.client.ask(pid, question, max_new_tokens=4)
+        wait_for(lambda: stack.remembered(pid, question), 10, "the first delivery",
+                 log=stack.kernel.log)
         stack.kernel.kill9()
         stack.restart_kernel()
         assert "1 exchanges wait to be remembered" in stack.kernel.log()  # it is replayed
