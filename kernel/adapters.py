@@ -162,9 +162,10 @@ class GrpcDataClient:
             knowledge_k=query.knowledge_k, now=timestamp(query.now)))
         return CandidatesReply(_candidates(reply), reply.pages)
 
-    async def remember(self, tenant: str, pid: int, entries: list[MemoryEntry]) -> None:
+    async def remember(self, tenant: str, pid: int, entries: list[MemoryEntry],
+                       exchange_id: str = "") -> None:
         await self._call("Remember", data_pb2.RememberRequest(
-            tenant=tenant, pid=pid,
+            tenant=tenant, pid=pid, exchange_id=exchange_id,
             entries=[data_pb2.MemoryEntry(speaker=e.speaker, text=e.text, time=timestamp(e.time))
                      for e in entries]))
 

@@ -57,10 +57,20 @@ class AskQuery:
             raise InvalidArgument(f"ttft_slo_ms must be 0..3600000, got {self.ttft_slo_ms}")
 
 
+@dataclass(frozen=True)
+class Degradation:
+    """Something an Ask went without; it still answered. `kind` is the wire enum's name:
+    "memory-unavailable" (no working set) or "not-remembered" (the exchange is lost)."""
+
+    kind: str
+    reason: str
+
+
 @dataclass
 class AskDone:
     finish_reason: str
     usage: Usage
+    degraded: list[Degradation] = field(default_factory=list)
 
 
 @dataclass
@@ -128,11 +138,14 @@ class AskRunner:
         started = time.perf_counter()
         interrupt = Interrupt()
         record = self._table.begin_ask(caller, query.pid, interrupt.fire)
-        usage, finish = Usage(), ""
+        usage, finish, degraded = Usage(), "", []
         try:
             await self._refresh_models()
             if not query.stateless:
-                query.context = render(await self._context.for_ask(record, query.prompt))
+                items, missing = await self._context.for_ask(record, query.prompt)
+                query.context = render(items)
+                if missing:
+                    degraded.append(Degradation("memory-unavailable", missing))
             model = record.spec.model or self._dispatcher.default_model
             usage.model = model
             deadline = time.monotonic() + query.ttft_slo_ms / 1000 if query.ttft_slo_ms else None
@@ -164,9 +177,14 @@ class AskRunner:
             usage.total_ms = (time.perf_counter() - started) * 1000
             usage.cost = (usage.tokens_in + usage.tokens_out) / 1000 * self._price(usage.model)
             self._table.end_ask(query.pid, interrupt.fire, usage)
-            if finish and finish != "killed" and not query.stateless:
-                self._context.remember_exchange(record, query.prompt, "".join(answer.text))
-        return AskDone(finish, usage)
+        if finish != "killed" and not query.stateless:
+            # Durable before the answer's end is sent: what the caller saw is remembered,
+            # now or, if vfm-datad is away, when it is back.
+            lost = await self._context.remember_exchange(record, query.prompt,
+                                                         "".join(answer.text))
+            if lost:
+                degraded.append(Degradation("not-remembered", lost))
+        return AskDone(finish, usage, degraded)
 
     async def _acquire(self, model: str, lease: Lease, interrupt: Interrupt) -> bool:
         """Wait for a slot; give up (and leave the queue) on kill or suspend."""

@@ -7,12 +7,17 @@ import logging
 import time
 from dataclasses import dataclass
 
+import lmdb
+
 from kernel.memory import (DEFAULT_BUDGET, RANKED_LIMIT, RECENT_TURNS, Assembly, Item, PageTable,
                            assemble)
+from kernel.outbox import ExchangeOutbox
 from kernel.ports import CandidatesQuery, DataClient, MemoryEntry
 from kernel.process import MAX_CONTEXT_BUDGET, ProcRecord
 from kernel.table import ProcessTable
-from vfmos_runtime.errors import InvalidArgument, Unavailable, VfmError
+from kernel.writer import WriterClosed
+from vfmos_runtime.errors import DeadlineExceeded, InvalidArgument, Unavailable, VfmError
+from vfmos_runtime.protocol import DATA_SERVICE
 
 log = logging.getLogger("vfmd.context")
 
@@ -30,12 +35,13 @@ class WorkingSet:
 class ContextManager:
     """Builds each process's working set from what vfm-datad ranks, and keeps the page table."""
 
-    def __init__(self, table: ProcessTable, data: DataClient, pages: PageTable):
+    def __init__(self, table: ProcessTable, data: DataClient, pages: PageTable,
+                 outbox: ExchangeOutbox):
         self._table = table
         self.data = data
         self.pages = pages
+        self._outbox = outbox
         self._warned = False
-        self._background: set[asyncio.Task] = set()
 
     async def working_set(self, record: ProcRecord, question: str, budget: int = 0,
                           now: float = 0.0, touch: bool = False) -> WorkingSet:
@@ -57,32 +63,38 @@ class ContextManager:
             ws.resident = self.pages.resident(record.pid)
         return ws
 
-    async def for_ask(self, record: ProcRecord, question: str) -> list[Item]:
-        """The Ask path's working set; without a Data Agent the Ask goes on without one."""
+    async def for_ask(self, record: ProcRecord, question: str) -> tuple[list[Item], str]:
+        """The Ask path's working set, and "" or why there is none: without a Data Agent
+        the Ask goes on without one, and its result says so."""
         try:
             ws = await self.working_set(record, question, touch=True)
         except Unavailable as err:
-            if not self._warned:
-                log.warning("asking without memory or knowledge: %s", err.message)
-                self._warned = True
-            return []
+            return self._without(err, f"{DATA_SERVICE} not reachable")
+        except DeadlineExceeded as err:
+            return self._without(err, f"{DATA_SERVICE} did not answer in time")
         self._warned = False
-        return ws.assembly.items
+        return ws.assembly.items, ""
 
-    def remember_exchange(self, record: ProcRecord, question: str, answer: str) -> None:
-        """Remember an Ask's question and answer, in the background (never on the Ask path)."""
+    def _without(self, err: VfmError, reason: str) -> tuple[list[Item], str]:
+        if not self._warned:  # once per outage, not once per Ask
+            log.warning("asking without memory or knowledge: %s", err.message)
+            self._warned = True
+        return [], reason
+
+    async def remember_exchange(self, record: ProcRecord, question: str, answer: str) -> str:
+        """Remember an Ask's question and answer: stored in the kernel's outbox, durable when
+        this returns, and delivered to vfm-datad from there (now, or when it is back).
+        Returns "" or why the exchange will not be remembered."""
         now = time.time()
         entries = [MemoryEntry(speaker="user", text=question, time=now)]
         if answer.strip():
             entries.append(MemoryEntry(speaker="assistant", text=answer, time=now))
-
-        async def send() -> None:
-            try:
-                await self.data.remember(record.tenant, record.pid, entries)
-            except VfmError as err:
-                log.debug("exchange of process %d not remembered: %s", record.pid, err.message)
-
-        task = asyncio.get_running_loop().create_task(send())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        try:
+            await asyncio.wrap_future(self._outbox.add(record.tenant, record.pid, entries))
+        except (VfmError, WriterClosed, lmdb.Error) as err:
+            reason = getattr(err, "message", None) or str(err)
+            log.warning("the exchange of process %d will not be remembered: %s", record.pid,
+                        reason)
+            return reason
+        return ""
 

@@ -16,6 +16,7 @@ from kernel.ask import AskRunner
 from kernel.context import ContextManager
 from kernel.dispatch import Dispatcher
 from kernel.memory import PageTable
+from kernel.outbox import ExchangeOutbox, OutboxStore
 from kernel.scheduler import Policy
 from kernel.identity import Authenticator, CredentialsServer, TicketBook, TokenBook
 from kernel.registry import ServiceRegistry
@@ -38,6 +39,7 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     try:
         store = KernelStore(cfg.data_dir,
                             before_commit=(lambda: time.sleep(delay_s)) if delay_s else None)
+        outbox_store = OutboxStore(store)  # its table is opened before any write is queued
     except (lmdb.Error, OSError) as exc:
         raise DaemonStartError(f"cannot open the kernel store in {cfg.data_dir}: {exc}") from exc
     table = ProcessTable(store, reap_after_s=cfg.reap_after_s)
@@ -46,7 +48,9 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     auth = Authenticator(tickets, TokenBook(store))
     dispatcher = Dispatcher(Policy(cfg.policy), {**cfg.tenant_weights, **table.weights()},
                             max_slots=cfg.max_slots)
-    context = ContextManager(table, GrpcDataClient(registry), PageTable(store))
+    data = GrpcDataClient(registry)
+    outbox = ExchangeOutbox(outbox_store, data)
+    context = ContextManager(table, data, PageTable(store), outbox)
     asks = AskRunner(table, GrpcModelClient(registry), dispatcher, context)
     servicer = KernelServicer(table, registry, auth, asks, dispatcher, started, context)
     server_cfg = ServerConfig(unix_socket=cfg.socket, tcp_listen=cfg.listen,
@@ -65,6 +69,7 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_task = asyncio.create_task(registry.run())
     reaper_task = asyncio.create_task(table.reap_forever(context.pages.forget))
+    outbox.kick()  # exchanges that waited for vfm-datad when the kernel last stopped
     log.info("vfmd serving on %s%s (data in %s)", cfg.socket,
              f" and TCP port {port}" if port else "", cfg.data_dir)
     notify_ready(f"serving on {cfg.socket}")

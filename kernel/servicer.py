@@ -162,7 +162,9 @@ class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServiceServicer):
             if isinstance(item, AskDone):
                 yield pb.AskResponse(done=pb.AskDone(
                     finish_reason=enum_value(pb.FinishReason, item.finish_reason),
-                    usage=usage_to_pb(item.usage)))
+                    usage=usage_to_pb(item.usage), degraded=[
+                        pb.Degradation(kind=enum_value(pb.DegradationKind, d.kind),
+                                       reason=d.reason) for d in item.degraded]))
             else:
                 yield pb.AskResponse(text=item)
 

@@ -156,6 +156,19 @@ class KernelStore:
         key = _PID.pack(pid)
         return self._writer.submit(lambda txn: txn.delete(key, db=self._pages))
 
+    # sub-databases of other kernel modules (the exchange outbox): this env, this writer
+    def open_table(self, name: bytes):
+        """A sub-database for a module that keeps its own records (open it before writing)."""
+        return self._env.open_db(name)
+
+    def read(self):
+        """A read transaction, as a context manager."""
+        return self._env.begin()
+
+    def submit(self, write: Callable) -> Future:
+        """Queue `write(txn)` to the group-commit writer; the Future settles once durable."""
+        return self._writer.submit(write)
+
     # helpers
     def _put(self, key: bytes, value: bytes, db) -> Future:
         def write(txn) -> None:

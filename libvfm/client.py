@@ -153,9 +153,7 @@ class AsyncClient:
             try:
                 async for chunk in call:
                     if chunk.HasField("done"):
-                        reason = convert.enum_str(pb.FinishReason, chunk.done.finish_reason)
-                        yield AskResult("".join(pieces), reason,
-                                        convert.usage_from_pb(chunk.done.usage))
+                        yield convert.ask_result_from_pb("".join(pieces), chunk.done)
                         return
                     pieces.append(chunk.text)
                     yield chunk.text

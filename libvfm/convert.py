@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from libvfm.types import (Collection, ContextItem, DaemonStatus, Identity, MemoryEntry, Process,
-                          ProcessSpec, SearchHit, SystemUsage, TenantUsage, TokenInfo,
-                          WorkingSet)
+from libvfm.types import (AskResult, Collection, ContextItem, DaemonStatus, Degradation,
+                          Identity, MemoryEntry, Process, ProcessSpec, SearchHit, SystemUsage,
+                          TenantUsage, TokenInfo, WorkingSet)
 # The client also encodes quotas and specs and decodes usage: the shared conversions.
 from vfmos_runtime.convert import counters_from_pb, enum_str, quota_from_pb, seconds
 from vfmos_runtime.convert import document_kind_to_pb as document_kind_to_pb
@@ -14,6 +14,13 @@ from vfmos_runtime.convert import spec_to_pb as spec_to_pb
 from vfmos_runtime.convert import timestamp as timestamp
 from vfmos_runtime.convert import usage_from_pb as usage_from_pb
 from vfmos.kernel.v1 import kernel_pb2 as pb
+
+
+def ask_result_from_pb(text: str, done: pb.AskDone) -> AskResult:
+    return AskResult(text, enum_str(pb.FinishReason, done.finish_reason),
+                     usage_from_pb(done.usage),
+                     [Degradation(enum_str(pb.DegradationKind, d.kind), d.reason)
+                      for d in done.degraded])
 
 
 def process_from_pb(msg: pb.Process) -> Process:

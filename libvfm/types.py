@@ -28,12 +28,28 @@ class Process:
 
 
 @dataclass
+class Degradation:
+    """Something an Ask went without; it still answered. `kind`: "memory-unavailable" (no
+    memory or knowledge: vfm-datad was not reachable) or "not-remembered" (later Asks will
+    not recall this exchange); `reason` says why in words."""
+
+    kind: str
+    reason: str
+
+
+@dataclass
 class AskResult:
     """What an Ask ended with, after every piece of text was streamed."""
 
     text: str
     finish_reason: str
     usage: Usage
+    degraded: list[Degradation] = field(default_factory=list)  # empty: it lacked nothing
+
+    @property
+    def memory_unavailable(self) -> bool:
+        """The answer was made without the process's memory and knowledge."""
+        return any(d.kind == "memory-unavailable" for d in self.degraded)
 
 
 @dataclass

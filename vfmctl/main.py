@@ -152,6 +152,8 @@ def cmd_ask(args) -> int:
         _say(f"[{result.finish_reason}; {u.tokens_in} in, {u.tokens_out} out; queued "
              f"{u.queue_ms:.0f} ms, first token {u.ttft_ms:.0f} ms, total {u.total_ms:.0f} ms; "
              f"{u.model}{f'; preempted {u.preemptions}x' if u.preemptions else ''}]")
+        for d in result.degraded:  # e.g. [memory unavailable: vfm-datad not reachable]
+            _say(f"[{d.kind.replace('-', ' ')}: {d.reason}]")
     return 0
 
 

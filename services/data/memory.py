@@ -22,6 +22,7 @@ from services.data.tokens import TokenCounter
 PAGE_TOKENS = 256          # a page holds whole entries up to this many tokens
 MAX_ENTRY_CHARS = 64 * 1024
 MAX_BATCH = 10_000
+MAX_EXCHANGE_ID = 64
 _KEY = struct.Struct(">QQ")  # pid, seq: big-endian so LMDB's order is memory order
 
 
@@ -82,6 +83,7 @@ class EpisodicMemory:
         self._entries = env.open_db(b"m_entries")
         self._vectors = env.open_db(b"m_vectors")
         self._heads = env.open_db(b"m_heads")
+        self._exchanges = env.open_db(b"m_exchanges")  # exchange ids already appended
         self._lock = threading.RLock()
         self._indexes: OrderedDict[tuple[str, int], tuple[EpisodicIndex, list[Stored]]] = \
             OrderedDict()
@@ -94,9 +96,14 @@ class EpisodicMemory:
                 self.dirty.add((key[:-9].decode(), struct.unpack(">Q", key[-8:])[0]))
 
     # writing
-    def remember(self, tenant: str, pid: int, items: list[dict]) -> tuple[int, int, int]:
+    def remember(self, tenant: str, pid: int, items: list[dict],
+                 exchange_id: str = "") -> tuple[int, int, int]:
         """Append entries (dicts: speaker, text, time, meta, pinned); returns
-        (first seq, count, pages). One transaction: a batch is stored whole or not at all."""
+        (first seq, count, pages). One transaction: a batch is stored whole or not at all.
+        A batch with an `exchange_id` this process already has appends nothing and returns
+        what the first one did (the kernel delivers again when it did not hear the reply)."""
+        if len(exchange_id) > MAX_EXCHANGE_ID:
+            raise InvalidArgument(f"exchange_id is longer than {MAX_EXCHANGE_ID} characters")
         if not items:
             raise InvalidArgument("nothing to remember: no entries")
         if len(items) > MAX_BATCH:
@@ -113,7 +120,12 @@ class EpisodicMemory:
         with self._lock:
             head = self._head(tenant, pid)
             first, stored = head.next_seq, []
+            done_key = exchange_id and (_prefix(tenant) + struct.pack(">Q", pid)
+                                        + exchange_id.encode())
             with self._env.begin(write=True) as txn:
+                done = done_key and txn.get(done_key, db=self._exchanges)
+                if done:
+                    return tuple(_unpack(done))
                 for c, line, n, vec, group in zip(clean, lines, tokens, vectors, groups):
                     if head.page_fill and head.page_fill + n > PAGE_TOKENS:
                         head.page, head.page_fill = head.page + 1, 0
@@ -127,6 +139,9 @@ class EpisodicMemory:
                     stored.append(s)
                     head.next_seq += 1
                 self._put_head(txn, tenant, pid, head)
+                if done_key:
+                    txn.put(done_key, _pack([first, len(stored), head.page + 1]),
+                            db=self._exchanges)
             self.dirty.add((tenant, pid))
             cached = self._indexes.get((tenant, pid))
             if cached is not None:

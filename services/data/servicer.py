@@ -84,7 +84,8 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
         items = [{"speaker": e.speaker, "text": e.text, "time": seconds(e, "time"),
                   "meta": dict(e.meta), "pinned": e.pinned} for e in request.entries]
         first, count, pages = await self.s.run(self.s.memory.remember,
-                                               check_tenant(request.tenant), request.pid, items)
+                                               check_tenant(request.tenant), request.pid, items,
+                                               request.exchange_id)
         return pb.RememberResponse(first_seq=first, count=count, pages=pages)
 
     @rpc

@@ -13,6 +13,7 @@ from kernel.context import ContextManager
 from kernel.dispatch import Dispatcher
 from kernel.identity import Caller
 from kernel.memory import PageTable
+from kernel.outbox import ExchangeOutbox, OutboxStore
 from kernel.ports import GenerateCall, GenPiece, ModelInfo
 from kernel.store import KernelStore
 from kernel.table import ProcessTable
@@ -91,7 +92,7 @@ class FakeData:
     async def candidates(self, query):
         raise Unavailable("service vfm-datad is not running")
 
-    async def remember(self, tenant, pid, entries):
+    async def remember(self, tenant, pid, entries, exchange_id=""):
         raise Unavailable("service vfm-datad is not running")
 
     async def fork_memory(self, tenant, parent, child):
@@ -104,7 +105,9 @@ class Kernel:
         self.table = ProcessTable(self.store)
         self.dispatcher = Dispatcher()
         self.model = model
-        context = ContextManager(self.table, FakeData(), PageTable(self.store))
+        data = FakeData()
+        self.outbox = ExchangeOutbox(OutboxStore(self.store), data)
+        context = ContextManager(self.table, data, PageTable(self.store), self.outbox)
         self.runner = AskRunner(self.table, model, self.dispatcher, context)
 
     def spawn(self, name: str = "p", priority: int = 20, quota: Quota | None = None) -> int:
@@ -160,6 +163,24 @@ def test_an_answer_is_streamed_and_accounted(kernel):
     assert record.counters.tokens_out == 12 and record.counters.asks == 1
     assert record.state.name == "READY" and k.table.running(pid) == 0
     assert k.model.calls[0].max_new_tokens == 12 and k.model.calls[0].model == "fake"
+
+
+def test_an_answer_without_its_working_set_says_so(kernel):
+    k = kernel()  # the data service is not there (FakeData)
+    pid = k.spawn()
+    text, done = answer(asyncio.run(k.ask(pid, 4)))
+    assert text == tokens(0, 4)
+    assert [(d.kind, d.reason) for d in done.degraded] == [
+        ("memory-unavailable", "vfm-datad not reachable")]
+    assert k.outbox.pending == 1  # the exchange waits to be remembered
+    stateless = asyncio.run(_ask_stateless(k, pid))
+    assert stateless.degraded == []  # it asked for no memory: it went without nothing
+
+
+async def _ask_stateless(k: Kernel, pid: int) -> AskDone:
+    items = [item async for item in k.runner.ask(ALICE, AskQuery(
+        pid=pid, prompt="Tell me a story.", max_new_tokens=4, stateless=True))]
+    return items[-1]
 
 
 def test_kill_ends_the_answer_where_it_is(kernel):

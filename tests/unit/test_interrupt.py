@@ -11,6 +11,7 @@ from kernel.context import ContextManager
 from kernel.identity import Caller
 from kernel.interrupt import STOPPING, TRANSITIONS, Interrupt, Interruption
 from kernel.memory import Candidates, Item, PageTable
+from kernel.outbox import ExchangeOutbox, OutboxStore
 from kernel.ports import CandidatesReply
 from kernel.registry import ServiceRegistry
 from kernel.store import KernelStore
@@ -98,7 +99,7 @@ class Data:
                        page=i // 4, seq=i) for i in range(8)]
         return CandidatesReply(Candidates([], [], ranked, []), pages=2)
 
-    async def remember(self, tenant, pid, entries):
+    async def remember(self, tenant, pid, entries, exchange_id=""):
         self.remembered.append((tenant, pid, entries))
 
     async def fork_memory(self, tenant, parent, child):
@@ -114,11 +115,12 @@ def test_working_set_comes_from_the_data_port_and_counts_pages(tmp_path):
         table = ProcessTable(store)
         record = asyncio.run(table.spawn(ALICE, ProcessSpec(name="p", collections=["docs"])))
         data = Data()
-        context = ContextManager(table, data, PageTable(store))
+        context = ContextManager(table, data, PageTable(store),
+                                 ExchangeOutbox(OutboxStore(store), data))
 
         async def scenario():
             ws = await context.working_set(record, "what?", budget=35, touch=True)
-            context.remember_exchange(record, "what?", "that.")
+            assert await context.remember_exchange(record, "what?", "that.") == ""
             await asyncio.sleep(0.01)
             return ws
         ws = asyncio.run(scenario())
@@ -131,8 +133,11 @@ def test_working_set_comes_from_the_data_port_and_counts_pages(tmp_path):
                                                           ("assistant", "that.")]
         with pytest.raises(InvalidArgument):
             asyncio.run(context.working_set(record, "what?", budget=-1))
-        failing = ContextManager(table, Data(fail=True), PageTable(store))
-        assert asyncio.run(failing.for_ask(record, "what?")) == []  # the ask goes on
+        down = Data(fail=True)
+        failing = ContextManager(table, down, PageTable(store),
+                                 ExchangeOutbox(OutboxStore(store), down))
+        # the ask goes on, and knows why it has no working set
+        assert asyncio.run(failing.for_ask(record, "what?")) == ([], "vfm-datad not reachable")
     finally:
         store.close()
 
