@@ -22,8 +22,9 @@ prefix cache is bounded in bytes (`--prefix-cache-mb`, 256) and stays under it. 
 in-process on the engine, 8 distinct ~1,225-token prompts a round: RSS 2.1-2.6 GB from the
 first round on with the cache (cache 204-244 MB), 2.3-2.5 GB with it off, flat over the
 rounds either way; after them `malloc_trim(0)` brings RSS from 2.3 to 1.4 GB (0.9 GB were
-freed blocks glibc had kept, not live objects). So a short soak's modeld growth is that high-water mark being reached, not a leak; a warm-up
-that includes full working sets (long prompts at full batch) measures what is left.
+freed blocks glibc had kept, not live objects). So a short soak's modeld growth is that
+high-water mark being reached, not a leak; a warm-up that includes full working sets (long
+prompts at full batch) measures what is left.
 
     python -m bench soak [--minutes 2] [--warmup-s 30]
 """
