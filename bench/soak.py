@@ -170,7 +170,8 @@ def _sample(procs: dict, rss: dict, anon: dict) -> None:
         anon[name].append((time.monotonic(), info.rss - info.shared))
 
 
-def growth(samples: list[tuple[float, int]], since: float, window_s: float) -> tuple[float, float, float]:
+def growth(samples: list[tuple[float, int]], since: float,
+           window_s: float) -> tuple[float, float, float]:
     """(baseline, final, growth): mean over the first `window_s` after `since` and over the
     last `window_s` of the run."""
     after = [(t, v) for t, v in samples if t >= since]
@@ -249,8 +250,8 @@ def _report(rss, anon, since, window_s, workers, crashed, args, warmup_s) -> int
         abase, afinal, agrew = growth(anon[name], since, window_s)
         peak = max((v for _, v in rss[name]), default=0)
         per_daemon[name], per_anon[name] = round(grew, 4), round(agrew, 4)
-        rows.append((name, f"{base / 2**20:.0f}", f"{final / 2**20:.0f}", f"{peak / 2**20:.0f}",
-                     f"{grew:+.1%}", f"{abase / 2**20:.0f}", f"{afinal / 2**20:.0f}", f"{agrew:+.1%}"))
+        mb = [f"{v / 2**20:.0f}" for v in (base, final, peak, abase, afinal)]
+        rows.append((name, *mb[:3], f"{grew:+.1%}", *mb[3:], f"{agrew:+.1%}"))
     ops, errors, first = Counter(), Counter(), {}
     for worker in workers:
         ops.update(worker.ops)

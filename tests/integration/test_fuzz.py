@@ -1,13 +1,14 @@
 """The syscall fuzzer (bench/fuzz.py) in the suite: a fixed seed and a bounded count against
-real vfmd, vfm-datad and the fake vfm-modeld; `python -m bench fuzz --count 10000` is the long run."""
+real vfmd, vfm-datad and the fake vfm-modeld; `python -m bench fuzz --count 10000` is the long
+run."""
 
 from __future__ import annotations
 
 from google.protobuf import message_factory
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
-from bench.fuzz import (METHODS, SERVICE, VALID, Case, FuzzStack, PoolPid, _payloads, build,
-                        cases, run)
+from bench.fuzz import FuzzStack, _payloads, run
+from bench.fuzzgen import METHODS, SERVICE, VALID, Case, PoolPid, build, cases
 
 # About 40 s on two busy cores once nothing hangs. Each hung call costs its 10 s deadline, so
 # after one hang of a shape (method, garbage part or not, cancelled or not) the rest of that
