@@ -67,6 +67,7 @@ class Outcome:
     details: str = ""
     stream_done: bool = True  # an Ask stream that ended OK sent its `done` last
     reply: bytes = b""
+    seconds: float = 0.0      # how long the call took
 
 
 class Target:
@@ -203,13 +204,17 @@ def send(target: Target, case: Case) -> Outcome:
     channel, metadata = target.route(case)
     path = f"/{SERVICE.full_name}/{case.method}"
     payloads = _payloads(target, case)
+    started = time.monotonic()
     if case.method in STREAMING_IN:
-        return _client_stream(channel, path, payloads, metadata, target.deadline_s,
-                              case.cancel_after)
-    if case.method in STREAMING_OUT:
-        return _server_stream(channel, path, payloads[0], metadata, target.deadline_s,
-                              case.cancel_after)
-    return _unary(channel, path, payloads[0], metadata, target.deadline_s)
+        outcome = _client_stream(channel, path, payloads, metadata, target.deadline_s,
+                                 case.cancel_after)
+    elif case.method in STREAMING_OUT:
+        outcome = _server_stream(channel, path, payloads[0], metadata, target.deadline_s,
+                                 case.cancel_after)
+    else:
+        outcome = _unary(channel, path, payloads[0], metadata, target.deadline_s)
+    outcome.seconds = time.monotonic() - started
+    return outcome
 
 
 # --- counting and explaining -----------------------------------------------------------------
@@ -233,9 +238,12 @@ class Tally:
     stopped: bool = False  # a daemon died: the remaining cases were not sent
     skipped: int = 0       # cases of a shape that had hung too often (see fuzz)
     hung_shapes: Counter = field(default_factory=Counter)
+    slowest: tuple[float, str] = (0.0, "")  # the longest call that did not hang, its method
 
     def add(self, case: Case, outcome: Outcome) -> None:
         self.requests += 1
+        if outcome.code != "DEADLINE_EXCEEDED" and outcome.seconds > self.slowest[0]:
+            self.slowest = (outcome.seconds, case.method)
         self.codes[outcome.code] += 1
         if outcome.code in FAILURE_CODES:
             self.failures.append(Failure(case, outcome))
@@ -500,7 +508,8 @@ class FuzzResult:
                 "unknown": t.count("unknown"), "hung": t.count("hung"),
                 "crashes": len(self.crashed), "data_intact": self.data_intact,
                 "distinct_failures": len(self.failures), "anomalies": len(t.anomalies),
-                "stopped_early": t.stopped, "skipped": t.skipped}
+                "stopped_early": t.stopped, "skipped": t.skipped,
+                "slowest_call_s": round(t.slowest[0], 2), "slowest_method": t.slowest[1]}
 
     def describe(self) -> str:
         """Every distinct failure, one block each: what to check a fix against."""
@@ -568,7 +577,8 @@ def run(stack: FuzzStack, count: int, seed_value: int = 0,
 def _trace(out, case: Case, outcome: Outcome) -> None:
     out.write(json.dumps({"method": case.method, "identity": case.identity, "kind": case.kind,
                           "cancel_after": case.cancel_after, "request": render(case.body),
-                          "code": outcome.code, "details": outcome.details[:300]}) + "\n")
+                          "code": outcome.code, "details": outcome.details[:300],
+                          "seconds": round(outcome.seconds, 3)}) + "\n")
 
 
 def main(argv: list[str]) -> int:
