@@ -14,6 +14,8 @@ BENCHES = {
     "locomo": "bench.locomo_stack",
     "ingest": "bench.ingest",
     "kernel_load": "bench.kernel_load",
+    "fuzz": "bench.fuzz",
+    "soak": "bench.soak",
 }
 
 
