@@ -66,6 +66,9 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     health_task = asyncio.create_task(registry.run())
     log.info("vfmd serving on %s%s (data in %s)", cfg.socket,
              f" and TCP port {port}" if port else "", cfg.data_dir)
+    if cfg.clear_text_tcp:
+        log.warning("TCP on %s is without TLS: bearer tokens and answers travel in clear "
+                    "text%s", cfg.listen, "" if cfg.insecure else " (loopback only)")
     notify_ready(f"serving on {cfg.socket}")
 
     async def on_stop() -> None:

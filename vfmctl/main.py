@@ -63,6 +63,8 @@ def cmd_up(args) -> int:
     for flag in ("listen", "tls_cert", "tls_key"):
         if getattr(args, flag):
             kernel_args += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.insecure:
+        kernel_args.append("--insecure")
     service_args = {"vfm-modeld": ["--models", str(Path(args.models).resolve())]} \
         if args.models else {}
     started = daemons.up(state_dir, _say, timeout_s=args.timeout, kernel_args=kernel_args,
@@ -239,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="let vfmd also serve TCP on HOST:PORT (bearer tokens)")
     p.add_argument("--tls-cert", help="PEM certificate for --listen")
     p.add_argument("--tls-key", help="PEM private key for --listen")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow --listen off loopback without TLS (tokens travel in clear)")
     p.add_argument("--models", help="JSON file of extra models for vfm-modeld (local paths, "
                    "OpenAI-compatible servers); see README")
     p.add_argument("--timeout", type=float, default=600.0,
