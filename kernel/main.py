@@ -85,8 +85,7 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_configured("vfmd", kconfig.load, serve, argv,
-                          prepare=lambda cfg: cfg.state_dir.mkdir(parents=True, exist_ok=True))
+    return run_configured("vfmd", kconfig.load, serve, argv)
 
 
 if __name__ == "__main__":

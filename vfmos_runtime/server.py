@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from vfmos_runtime.logs import RateLimitedLog, log_settings, setup_logging
+from vfmos_runtime.paths import PRIVATE_UMASK, secure_state
 from vfmos_runtime.protocol import MAX_MESSAGE_BYTES
 
 # grpcio-reflection ships only v1alpha; tools such as grpcurl and Postman ask for v1 first.
@@ -221,17 +222,25 @@ def run_daemon(main: Callable[[], Awaitable[None]]) -> int:
 def run_configured(name: str, load: Callable[[list[str] | None], Any],
                    serve: Callable[[Any], Awaitable[None]], argv: list[str] | None = None,
                    prepare: Callable[[Any], None] | None = None) -> int:
-    """A daemon's main: load its typed config (a bad value is one line and exit 2), set up
-    logging, `prepare(cfg)` if given, then serve until told to stop."""
+    """A daemon's main: load its typed config (a bad value is one line and exit 2), make
+    its state private, set up logging, `prepare(cfg)` if given, then serve until told to
+    stop."""
     from vfmos_runtime.config import ConfigError
 
+    os.umask(PRIVATE_UMASK)  # every file and dir a daemon makes is its user's alone
     try:
         cfg = load(argv)
         logs = log_settings()
+        tightened = secure_state(cfg.state_dir, [getattr(cfg, "data_dir", None)])
     except ConfigError as exc:
         print(f"{name}: bad configuration: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"{name}: cannot keep its state private: {exc}", file=sys.stderr)
+        return 2
     setup_logging(cfg.log_level, logs)
+    for change in tightened:
+        logging.getLogger(name).warning("%s", change)
     if prepare is not None:
         prepare(cfg)
     return run_daemon(lambda: serve(cfg))
