@@ -38,7 +38,7 @@ import uvloop
 
 from bench.common import REPO, cleanup, percentile, report, temp_state_dir
 from libvfm import AsyncClient, VfmError
-from libvfm.errors import AlreadyExists, DeadlineExceeded
+from libvfm.errors import AlreadyExists, DeadlineExceeded, Unavailable
 from libvfm.types import MemoryEntry
 
 DAEMONS = ("vfmd", "vfm-datad", "vfm-modeld")
@@ -53,6 +53,7 @@ class Phase:
     ok: Counter = field(default_factory=Counter)
     failed: Counter = field(default_factory=Counter)   # "OP CODE" -> count
     hung: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)       # "OP CODE" -> the first message
 
 
 @dataclass
@@ -76,12 +77,16 @@ class Load:
     async def call(self, op: str, coro):
         phase = self.phases[self.phase]
         phase.tried[op] += 1
+        began = time.monotonic()
         try:
             result = await asyncio.wait_for(coro, DEADLINE_S + GRACE_S)
-        except (asyncio.TimeoutError, DeadlineExceeded):
+        except (asyncio.TimeoutError, DeadlineExceeded) as err:
             phase.hung[op] += 1
+            phase.examples.setdefault(f"{op} hung", f"{type(err).__name__} after "
+                                      f"{time.monotonic() - began:.1f}s: {err}")
         except VfmError as err:
             phase.failed[f"{op} {err.code.name}"] += 1
+            phase.examples.setdefault(f"{op} {err.code.name}", err.message[:200])
             await asyncio.sleep(0.2)  # the daemon is likely down: do not spin
         else:
             phase.ok[op] += 1
@@ -212,11 +217,23 @@ async def _all_serving(state: Path, timeout_s: float) -> bool:
     return False
 
 
+async def _patient(factory, timeout_s: float = 120.0):
+    """`await factory()`, again while the stack answers UNAVAILABLE (a daemon restarting)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await factory()
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
 async def _lost(state: Path, load: Load) -> dict[str, list]:
     """Every acknowledged write that cannot be found after the chaos."""
     acked, port = load.acked, load.port
     admin = AsyncClient(state / "vfmd.sock", timeout=60)
-    stored = {p.pid for p in await admin.ps(all=True)}
+    stored = {p.pid for p in await _patient(lambda: admin.ps(all=True))}
     await admin.close()
     lost = {"spawns": [p for _, p in acked.spawns if p not in stored],
             "memories": [], "exchanges": [], "documents": []}
@@ -227,14 +244,14 @@ async def _lost(state: Path, load: Load) -> dict[str, list]:
         for tenant, pid, text in items:
             key = (tenant, pid)
             if key not in remembered:
-                hits = await clients[tenant].recall(pid, "chaos", k=500)
+                hits = await _patient(lambda: clients[tenant].recall(pid, "chaos", k=500))
                 remembered[key] = {h.entry.text for h in hits}
             if text not in remembered[key]:  # a ranking miss is not a loss: ask for it
-                hits = await clients[tenant].recall(pid, text, k=50)
+                hits = await _patient(lambda: clients[tenant].recall(pid, text, k=50))
                 if text not in {h.entry.text for h in hits}:
                     lost[kind].append((tenant, pid, text))
     for tenant, collection, source, word in acked.documents:
-        hits = await clients[tenant].search(collection, word, k=20)
+        hits = await _patient(lambda: clients[tenant].search(collection, word, k=20))
         if source not in {h.source for h in hits}:
             lost["documents"].append((tenant, source))
     for client in clients.values():
@@ -289,6 +306,7 @@ def _summary(load: Load, chaos: Chaos, end: dict, rss: tuple[dict, dict], restar
         "failed_by": dict(hot.failed), "hung_by": dict(hot.hung),
         "calm_tried": sum(calm.tried.values()), "calm_failed": sum(calm.failed.values()),
         "calm_hung": sum(calm.hung.values()), "calm_failed_by": dict(calm.failed),
+        "calm_examples": calm.examples, "examples": hot.examples,
         "kills": dict(chaos.kills), "restarts": restarts,
         "not_back": chaos.not_back, "settled": end["settled"],
         "recover_p50_s": round(percentile(recover, 50), 2) if recover else None,
@@ -316,6 +334,7 @@ def main(argv: list[str]) -> int:
                         help="mean seconds between two kills (default 4)")
     parser.add_argument("--tenants", type=int, default=3)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--keep", action="store_true", help="keep the state dir and its logs")
     args = parser.parse_args(argv)
     args.chaos_s = 60 * (args.minutes or (0.5 if args.quick else 2.0))
     args.calm_s = args.calm_s or (10.0 if args.quick else 20.0)
@@ -331,13 +350,26 @@ def main(argv: list[str]) -> int:
                            "-o", "json", timeout=60)
             tokens[f"tenant{i}"] = json.loads(made.stdout)["token"]
         rss_start = _rss_mb(state)
-        load, chaos, end = uvloop.run(_run(state, port, tokens, args))
+        try:
+            load, chaos, end = uvloop.run(_run(state, port, tokens, args))
+        except Exception:
+            for name in ("supervisor", *DAEMONS):
+                log = state / "logs" / f"{name}.log"
+                tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+                print(f"--- {log} ---", *tail, sep="\n", file=sys.stderr)
+            raise
         rss_end = _rss_mb(state)
         restarts = {name: d.get("restarts", 0) for name, d in json.loads(
             (state / "supervisor.json").read_text()).get("daemons", {}).items()}
+        if sum(restarts.values()) != sum(chaos.kills.values()):
+            print("restarts the bench did not cause; the supervisor's log:\n"
+                  + (state / "logs" / "supervisor.log").read_text(), file=sys.stderr)
     finally:
         _vfmctl(state, "down", timeout=120)
-        cleanup(state)
+        if args.keep:
+            print(f"state and logs kept in {state}", file=sys.stderr)
+        else:
+            cleanup(state)
     figures = _summary(load, chaos, end, (rss_start, rss_end), restarts,
                        time.monotonic() - started)
     rows = [("requests tried", figures["calm_tried"], figures["tried"]),
