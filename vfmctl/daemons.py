@@ -140,9 +140,9 @@ def _wait(what: str, check, timeout_s: float, daemon: Daemon, state_dir: Path, s
         if check():
             return
         if _exits(state_dir, daemon) > exits or supervisor_pid(state_dir) is None:
-            raise UpError(f"{daemon.name} exited while {what}; see "
-                          f"{log_file(state_dir, daemon)}: "
-                          f"{_last_line(err_file(state_dir, daemon), log_file(state_dir, daemon))}")
+            err, log = err_file(state_dir, daemon), log_file(state_dir, daemon)
+            raise UpError(f"{daemon.name} exited while {what}; see {log} and {err.name}: "
+                          f"{_last_line(err, log)}")
         line = _last_line(log_file(state_dir, daemon))
         if line and line != last:
             say(f"  {daemon.name}: {line}")

@@ -138,3 +138,15 @@ def test_down_stops_everything_and_nothing_comes_back(stack):
     assert processes_of(state) == []  # the supervisor too: nothing can start them again
     assert not any(state.glob("*.pid"))
     assert vfmctl(state, "status", check=False).returncode == 6
+
+
+def test_a_daemon_that_cannot_start_fails_up_and_leaves_nothing_running():
+    state = Path(tempfile.mkdtemp(prefix="vfmf", dir="/tmp"))
+    try:
+        done = vfmctl(state, "up", "--detach", "--listen", "0.0.0.0:7999", check=False)
+        assert done.returncode == 6 and "Traceback" not in done.stderr
+        assert "vfmd exited while starting" in done.stderr and "--insecure" in done.stderr
+        assert processes_of(state) == []
+    finally:
+        vfmctl(state, "down", check=False)
+        shutil.rmtree(state, ignore_errors=True)
