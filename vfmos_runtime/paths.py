@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import stat
 from pathlib import Path
@@ -18,6 +19,9 @@ SYSTEM_SOCKET = Path("/run/vfmos") / KERNEL_SOCKET
 PRIVATE_UMASK = 0o077
 STATE_DIR_MODE = 0o711
 DATA_DIR_MODE = 0o700
+# What VFMOS keeps in a state or data dir; nothing else there is touched (it may be a dir
+# shared with other things, such as a test's temp dir).
+OURS = ("*.lmdb", "logs", "*.pid", "supervisor.*")
 
 
 def default_state_dir(env: dict[str, str] | None = None) -> Path:
@@ -97,10 +101,15 @@ def secure_state(state_dir: Path, data_dirs: Iterable[Path | None] = ()) -> list
 
 
 def _tree(top: Path):
-    """Everything below `top` that we may tighten: dirs and files, never through a link."""
-    for root, dirnames, filenames in os.walk(top):
-        for name in (*dirnames, *filenames):
-            yield Path(root) / name
+    """VFMOS's own entries below `top` (OURS, and all inside them), never through a link."""
+    for entry in sorted(top.iterdir()):
+        if not any(fnmatch.fnmatch(entry.name, pattern) for pattern in OURS):
+            continue
+        yield entry
+        if entry.is_dir() and not entry.is_symlink():
+            for root, dirnames, filenames in os.walk(entry):
+                for name in (*dirnames, *filenames):
+                    yield Path(root) / name
 
 
 def _own(path: Path, dir_mode: int, inner: bool = False) -> list[str]:

@@ -31,6 +31,8 @@ def test_a_too_open_state_dir_and_what_is_in_it_are_tightened(tmp_path):
     os.chmod(state, 0o755)
     os.chmod(state / "data.lmdb", 0o755)
     os.chmod(state / "data.lmdb" / "data.mdb", 0o644)
+    (state / "notes.txt").write_text("not VFMOS's: left alone")
+    os.chmod(state / "notes.txt", 0o644)
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(state / "vfmd.sock"))
         os.chmod(state / "vfmd.sock", 0o666)
@@ -38,6 +40,7 @@ def test_a_too_open_state_dir_and_what_is_in_it_are_tightened(tmp_path):
         assert mode(state / "vfmd.sock") == 0o666  # sockets keep the mode their daemon sets
     assert mode(state) == 0o711 and mode(state / "data.lmdb") == 0o700
     assert mode(state / "data.lmdb" / "data.mdb") == 0o600
+    assert mode(state / "notes.txt") == 0o644
     assert any("was 0755, now 0711" in c for c in changes) and len(changes) == 3
     assert secure_state(state, [state]) == []  # nothing left to do
 
