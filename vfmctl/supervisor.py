@@ -100,8 +100,7 @@ class Supervisor:
         w.exits += 1
         w.last_exit_at = now
         ran_s = now - w.started_at if w.started_at else 0.0
-        w.delay_s = FIRST_DELAY_S if ran_s >= STABLE_S or not w.delay_s \
-            else min(MAX_DELAY_S, w.delay_s * 2)
+        w.delay_s = next_delay(w.delay_s, ran_s)
         w.next_start_at = now + w.delay_s
         w.pid, w.proc = 0, None
         log.warning("%s ended: %s after %.1fs; starting it again in %.1fs",
@@ -135,6 +134,15 @@ class Supervisor:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
         os.replace(tmp, path)
+
+
+def next_delay(delay_s: float, ran_s: float) -> float:
+    """The wait before starting a daemon that ended after `ran_s` seconds, the last wait
+    having been `delay_s`: short after a run that lasted, doubling while it keeps dying
+    young, so a daemon that cannot start does not spin."""
+    if ran_s >= STABLE_S or not delay_s:
+        return FIRST_DELAY_S
+    return min(MAX_DELAY_S, delay_s * 2)
 
 
 def start(state_dir: Path, daemon: Daemon, extra: list[str]) -> subprocess.Popen:
