@@ -11,7 +11,9 @@ probe times how long until it serves again (the kernel: it answers Ping; a servi
 kernel lists it SERVING with a new pid).
 
 Every call has a deadline; a call that ran out of it (DEADLINE_EXCEEDED) or did not return
-within its deadline plus a grace is `hung`. Any other error is a clear status (by code).
+within its deadline plus a grace (an Ask, which streams and has no deadline: 2 minutes) is
+`hung`; one that answered after more than its deadline is `slow`. Any other error is a
+clear status (by code).
 After the chaos the stack is left to settle, then every acknowledged write is looked for:
 spawned processes (ps), remembered entries and the question of every answered Ask (its
 exchange is remembered in the background: recall), ingested documents (search).
@@ -42,8 +44,9 @@ from libvfm.errors import AlreadyExists, DeadlineExceeded, Unavailable
 from libvfm.types import MemoryEntry
 
 DAEMONS = ("vfmd", "vfm-datad", "vfm-modeld")
-DEADLINE_S = 20.0     # every call's own deadline
+DEADLINE_S = 20.0     # every call's own deadline (an Ask streams and has none)
 GRACE_S = 15.0        # beyond it, a call that has not returned is hung
+ASK_HUNG_S = 120.0    # an 8-token answer not there in 2 minutes is hung, not slow
 PROCESS_OPS = 10      # a fresh FM process every this many operations: small memories to check
 
 
@@ -53,6 +56,7 @@ class Phase:
     ok: Counter = field(default_factory=Counter)
     failed: Counter = field(default_factory=Counter)   # "OP CODE" -> count
     hung: Counter = field(default_factory=Counter)
+    slow: Counter = field(default_factory=Counter)      # answered, after more than DEADLINE_S
     examples: dict = field(default_factory=dict)       # "OP CODE" -> the first message
 
 
@@ -79,7 +83,8 @@ class Load:
         phase.tried[op] += 1
         began = time.monotonic()
         try:
-            result = await asyncio.wait_for(coro, DEADLINE_S + GRACE_S)
+            result = await asyncio.wait_for(coro, ASK_HUNG_S if op == "ask"
+                                            else DEADLINE_S + GRACE_S)
         except (asyncio.TimeoutError, DeadlineExceeded) as err:
             phase.hung[op] += 1
             phase.examples.setdefault(f"{op} hung", f"{type(err).__name__} after "
@@ -90,6 +95,8 @@ class Load:
             await asyncio.sleep(0.2)  # the daemon is likely down: do not spin
         else:
             phase.ok[op] += 1
+            if time.monotonic() - began > DEADLINE_S:
+                phase.slow[op] += 1
             return result
         return None
 
@@ -303,7 +310,8 @@ def _summary(load: Load, chaos: Chaos, end: dict, rss: tuple[dict, dict], restar
     return {
         "tried": sum(hot.tried.values()), "ok": sum(hot.ok.values()),
         "failed_clear": sum(hot.failed.values()), "hung": sum(hot.hung.values()),
-        "failed_by": dict(hot.failed), "hung_by": dict(hot.hung),
+        "failed_by": dict(hot.failed), "hung_by": dict(hot.hung), "slow_by": dict(hot.slow),
+        "calm_slow_by": dict(calm.slow),
         "calm_tried": sum(calm.tried.values()), "calm_failed": sum(calm.failed.values()),
         "calm_hung": sum(calm.hung.values()), "calm_failed_by": dict(calm.failed),
         "calm_examples": calm.examples, "examples": hot.examples,
