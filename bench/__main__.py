@@ -16,6 +16,7 @@ BENCHES = {
     "kernel_load": "bench.kernel_load",
     "fuzz": "bench.fuzz",
     "soak": "bench.soak",
+    "chaos": "bench.chaos",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ class KernelConfig:
     listen: str = ""                  # HOST:PORT for TCP clients (bearer tokens), off by default
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    insecure: bool = False            # --listen off loopback without TLS, knowingly
     health_interval_s: float = 2.0
     log_level: str = "INFO"
     policy: str = "fair"              # "fair" (weighted fair share) or "fifo" (baseline)
@@ -58,10 +60,35 @@ class KernelConfig:
             raise ValueError("--reap-after must be between 0 and ten years (in seconds)")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
+        if self.listen and not self.tls_cert and not self.insecure \
+                and not listen_is_loopback(self.listen):
+            raise ValueError(f"--listen {self.listen} without TLS would send bearer tokens in "
+                             "clear text across the network: give --tls-cert and --tls-key, "
+                             "or --insecure to accept that")
+
+    @property
+    def clear_text_tcp(self) -> bool:
+        """TCP without TLS: allowed on loopback (or with --insecure), worth a warning."""
+        return bool(self.listen) and not self.tls_cert
 
     @property
     def socket(self) -> Path:
         return self.state_dir / KERNEL_SOCKET
+
+
+def listen_is_loopback(listen: str) -> bool:
+    """Whether HOST:PORT (or [V6]:PORT) binds loopback only; an empty host, a wildcard and
+    any name but localhost may reach other hosts."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--listen {listen!r}: use HOST:PORT, e.g. 127.0.0.1:7070")
+    host = host.removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--listen", help="also serve TCP on HOST:PORT (bearer tokens required)")
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate for --listen")
     parser.add_argument("--tls-key", type=Path, help="PEM private key for --listen")
+    parser.add_argument("--insecure", action="store_const", const=True,
+                        help="allow --listen off loopback without TLS (tokens travel in clear)")
     parser.add_argument("--health-interval", type=float, dest="health_interval_s",
                         help="seconds between service health checks (default 2)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")

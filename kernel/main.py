@@ -72,6 +72,9 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     outbox.kick()  # exchanges that waited for vfm-datad when the kernel last stopped
     log.info("vfmd serving on %s%s (data in %s)", cfg.socket,
              f" and TCP port {port}" if port else "", cfg.data_dir)
+    if cfg.clear_text_tcp:
+        log.warning("TCP on %s is without TLS: bearer tokens and answers travel in clear "
+                    "text%s", cfg.listen, "" if cfg.insecure else " (loopback only)")
     notify_ready(f"serving on {cfg.socket}")
 
     async def on_stop() -> None:
@@ -89,8 +92,7 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_configured("vfmd", kconfig.load, serve, argv,
-                          prepare=lambda cfg: cfg.state_dir.mkdir(parents=True, exist_ok=True))
+    return run_configured("vfmd", kconfig.load, serve, argv)
 
 
 if __name__ == "__main__":

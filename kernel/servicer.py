@@ -15,7 +15,7 @@ from kernel.dispatch import Dispatcher
 from kernel.pagination import page
 from vfmos_runtime import validate
 from vfmos_runtime.convert import counters_to_pb, duration, enum_value, timestamp, usage_to_pb
-from kernel.figures import daemon_figures
+from kernel.figures import DaemonFigures
 from kernel.identity import Authenticator, Caller, check_tenant, require_admin
 from kernel.registry import ServiceRegistry
 from kernel.table import ProcessTable
@@ -36,6 +36,7 @@ class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServiceServicer):
         self.auth = auth
         self.asks = asks
         self.started_at = started_at
+        self.figures = DaemonFigures()  # CPU percent is measured between two calls
 
     def _proc(self, record) -> pb.Process:
         return process_to_pb(record, self.table.running(record.pid))
@@ -115,10 +116,10 @@ class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServiceServicer):
 
     @syscall
     def ListServices(self, caller: Caller, request: pb.ListServicesRequest):
-        daemons = [_daemon("vfmd", "", os.getpid(), "SERVING", time.time())]
+        daemons = [_daemon(self.figures, "vfmd", "", os.getpid(), "SERVING", time.time())]
         for entry in self.registry.entries():
-            daemons.append(_daemon(entry.name, entry.address, entry.pid, entry.health,
-                                   entry.last_seen))
+            daemons.append(_daemon(self.figures, entry.name, entry.address, entry.pid,
+                                   entry.health, entry.last_seen))
         return pb.ListServicesResponse(daemons=daemons)
 
     @syscall
@@ -174,8 +175,9 @@ _HEALTH = {"SERVING": pb.SERVICE_HEALTH_SERVING, "NOT_SERVING": pb.SERVICE_HEALT
            "UNREACHABLE": pb.SERVICE_HEALTH_UNREACHABLE, "UNKNOWN": pb.SERVICE_HEALTH_UNKNOWN}
 
 
-def _daemon(name: str, address: str, pid: int, health: str, last_seen: float) -> pb.DaemonStatus:
-    figures = daemon_figures(pid)
+def _daemon(reader: DaemonFigures, name: str, address: str, pid: int, health: str,
+            last_seen: float) -> pb.DaemonStatus:
+    figures = reader.read(pid)
     return pb.DaemonStatus(name=name, address=address, pid=pid,
                            health=_HEALTH.get(health, pb.SERVICE_HEALTH_NOT_SERVING),
                            rss_mb=figures["rss_mb"], cpu_percent=figures["cpu_percent"],

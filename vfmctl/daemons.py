@@ -1,7 +1,12 @@
-"""Start, stop and watch the VFMOS daemons on a laptop (`vfmctl up/down/status`)."""
+"""Start, stop and watch the VFMOS daemons on a laptop (`vfmctl up/down/status`).
+
+`up` leaves a supervisor (`vfmctl/supervisor.py`) running in the background: it starts the
+daemons and restarts a crashed one, as systemd does for the units. Everything lives in the
+state dir: pid files, logs/ (rotating), supervisor.json (restarts), all private."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +20,7 @@ import psutil
 from libvfm import Client
 from libvfm.errors import VfmError
 from libvfm.paths import KERNEL_SOCKET
+from vfmos_runtime.paths import PRIVATE_UMASK, secure_state
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,9 @@ KERNEL = Daemon("vfmd", "kernel.main")
 SERVICES = (Daemon("vfm-datad", "services.data.main", "loading the embedding model"),
             Daemon("vfm-modeld", "services.model.main",
                    "loading the default model (the first start converts it, ~30 s)"))
+ALL = (KERNEL, *SERVICES)
+SUPERVISOR_MODULE = "vfmctl.supervisor"
+STOP_TIMEOUT_S = 15.0
 
 
 class UpError(Exception):
@@ -43,54 +52,97 @@ def log_file(state_dir: Path, daemon: Daemon) -> Path:
     return state_dir / "logs" / f"{daemon.name}.log"
 
 
+def err_file(state_dir: Path, daemon: Daemon) -> Path:
+    """What a daemon writes outside its log: a bad flag, a crash before logging starts."""
+    return state_dir / "logs" / f"{daemon.name}.err"
+
+
+def status_file(state_dir: Path) -> Path:
+    return state_dir / "supervisor.json"
+
+
+def supervisor_log(state_dir: Path) -> Path:
+    return state_dir / "logs" / "supervisor.log"
+
+
 def running_pid(state_dir: Path, daemon: Daemon) -> int | None:
     """The daemon's pid if its pid file names a live process running that daemon."""
     try:
         pid = int(pid_file(state_dir, daemon).read_text().strip())
-        cmdline = " ".join(psutil.Process(pid).cmdline())
+        proc = psutil.Process(pid)
+        cmdline = " ".join(proc.cmdline())
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
     except (OSError, ValueError, psutil.Error):
         return None
     return pid if daemon.module in cmdline else None
 
 
-def start(state_dir: Path, daemon: Daemon, extra: list[str]) -> int:
-    log = log_file(state_dir, daemon)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", daemon.module, "--state-dir", str(state_dir), *extra],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)  # survives the terminal that ran `vfmctl up`
-    pid_file(state_dir, daemon).write_text(f"{proc.pid}\n")
-    return proc.pid
-
-
-def _starting(state_dir: Path, daemon: Daemon) -> bool:
-    """Just forked, not yet exec'd: the pid lives but does not show the daemon's command."""
+def supervision(state_dir: Path) -> dict:
+    """What the supervisor last wrote: {"supervisor_pid", "daemons": {name: {...}}}."""
     try:
-        proc = psutil.Process(int(pid_file(state_dir, daemon).read_text().strip()))
-        return proc.status() != psutil.STATUS_ZOMBIE and "vfmctl" in " ".join(proc.cmdline())
-    except (OSError, ValueError, psutil.Error):
+        return json.loads(status_file(state_dir).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def supervisor_pid(state_dir: Path) -> int | None:
+    pid = supervision(state_dir).get("supervisor_pid") or 0
+    try:
+        proc = psutil.Process(pid) if pid else None
+        alive = proc is not None and proc.status() != psutil.STATUS_ZOMBIE \
+            and SUPERVISOR_MODULE in " ".join(proc.cmdline())
+    except psutil.Error:
+        return None
+    return pid if alive else None
+
+
+def restarts(state_dir: Path) -> dict[str, int]:
+    """Restarts per daemon since `vfmctl up`, as the supervisor counted them."""
+    return {name: int(d.get("restarts", 0))
+            for name, d in supervision(state_dir).get("daemons", {}).items()}
+
+
+def stop_pid(pid: int, timeout_s: float = STOP_TIMEOUT_S) -> bool:
+    """SIGTERM, then SIGKILL after `timeout_s`; False when it had to be killed."""
+    try:
+        proc = psutil.Process(pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout_s)
+    except psutil.TimeoutExpired:
+        proc.kill()
         return False
+    except psutil.NoSuchProcess:
+        pass
+    return True
 
 
-def _last_line(path: Path) -> str:
-    try:
-        lines = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return lines[-1][-120:] if lines else ""
+def _last_line(*paths: Path) -> str:
+    for path in paths:
+        try:
+            lines = path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            continue
+        if lines:
+            return lines[-1][-160:]
+    return ""
+
+
+def _exits(state_dir: Path, daemon: Daemon) -> int:
+    return int(supervision(state_dir).get("daemons", {}).get(daemon.name, {}).get("exits", 0))
 
 
 def _wait(what: str, check, timeout_s: float, daemon: Daemon, state_dir: Path, say) -> None:
+    """Until `check()`; fails as soon as the daemon exits (the supervisor counts exits)."""
     deadline = time.monotonic() + timeout_s
-    last = ""
+    exits, last = _exits(state_dir, daemon), ""
     while time.monotonic() < deadline:
         if check():
             return
-        if running_pid(state_dir, daemon) is None and not _starting(state_dir, daemon):
-            raise UpError(f"{daemon.name} exited while {what}; see {log_file(state_dir, daemon)}:"
-                          f" {_last_line(log_file(state_dir, daemon))}")
+        if _exits(state_dir, daemon) > exits or supervisor_pid(state_dir) is None:
+            err, log = err_file(state_dir, daemon), log_file(state_dir, daemon)
+            raise UpError(f"{daemon.name} exited while {what}; see {log} and {err.name}: "
+                          f"{_last_line(err, log)}")
         line = _last_line(log_file(state_dir, daemon))
         if line and line != last:
             say(f"  {daemon.name}: {line}")
@@ -100,27 +152,51 @@ def _wait(what: str, check, timeout_s: float, daemon: Daemon, state_dir: Path, s
                   f"see {log_file(state_dir, daemon)}")
 
 
+def _start_supervisor(state_dir: Path, args: dict[str, list[str]]) -> None:
+    (state_dir / "logs").mkdir(exist_ok=True)
+    with open(state_dir / "logs" / "supervisor.err", "ab") as out:
+        subprocess.Popen([sys.executable, "-m", SUPERVISOR_MODULE, "--state-dir", str(state_dir),
+                          "--daemon-args", json.dumps(args)],
+                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                         start_new_session=True)  # survives the terminal that ran `vfmctl up`
+    deadline = time.monotonic() + 30
+    while supervisor_pid(state_dir) is None:
+        if time.monotonic() > deadline:
+            raise UpError(f"the supervisor did not start; see {supervisor_log(state_dir)}: "
+                          f"{_last_line(state_dir / 'logs' / 'supervisor.err')}")
+        time.sleep(0.1)
+
+
 def up(state_dir: Path, say, timeout_s: float = 600.0, kernel_args: list[str] | None = None,
        service_args: dict[str, list[str]] | None = None) -> list[str]:
-    """Start whatever is not running yet and wait until each daemon serves."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    """Start the supervisor (which starts whatever is not running yet) and wait until each
+    daemon serves. If one cannot start, everything this call started is stopped again."""
+    os.umask(PRIVATE_UMASK)  # pid files, logs, and the daemons the supervisor starts
+    for change in secure_state(state_dir):
+        say(change)
     sock = state_dir / KERNEL_SOCKET
-    started = []
-    if running_pid(state_dir, KERNEL) is None:
-        say(f"starting vfmd (state in {state_dir})")
-        start(state_dir, KERNEL, kernel_args or [])
-        started.append(KERNEL.name)
+    args = {KERNEL.name: kernel_args or []}
+    for daemon in SERVICES:
+        args[daemon.name] = ["--kernel-socket", str(sock),
+                             *(service_args or {}).get(daemon.name, [])]
+    started = [d.name for d in ALL if running_pid(state_dir, d) is None]
+    ours = supervisor_pid(state_dir) is None
+    if ours:
+        _start_supervisor(state_dir, args)
     client = Client(sock, timeout=5.0)
     try:
+        if KERNEL.name in started:
+            say(f"starting vfmd (state in {state_dir})")
         _wait("starting", lambda: _pings(client), 30.0, KERNEL, state_dir, say)
         for daemon in SERVICES:
-            if running_pid(state_dir, daemon) is None:
+            if daemon.name in started:
                 say(f"starting {daemon.name}: {daemon.ready_hint}")
-                start(state_dir, daemon, ["--kernel-socket", str(sock),
-                                          *(service_args or {}).get(daemon.name, [])])
-                started.append(daemon.name)
             _wait("starting", lambda d=daemon: _serving(client, d.name), timeout_s,
                   daemon, state_dir, say)
+    except (UpError, KeyboardInterrupt):
+        if ours:
+            down(state_dir, lambda _line: None)
+        raise
     finally:
         client.close()
     return started
@@ -141,36 +217,34 @@ def _serving(client: Client, name: str) -> bool:
         return False
 
 
-def down(state_dir: Path, say, timeout_s: float = 15.0) -> int:
-    """Stop services first, then the kernel; returns how many daemons were stopped."""
-    stopped = 0
+def down(state_dir: Path, say, timeout_s: float = STOP_TIMEOUT_S) -> int:
+    """Stop the supervisor (it stops services first, then the kernel, and restarts
+    nothing), then whatever still runs without it; returns how many daemons were stopped."""
+    running = [d for d in ALL if running_pid(state_dir, d) is not None]
+    supervisor = supervisor_pid(state_dir)
+    if supervisor is not None:
+        say(f"stopping {', '.join(d.name for d in reversed(running)) or 'the supervisor'}"
+            f" (supervisor pid {supervisor})")
+        stop_pid(supervisor, timeout_s * (len(ALL) + 1))
     for daemon in (*reversed(SERVICES), KERNEL):
         pid = running_pid(state_dir, daemon)
-        if pid is None:
-            pid_file(state_dir, daemon).unlink(missing_ok=True)
-            continue
-        say(f"stopping {daemon.name} (pid {pid})")
-        os.kill(pid, signal.SIGTERM)
-        try:
-            psutil.Process(pid).wait(timeout_s)
-        except psutil.TimeoutExpired:
-            say(f"{daemon.name} did not stop in {timeout_s:.0f}s; killing it")
-            os.kill(pid, signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
+        if pid is not None:
+            say(f"stopping {daemon.name} (pid {pid})")
+            if not stop_pid(pid, timeout_s):
+                say(f"{daemon.name} did not stop in {timeout_s:.0f}s; killed it")
         pid_file(state_dir, daemon).unlink(missing_ok=True)
-        stopped += 1
-    return stopped
+    return len(running)
 
 
-def supervise(state_dir: Path, say) -> None:
-    """Foreground `vfmctl up`: wait for Ctrl-C or SIGTERM (or the kernel dying), then stop all."""
+def wait_foreground(state_dir: Path, say) -> None:
+    """Foreground `vfmctl up`: wait for Ctrl-C or SIGTERM (or the supervisor ending), then
+    stop all."""
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
         while not stop:
-            if running_pid(state_dir, KERNEL) is None:
-                say("vfmd exited; stopping the services")
+            if supervisor_pid(state_dir) is None:
+                say("the supervisor exited; stopping the daemons")
                 break
             time.sleep(0.5)
     except KeyboardInterrupt:
@@ -178,4 +252,4 @@ def supervise(state_dir: Path, say) -> None:
     down(state_dir, say)
 
 
-__all__ = ["UpError", "down", "running_pid", "supervise", "up"]
+__all__ = ["UpError", "down", "restarts", "running_pid", "up", "wait_foreground"]

@@ -63,6 +63,8 @@ def cmd_up(args) -> int:
     for flag in ("listen", "tls_cert", "tls_key"):
         if getattr(args, flag):
             kernel_args += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.insecure:
+        kernel_args.append("--insecure")
     service_args = {"vfm-modeld": ["--models", str(Path(args.models).resolve())]} \
         if args.models else {}
     started = daemons.up(state_dir, _say, timeout_s=args.timeout, kernel_args=kernel_args,
@@ -71,7 +73,7 @@ def cmd_up(args) -> int:
          f"socket {state_dir / KERNEL_SOCKET}")
     if not args.detach:
         _say("running in the foreground; Ctrl-C stops every daemon")
-        daemons.supervise(state_dir, _say)
+        daemons.wait_foreground(state_dir, _say)
     return 0
 
 
@@ -84,7 +86,13 @@ def cmd_down(args) -> int:
 def cmd_status(args) -> int:
     with _client(args) as client:
         found = client.services()
-    _show(args, found, output.daemon_table)
+    # Restarts are the supervisor's count, in the state dir of a kernel on this host.
+    local = Path(args.socket).parent if args.socket else args.state_dir or kernel_socket().parent
+    restarts = {} if args.target or os.environ.get("VFM_TARGET") else daemons.restarts(local)
+    if args.output == "json":
+        output.print_json([{**d.to_dict(), "restarts": restarts.get(d.name, 0)} for d in found])
+    else:
+        output.daemon_table(found, restarts)
     return 0 if all(d.health == "SERVING" for d in found) else 1
 
 
@@ -241,13 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="let vfmd also serve TCP on HOST:PORT (bearer tokens)")
     p.add_argument("--tls-cert", help="PEM certificate for --listen")
     p.add_argument("--tls-key", help="PEM private key for --listen")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow --listen off loopback without TLS (tokens travel in clear)")
     p.add_argument("--models", help="JSON file of extra models for vfm-modeld (local paths, "
                    "OpenAI-compatible servers); see README")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds to wait for each daemon (default 600: a first start converts "
                         "the model)")
     add("down", cmd_down, "stop the daemons that 'vfmctl up' started", json_output=False)
-    add("status", cmd_status, "show each daemon: pid, health, RSS, CPU and uptime")
+    add("status", cmd_status, "show each daemon: pid, health, RSS, CPU, uptime and restarts")
 
     p = add("spawn", cmd_spawn, "create an FM process and print it")
     p.add_argument("name", help="process name: letters, digits, '.', '_', '-'")

@@ -92,15 +92,17 @@ def process_detail(p: Process) -> None:
     console().print(table)
 
 
-def daemon_table(daemons: list[DaemonStatus]) -> None:
+def daemon_table(daemons: list[DaemonStatus], restarts: dict[str, int] | None = None) -> None:
+    restarts = restarts or {}
     table = Table(box=None, pad_edge=False)
-    for col in ("DAEMON", "PID", "HEALTH", "RSS", "CPU", "UPTIME", "ADDRESS"):
+    for col in ("DAEMON", "PID", "HEALTH", "RSS", "CPU", "UPTIME", "RESTARTS", "ADDRESS"):
         table.add_column(col)
     for d in daemons:
         color = "green" if d.health == "SERVING" else "red"
         table.add_row(d.name, str(d.pid or "-"), f"[{color}]{d.health}[/{color}]",
                       f"{d.rss_mb:.0f} MB" if d.rss_mb else "-", f"{d.cpu_percent:.0f}%",
-                      _age(d.uptime_s) if d.uptime_s else "-", d.address or "-")
+                      _age(d.uptime_s) if d.uptime_s else "-", str(restarts.get(d.name, 0)),
+                      d.address or "-")
     console().print(table)
 
 

@@ -22,7 +22,8 @@ def unpack(raw):
 
 def open_env(path: Path, *, map_size: int, max_dbs: int, sync: bool = True,
              metasync: bool = True, **options) -> lmdb.Environment:
-    """An LMDB environment in directory `path` (created if missing)."""
-    path.mkdir(parents=True, exist_ok=True)
+    """An LMDB environment in directory `path` (created if missing), readable by its
+    owner only: it holds tenants' data."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return lmdb.open(str(path), map_size=map_size, max_dbs=max_dbs, subdir=True, sync=sync,
-                     metasync=metasync, lock=True, **options)
+                     metasync=metasync, lock=True, mode=0o600, **options)

@@ -103,6 +103,11 @@ def test_service_has_the_settings_vfmos_relies_on(rendered, name):
         ("Service", "RuntimeDirectoryPreserve"): "yes",
         ("Service", "StateDirectory"): "vfmos",
         ("Service", "CacheDirectory"): "vfmos",
+        # Tenants' data is private; only the socket dir may be passed through by anyone.
+        ("Service", "UMask"): "0077",
+        ("Service", "RuntimeDirectoryMode"): "0711",
+        ("Service", "StateDirectoryMode"): "0700",
+        ("Service", "CacheDirectoryMode"): "0700",
         ("Service", "NoNewPrivileges"): "yes",
         ("Service", "ProtectSystem"): "strict",
         ("Service", "ProtectHome"): "read-only",
