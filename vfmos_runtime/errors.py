@@ -91,6 +91,19 @@ def _packed(detail) -> any_pb2.Any:
     return packed
 
 
+# An error's message travels in a trailer, and gRPC drops a call whose trailers pass 16 KiB
+# (the client then reads RESOURCE_EXHAUSTED, not the error). Messages that echo a caller's
+# huge input are cut well below that.
+MAX_ERROR_MESSAGE = 1024
+
+
+def short_message(message: str) -> str:
+    """`message`, cut to MAX_ERROR_MESSAGE characters with a note of how much was left out."""
+    if len(message) <= MAX_ERROR_MESSAGE:
+        return message
+    return f"{message[:MAX_ERROR_MESSAGE]}... ({len(message) - MAX_ERROR_MESSAGE} more characters)"
+
+
 def to_status(err: VfmError) -> grpc.Status:
     """The rich gRPC status for `err`: a quota refusal carries a QuotaFailure naming the quota
     and an ErrorInfo whose reason (QUOTA_MAX_TOKENS, ...) programs can switch on."""
@@ -98,12 +111,13 @@ def to_status(err: VfmError) -> grpc.Status:
     if isinstance(err, QuotaExceeded):
         details.append(_packed(error_details_pb2.QuotaFailure(
             violations=[error_details_pb2.QuotaFailure.Violation(
-                subject=err.subject, description=err.quota)])))
+                subject=short_message(err.subject), description=err.quota)])))
         reason = f"QUOTA_{err.quota.upper()}" if err.quota else "QUOTA_EXCEEDED"
         details.append(_packed(error_details_pb2.ErrorInfo(
             reason=reason, domain=ERROR_DOMAIN,
-            metadata={"quota": err.quota, "subject": err.subject})))
-    status = status_pb2.Status(code=err.code.value[0], message=err.message, details=details)
+            metadata={"quota": err.quota, "subject": short_message(err.subject)})))
+    status = status_pb2.Status(code=err.code.value[0], message=short_message(err.message),
+                               details=details)
     return rpc_status.to_status(status)
 
 

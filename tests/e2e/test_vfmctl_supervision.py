@@ -96,7 +96,7 @@ def test_another_user_reads_no_tenant_data_but_can_call_the_kernel(stack):
               "os.setgid(65534); os.setuid(65534); print(c.whoami().tenant)")
     done = subprocess.run([sys.executable, "-c", script, str(state / "vfmd.sock")],
                           capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert done.stdout.strip() == "nobody", done.stderr
+    assert done.stdout.strip() == "unix:nobody", done.stderr
 
 
 def test_daemons_log_to_their_rotating_file(stack):

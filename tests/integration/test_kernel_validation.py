@@ -141,3 +141,13 @@ def test_the_largest_budget_spawn_accepts_is_one_a_working_set_accepts(stack):
     assert client.context(pid, "refund").budget == MAX_CONTEXT_BUDGET
     with pytest.raises(InvalidArgument, match="budget"):
         client.context(pid, "refund", budget=MAX_CONTEXT_BUDGET + 1)
+
+
+def test_an_error_that_echoes_a_huge_input_still_arrives_as_invalid_argument(stack):
+    """A refusal quoting a 256 KiB collection name would pass gRPC's 16 KiB trailer limit, and
+    the caller would read RESOURCE_EXHAUSTED instead of the error: the message is cut."""
+    huge = "c" * (256 * 1024 + 1)
+    with pytest.raises(InvalidArgument) as err:
+        stack["client"].search(huge, "refund")
+    assert len(err.value.message) < 2048
+    assert "more characters" in err.value.message
