@@ -130,9 +130,13 @@ class EpisodicMemory:
             self.dirty.add((tenant, pid))
             cached = self._indexes.get((tenant, pid))
             if cached is not None:
+                # A new (index, entries) pair, swapped in whole: readers holding the old pair
+                # rank a memory whose every column has the same length.
                 index, all_entries = cached
-                index.add([s.entry() for s in stored], np.asarray(vectors, dtype=np.float32))
-                all_entries.extend(stored)
+                self._indexes[(tenant, pid)] = (
+                    index.extended([s.entry() for s in stored],
+                                   np.asarray(vectors, dtype=np.float32)),
+                    all_entries + stored)
         return first, len(stored), head.page + 1
 
     def forget(self, tenant: str, pid: int) -> int:
@@ -170,18 +174,21 @@ class EpisodicMemory:
         if not query.strip():
             raise InvalidArgument("the query is empty")
         index, stored = self._index(tenant, pid)
+        return self._ranked(index, stored, query, k, now)
+
+    def _ranked(self, index: EpisodicIndex, stored: list[Stored], query: str, k: int,
+                now: float) -> list[tuple[Stored, float]]:
         by_seq = {s.seq: s for s in stored}
         moment = self._moment(now, stored)
-        return [(by_seq[seq], score) for seq, score in index.rank(query, now=moment, limit=k)
-                if seq in by_seq]
+        return [(by_seq[seq], score) for seq, score in index.rank(query, now=moment, limit=k)]
 
     def candidates(self, tenant: str, pid: int, question: str, limit: int, recent: int,
                    now: float = 0.0) -> Candidates:
         index, stored = self._index(tenant, pid)
         pinned = [s for s in stored if s.pinned]
         tail = [s for s in stored if not s.pinned][-recent:] if recent else []
-        ranked = self.recall(tenant, pid, question, limit, now) if question.strip() and stored \
-            else []
+        ranked = self._ranked(index, stored, question, limit, now) \
+            if question.strip() and stored else []
         pages = (stored[-1].page + 1) if stored else 0
         return Candidates(pinned, tail, ranked, pages, len(stored))
 
