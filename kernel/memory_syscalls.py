@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+from google.protobuf.message import DecodeError
+
+from kernel.adapters import INGEST_PART_TIMEOUT_S
 from kernel.context import ContextManager
 from kernel.convert import process_to_pb
 from kernel.identity import Caller
@@ -13,7 +17,7 @@ from kernel.ports import DataRelay
 from kernel.syscall import syscall
 from kernel.table import ProcessTable
 from vfmos_runtime.convert import enum_value, seconds, timestamp
-from vfmos_runtime.errors import InvalidArgument, VfmError
+from vfmos_runtime.errors import DeadlineExceeded, InvalidArgument, VfmError
 from vfmos.kernel.v1 import kernel_pb2 as pb
 
 log = logging.getLogger("vfmd.syscall")
@@ -97,4 +101,31 @@ class MemorySyscalls:
     @syscall
     async def Ingest(self, caller: Caller, request_iterator):
         """A document streamed through: parts are forwarded as they come, as the caller's tenant."""
-        return await self.relay.ingest(caller.tenant, request_iterator)
+        return await self.relay.ingest(caller.tenant, ingest_parts(request_iterator))
+
+
+async def ingest_parts(request_iterator):
+    """The parts of a client's Ingest stream, refusing a malformed one at once: a part that
+    is not an IngestRequest, a first part that names no collection or source, no part at all.
+    Each part must come within INGEST_PART_TIMEOUT_S of the one before."""
+    parts, n = aiter(request_iterator), 0
+    while True:
+        try:
+            part = await asyncio.wait_for(anext(parts), INGEST_PART_TIMEOUT_S)
+        except StopAsyncIteration:
+            break
+        except DecodeError:
+            raise InvalidArgument(f"part {n} of the Ingest stream is not an IngestRequest "
+                                  "message") from None
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"no part of the Ingest stream for "
+                                   f"{INGEST_PART_TIMEOUT_S:.0f} s after part {n - 1}") from None
+        if n == 0:
+            for name in ("collection", "source"):
+                if not getattr(part, name):
+                    raise InvalidArgument(f"{name}: the first part of an Ingest stream names "
+                                          "the collection and the source")
+        n += 1
+        yield part
+    if n == 0:
+        raise InvalidArgument("collection: empty Ingest stream, no document header")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from google.protobuf.message import DecodeError
+
 from vfmos_runtime.boundary import rpc as boundary
 from vfmos_runtime.convert import enum_str, seconds, timestamp
 from vfmos_runtime.errors import InvalidArgument
@@ -140,7 +142,7 @@ def _when(seconds: float):
 async def _read_document(parts) -> tuple[pb.IngestRequest, bytes]:
     """The header (first part) and the whole document, refusing oversize uploads early."""
     head, chunks, size = None, [], 0
-    async for part in parts:
+    async for part in _decoded(parts):
         if head is None:
             head = part
         size += len(part.data)
@@ -153,3 +155,18 @@ async def _read_document(parts) -> tuple[pb.IngestRequest, bytes]:
     if not head.source:
         raise InvalidArgument("a document needs a source name")
     return head, b"".join(chunks)
+
+
+async def _decoded(parts):
+    """The stream's parts; one that is not an IngestRequest is bad input, not a crash."""
+    parts, n = aiter(parts), 0
+    while True:
+        try:
+            part = await anext(parts)
+        except StopAsyncIteration:
+            return
+        except DecodeError:
+            raise InvalidArgument(f"part {n} of the Ingest stream is not an IngestRequest "
+                                  "message") from None
+        n += 1
+        yield part

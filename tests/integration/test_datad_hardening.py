@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import pytest
 
 from libvfm import AsyncClient
 from libvfm.types import MemoryEntry
 from tests.integration.test_data_service import data_stack  # noqa: F401 (the fixture)
+from vfmos.kernel.v1 import kernel_pb2 as kpb
+from vfmos_runtime.credentials import fetch_ticket
+from vfmos_runtime.protocol import TICKET_HEADER
 
 SEED = 3000
 WRITES = 150
@@ -55,3 +63,30 @@ def test_readers_see_a_consistent_memory_while_it_grows(data_stack):  # noqa: F8
     assert failures == []
     hits = client.recall(pid, "tomatoes need sun", k=SEED)
     assert len(hits) == SEED and max(h.entry.seq for h in hits) == SEED + WRITES - 1
+
+
+def _raw_ingest(socket, frames: list[bytes], timeout: float = 20.0) -> grpc.RpcError:
+    """An Ingest stream of raw frames, as a client in any language might send them."""
+    with grpc.insecure_channel(f"unix:{socket}") as channel:
+        call = channel.stream_unary("/vfmos.kernel.v1.KernelService/Ingest",
+                                    request_serializer=lambda frame: frame,
+                                    response_deserializer=lambda raw: raw)
+        with pytest.raises(grpc.RpcError) as failed:
+            call(iter(frames), timeout=timeout,
+                 metadata=((TICKET_HEADER, fetch_ticket(Path(socket))),))
+        return failed.value
+
+
+@pytest.mark.parametrize("frames", [
+    [b"\xff\xff\xff\xff garbage"],                         # not a message at all
+    [b"\xff\xff\xff\xff garbage", b"\x32\x03abc"],         # ... and a data part after it
+    [kpb.IngestRequest(data=b"no header").SerializeToString()],  # no collection or source
+    [kpb.IngestRequest(collection="c", data=b"x").SerializeToString()],  # no source
+    [],                                                    # nothing at all
+], ids=["garbage", "garbage-then-data", "no-header", "no-source", "empty"])
+def test_a_malformed_ingest_stream_is_refused_at_once(data_stack, frames):  # noqa: F811
+    started = time.monotonic()
+    error = _raw_ingest(data_stack["state"] / "vfmd.sock", frames)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "Traceback" not in error.details()
+    assert time.monotonic() - started < 15  # an answer, not the client's deadline
