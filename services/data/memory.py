@@ -8,6 +8,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Callable
 
 import lmdb
 import numpy as np
@@ -22,6 +23,7 @@ from services.data.tokens import TokenCounter
 PAGE_TOKENS = 256          # a page holds whole entries up to this many tokens
 MAX_ENTRY_CHARS = 64 * 1024
 MAX_BATCH = 10_000
+EMBED_BATCH = 8            # entries per embedder call, with a checkpoint between two calls
 _KEY = struct.Struct(">QQ")  # pid, seq: big-endian so LMDB's order is memory order
 
 
@@ -94,9 +96,11 @@ class EpisodicMemory:
                 self.dirty.add((key[:-9].decode(), struct.unpack(">Q", key[-8:])[0]))
 
     # writing
-    def remember(self, tenant: str, pid: int, items: list[dict]) -> tuple[int, int, int]:
+    def remember(self, tenant: str, pid: int, items: list[dict],
+                 checkpoint: Callable[[], None] = lambda: None) -> tuple[int, int, int]:
         """Append entries (dicts: speaker, text, time, meta, pinned); returns
-        (first seq, count, pages). One transaction: a batch is stored whole or not at all."""
+        (first seq, count, pages). One transaction: a batch is stored whole or not at all.
+        `checkpoint()` runs between embedding batches (raising there stores nothing)."""
         if not items:
             raise InvalidArgument("nothing to remember: no entries")
         if len(items) > MAX_BATCH:
@@ -109,7 +113,7 @@ class EpisodicMemory:
         groups = [day_label(datetime.fromtimestamp(c["time"], timezone.utc)) for c in clean]
         labels = sorted(set(groups))
         header_tokens = dict(zip(labels, self._counter.count([day_header(g) for g in labels])))
-        vectors = self._embedder.embed([c["text"] for c in clean])  # before the write lock
+        vectors = self._embed([c["text"] for c in clean], checkpoint)  # before the write lock
         with self._lock:
             head = self._head(tenant, pid)
             first, stored = head.next_seq, []
@@ -138,6 +142,13 @@ class EpisodicMemory:
                                    np.asarray(vectors, dtype=np.float32)),
                     all_entries + stored)
         return first, len(stored), head.page + 1
+
+    def _embed(self, texts: list[str], checkpoint: Callable[[], None]) -> np.ndarray:
+        parts = []
+        for i in range(0, len(texts), EMBED_BATCH):
+            parts.append(self._embedder.embed(texts[i:i + EMBED_BATCH]))
+            checkpoint()
+        return np.concatenate(parts)
 
     def forget(self, tenant: str, pid: int) -> int:
         """Drop a process's own entries (inherited ones stay with the parent)."""

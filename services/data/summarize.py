@@ -106,10 +106,10 @@ class Summarizer:
 
     async def _summarise(self, kernel: AsyncClient, run_in_thread, tenant: str,
                          pid: int) -> None:
-        entries: list[Stored] = await run_in_thread(self._memory.entries, tenant, pid)
+        entries: list[Stored] = await run_in_thread(tenant, self._memory.entries, tenant, pid)
         if not entries:
             return
-        done = {s.first_page for s in await run_in_thread(self._store.list, tenant, pid)}
+        done = {s.first_page for s in await run_in_thread(tenant, self._store.list, tenant, pid)}
         complete = entries[-1].page  # the last page may still grow
         for first in range(0, complete - self.span + 1, self.span):
             if first in done:
@@ -121,8 +121,8 @@ class Summarizer:
                                       PROMPT.format(text=text[:MAX_SOURCE_CHARS]),
                                       max_new_tokens=64, stateless=True)
             line = f"[summary of pages {first}-{last}] {' '.join(answer.text.split())}"
-            tokens = (await run_in_thread(self._counter.count, [line]))[0]
-            await run_in_thread(self._store.put, tenant, pid,
+            tokens = (await run_in_thread(tenant, self._counter.count, [line]))[0]
+            await run_in_thread(tenant, self._store.put, tenant, pid,
                                 Summary(first, last, line, tokens))
             log.info("summarised pages %d-%d of process %d (%s) in %.1f s", first, last, pid,
                      tenant, time.monotonic() - started)

@@ -11,6 +11,7 @@ import pytest
 
 from libvfm import AsyncClient
 from libvfm.types import MemoryEntry
+from tests.conftest import wait_for
 from tests.integration.test_data_service import data_stack  # noqa: F401 (the fixture)
 from vfmos.kernel.v1 import kernel_pb2 as kpb
 from vfmos_runtime.credentials import fetch_ticket
@@ -90,3 +91,39 @@ def test_a_malformed_ingest_stream_is_refused_at_once(data_stack, frames):  # no
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     assert "Traceback" not in error.details()
     assert time.monotonic() - started < 15  # an answer, not the client's deadline
+
+
+def _essay(paragraphs: int) -> bytes:
+    return "\n\n".join(f"Paragraph {i} on orchards. " + " ".join(
+        f"word{(i * 31 + j) % 997} grows near the river bend" for j in range(30))
+        for i in range(paragraphs)).encode()
+
+
+async def _abandon_ingest(socket, data: bytes) -> None:
+    """Start an ingest, wait until the upload is over and the work under way, give up."""
+    async with AsyncClient(socket, timeout=600) as client:
+        sent = asyncio.Event()
+        total = [0]
+
+        def progress(n: int) -> None:
+            total[0] += n
+            if total[0] >= len(data):
+                sent.set()
+
+        task = asyncio.create_task(client.ingest("orchard", "big.txt", data, progress=progress))
+        await asyncio.wait_for(sent.wait(), 60)
+        await asyncio.sleep(2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+def test_an_abandoned_ingest_stops_its_work(data_stack):  # noqa: F811
+    client, datad = data_stack["client"], data_stack["datad"]
+    client.collection_create("orchard")
+    data = _essay(400)  # ~400 chunks: a minute or more of embedding here
+    asyncio.run(_abandon_ingest(data_stack["state"] / "vfmd.sock", data))
+    wait_for(lambda: "ingest of tenant" in datad.log() and "stopped: its caller went away"
+             in datad.log(), 60, "vfm-datad to stop the abandoned ingest", log=datad.log)
+    # Stopped, not finished: nothing of the document was stored.
+    assert not [c for c in client.collections() if c.name == "orchard" and c.chunks]
