@@ -175,6 +175,15 @@ class EpisodicMemory:
             self._put_head(txn, tenant, child, child_head)
         return head.next_seq
 
+    def dirty_processes(self) -> list[tuple[str, int]]:
+        """(tenant, pid) of the memories that grew since the summariser last looked."""
+        with self._lock:
+            return list(self.dirty)
+
+    def clean(self, tenant: str, pid: int) -> None:
+        with self._lock:
+            self.dirty.discard((tenant, pid))
+
     # reading
     def entries(self, tenant: str, pid: int) -> list[Stored]:
         with self._env.begin() as txn:
