@@ -14,6 +14,7 @@ BENCHES = {
     "locomo": "bench.locomo_stack",
     "ingest": "bench.ingest",
     "kernel_load": "bench.kernel_load",
+    "noisy_neighbour": "bench.noisy_neighbour",
 }
 
 

@@ -1,6 +1,7 @@
 """Fair shares of vfm-datad's CPU: work queued per tenant, slots granted by start-time fair queuing.
 
-Every call's CPU work holds one of a few slots (as many as the cores the service may use);
+Every call's CPU work holds one of a few slots (as many as the cores the service may use;
+the last free one is kept for a tenant that holds none);
 long calls (an ingest, a bulk remember) give their slot back between batches, at a
 checkpoint, where they also stop if their caller went away. A free slot goes to the
 waiting tenant that has used the least CPU, so one tenant's bulk work delays another's
@@ -40,9 +41,12 @@ class FairQueue:
             self._vtime[tenant] = max(self._vtime.get(tenant, 0.0), self._tick())
         self._waiting.setdefault(tenant, deque()).append(item)
 
-    def pop(self):
-        """The item to run next (its tenant now holds one more slot), or None."""
-        tenants = [t for t, queue in self._waiting.items() if queue]
+    def pop(self, last_slot: bool = False):
+        """The item to run next (its tenant now holds one more slot), or None. The last free
+        slot (`last_slot`) goes only to a tenant holding none: a tenant's second job waits,
+        so an interactive call of another never waits behind bulk work for a checkpoint."""
+        tenants = [t for t, queue in self._waiting.items()
+                   if queue and not (last_slot and self._running[t])]
         if not tenants:
             return None
         tenant = min(tenants, key=lambda t: (self._vtime[t], self._running[t],
@@ -94,7 +98,7 @@ class CpuShares:
 
     def __init__(self, slots: int):
         self._plan = FairQueue()
-        self._free = slots
+        self._slots = self._free = slots
         self._lock = threading.Lock()
 
     def _enqueue(self, tenant: str, ticket: _Ticket) -> None:
@@ -107,7 +111,7 @@ class CpuShares:
     def _grant(self) -> list[_Ticket]:
         woken = []
         while self._free:
-            ticket = self._plan.pop()
+            ticket = self._plan.pop(last_slot=self._free == 1 and self._slots > 1)
             if ticket is None:
                 break
             self._free -= 1

@@ -38,6 +38,16 @@ def test_an_idle_tenant_banks_no_credit():
     assert [q.pop(), q.pop()] == ["a2", "b2"]
 
 
+def test_the_last_free_slot_is_kept_for_a_tenant_holding_none():
+    q = FairQueue()
+    for i in range(3):
+        q.push("bulk", f"bulk-{i}")
+    assert q.pop() == "bulk-0"
+    assert q.pop(last_slot=True) is None  # bulk already holds a slot
+    q.push("light", "recall")
+    assert q.pop(last_slot=True) == "recall"
+
+
 def test_withdrawn_items_are_not_granted():
     q = FairQueue()
     q.push("a", "x")
@@ -46,39 +56,49 @@ def test_withdrawn_items_are_not_granted():
 
 
 def test_bulk_work_lets_another_tenant_in_at_its_next_checkpoint():
-    """Two long jobs of one tenant hold both slots; another tenant's call gets a slot when
-    one of them reaches a checkpoint, long before either job ends."""
-    shares = CpuShares(2)
+    """A long job holds the only slot; another tenant's call gets it at the job's next
+    checkpoint, long before the job ends."""
+    shares = CpuShares(1)
     order: list[str] = []
-    both_running, light_waiting = threading.Barrier(3), threading.Event()
+    light_waiting = threading.Event()
 
-    def bulk(name: str) -> None:
+    def bulk() -> None:
         shares.acquire("bulk", threading.Event())
         work = Work(shares, "bulk")
 
         def job():
-            both_running.wait()
             light_waiting.wait()
-            for step in range(50):
-                order.append(name)
+            for step in range(100):
+                order.append("bulk")
                 work.checkpoint()
         work.run(job)
 
     def light() -> None:
-        both_running.wait()
-        threading.Timer(0.05, light_waiting.set).start()
+        threading.Timer(0.2, light_waiting.set).start()
         shares.acquire("light", threading.Event())
         order.append("light")
         shares.release("light", 0.001)
 
-    threads = [threading.Thread(target=bulk, args=(n,)) for n in ("b1", "b2")]
-    threads.append(threading.Thread(target=light))
+    threads = [threading.Thread(target=bulk), threading.Thread(target=light)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert "light" in order
-    assert order.index("light") <= 2  # at the first checkpoint, not after 100 steps
+    assert order.count("bulk") == 100 and order.index("light") <= 1
+
+
+def test_a_second_job_of_one_tenant_leaves_the_last_slot_free():
+    shares = CpuShares(2)
+    shares.acquire("bulk", threading.Event())
+    second = threading.Thread(target=shares.acquire, args=("bulk", threading.Event()))
+    second.start()
+    shares.acquire("light", threading.Event())  # granted at once: the reserve
+    shares.release("light", 0.01)
+    second.join(0.5)
+    assert second.is_alive()  # the free slot stays the reserve
+    shares.release("bulk", 0.01)
+    second.join(5)
+    assert not second.is_alive()
 
 
 def test_a_cancelled_job_stops_at_its_checkpoint():
