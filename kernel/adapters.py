@@ -168,21 +168,38 @@ class GrpcDataClient:
         return from_data(await self._call(method, to_data(tenant, request)))
 
     async def ingest(self, tenant: str, parts: AsyncIterator):
-        """Relay a document's parts as they come, then wait for vfm-datad's answer as long
-        as the document's size warrants. The parts are written here rather than handed to
-        gRPC as an iterator: gRPC swallows an iterator's error and cancels the call, which
-        left the client without an answer; here a bad part fails this call, and whatever
-        ends it early (error, deadline, the client going away) cancels vfm-datad's work."""
-        call = self._stub().Ingest(timeout=INGEST_MAX_S,
-                                   metadata=self._registry.metadata(DATA_SERVICE))
+        """Ingest as one answer: the result of `ingest_progress`."""
+        async for message in self.ingest_progress(tenant, parts):
+            if message.HasField("result"):
+                return message.result
+        raise Unavailable(f"service {DATA_SERVICE} ended an ingest without a result")
+
+    async def ingest_progress(self, tenant: str, parts: AsyncIterator):
+        """Relay a document's parts as they come, then vfm-datad's progress and result
+        (kernel.v1 IngestWithProgressResponse messages) for as long as the document's size
+        warrants. The parts are written here rather than handed to gRPC as an iterator:
+        gRPC swallows an iterator's error and cancels the call, which left the client without
+        an answer; here a bad part fails this call, and whatever ends it early (error,
+        deadline, the client going away) cancels vfm-datad's work."""
+        call = self._stub().IngestWithProgress(timeout=INGEST_MAX_S,
+                                               metadata=self._registry.metadata(DATA_SERVICE))
         size = 0
         try:
             async for part in parts:
                 size += len(part.data)
-                await asyncio.wait_for(call.write(ingest_to_data(tenant, part)),
-                                       INGEST_PART_TIMEOUT_S)
+                await asyncio.wait_for(call.write(data_pb2.IngestWithProgressRequest(
+                    part=ingest_to_data(tenant, part))), INGEST_PART_TIMEOUT_S)
             await call.done_writing()
-            return ingest_from_data(await asyncio.wait_for(_reply(call), ingest_timeout(size)))
+            deadline = asyncio.get_running_loop().time() + ingest_timeout(size)
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                message = await asyncio.wait_for(call.read(), max(left, 0.0))
+                if message is grpc.aio.EOF:
+                    return
+                yield kpb.IngestWithProgressResponse(
+                    embedded=message.embedded, total=message.total,
+                    result=ingest_from_data(message.result)
+                    if message.HasField("result") else None)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
         except asyncio.TimeoutError:
@@ -207,10 +224,6 @@ class GrpcDataClient:
     async def fork_memory(self, tenant: str, parent: int, child: int) -> None:
         await self._call("ForkMemory", data_pb2.ForkMemoryRequest(
             tenant=tenant, parent=parent, child=child))
-
-
-async def _reply(call):
-    return await call
 
 
 def _entry_item(kind: str, e: data_pb2.MemoryEntry, score: float = 0.0) -> Item:

@@ -103,6 +103,19 @@ class MemorySyscalls:
         """A document streamed through: parts are forwarded as they come, as the caller's tenant."""
         return await self.relay.ingest(caller.tenant, ingest_parts(request_iterator))
 
+    @syscall
+    async def IngestWithProgress(self, caller: Caller, request_iterator):
+        """Ingest, answered with vfm-datad's progress as it parses and embeds, then the result."""
+        async for message in self.relay.ingest_progress(
+                caller.tenant, ingest_parts(_parts_of(request_iterator))):
+            yield message
+
+
+async def _parts_of(messages):
+    """IngestWithProgress wraps each part; a message that cannot be decoded stays an error."""
+    async for message in messages:
+        yield message.part
+
 
 async def ingest_parts(request_iterator):
     """The parts of a client's Ingest stream, refusing a malformed one at once: a part that

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from google.protobuf.message import DecodeError
@@ -60,11 +61,38 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
     @rpc
     async def Ingest(self, request_iterator, context):
         head, data = await _read_document(request_iterator)
+        return await self._ingest(head, data)
+
+    @rpc
+    async def IngestWithProgress(self, request_iterator, context):
+        head, data = await _read_document(_parts_of(request_iterator))
+        loop, heard = asyncio.get_running_loop(), asyncio.Queue()
+
+        def progress(stage: str, done: int, total: int) -> None:  # on the worker thread
+            if stage != "parsing":
+                loop.call_soon_threadsafe(heard.put_nowait, (done, total))
+
+        work = asyncio.ensure_future(self._ingest(head, data, progress))
+        try:
+            while not work.done():
+                waiting = asyncio.ensure_future(heard.get())
+                await asyncio.wait({work, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                if waiting.done():
+                    done, total = waiting.result()
+                    yield pb.IngestWithProgressResponse(embedded=done, total=total)
+                else:
+                    waiting.cancel()
+            yield pb.IngestWithProgressResponse(result=work.result())
+        finally:
+            work.cancel()  # the caller went away: its ingest stops at the next checkpoint
+
+    async def _ingest(self, head: pb.IngestRequest, data: bytes,
+                      progress=None) -> pb.IngestResponse:
         tenant = check_tenant(head.tenant)
         result = await self.s.run_batches(
             tenant, self.s.knowledge.ingest, tenant, head.collection, head.source,
             data, kind=enum_str(pb.DocumentKind, head.kind) or None,
-            mtime=seconds(head, "mtime") or None, meta=dict(head.meta))
+            mtime=seconds(head, "mtime") or None, meta=dict(head.meta), progress=progress)
         return pb.IngestResponse(source=head.source, chunks=result.chunks,
                                  unchanged=result.skipped_unchanged, replaced=result.replaced)
 
@@ -167,6 +195,11 @@ async def _read_document(parts) -> tuple[pb.IngestRequest, bytes]:
     if not head.source:
         raise InvalidArgument("a document needs a source name")
     return head, b"".join(chunks)
+
+
+async def _parts_of(messages):
+    async for message in _decoded(messages):
+        yield message.part
 
 
 async def _decoded(parts):

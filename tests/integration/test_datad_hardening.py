@@ -127,3 +127,17 @@ def test_an_abandoned_ingest_stops_its_work(data_stack):  # noqa: F811
              in datad.log(), 60, "vfm-datad to stop the abandoned ingest", log=datad.log)
     # Stopped, not finished: nothing of the document was stored.
     assert not [c for c in client.collections() if c.name == "orchard" and c.chunks]
+
+
+def test_ingest_progress_covers_the_embedding(data_stack):  # noqa: F811
+    client = data_stack["client"]
+    client.collection_create("progress")
+    heard: list[tuple[int, int]] = []
+    result = client.ingest("progress", "essay.txt", _essay(40),
+                           embedded=lambda done, total: heard.append((done, total)))
+    assert result.chunks > 8
+    totals = {total for _, total in heard}
+    assert totals == {result.chunks}  # known once parsed, then the same on every message
+    done = [d for d, _ in heard]
+    assert done == sorted(done) and len(done) >= result.chunks // 8  # one per batch of 8
+    assert client.search("progress", "orchards river bend")
