@@ -26,7 +26,9 @@ from vfmos.model.v1 import model_pb2, model_pb2_grpc
 # Every call to a service has a deadline sized by its work, with room for a busy machine.
 LIST_MODELS_TIMEOUT_S = 5.0
 DATA_CALL_TIMEOUT_S = 30.0          # a lookup, a search, a working set's candidates
-REMEMBER_S_PER_ENTRY = 0.05         # embedding one entry: ~5-10 ms on one core, when idle
+# Embedding one entry takes 5-10 ms on an idle core; under fair sharing with other tenants'
+# work a bulk Remember of 200 took over 40 s (bench noisy_neighbour), so: 4 entries/s.
+REMEMBER_S_PER_ENTRY = 0.25
 GENERATE_BASE_S = 120.0             # prefill of a long prompt on CPU, and a wait for a slot
 GENERATE_S_PER_TOKEN = 0.5          # decode runs at 5-20 tokens/s per row here
 INGEST_PART_TIMEOUT_S = 60.0        # between two parts of an upload, either way
