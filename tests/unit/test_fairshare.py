@@ -118,3 +118,26 @@ def test_a_cancelled_job_stops_at_its_checkpoint():
         work.run(job)
     assert steps == [0, 1, 2, 3]
     shares.acquire("b", threading.Event())  # the slot was given back
+
+
+def test_bulk_work_runs_below_interactive_work(tmp_path):
+    """Bulk work yields the cores to the models and to other tenants' calls at the OS level."""
+    import asyncio
+    import os
+
+    from services.data.embed import load_embedder
+    from services.data.service import DataService
+    from services.data.tokens import TokenCounter
+
+    def niceness(checkpoint=None) -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def both(service):
+        return await service.run("t", niceness), await service.run_batches("t", niceness)
+
+    service = DataService(tmp_path, load_embedder(), TokenCounter(None), map_size=1 << 24)
+    try:
+        interactive, bulk = asyncio.run(both(service))
+    finally:
+        service.close()
+    assert bulk > interactive
