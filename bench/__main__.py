@@ -17,6 +17,7 @@ BENCHES = {
     "fuzz": "bench.fuzz",
     "soak": "bench.soak",
     "chaos": "bench.chaos",
+    "noisy_neighbour": "bench.noisy_neighbour",
 }
 
 

@@ -17,15 +17,39 @@ from kernel.ports import (CandidatesQuery, CandidatesReply, GenerateCall, GenPie
                           ModelInfo)
 from kernel.registry import ServiceRegistry
 from vfmos_runtime.convert import enum_str, enum_value, seconds, timestamp
-from vfmos_runtime.errors import Unavailable, VfmError, from_rpc_error
+from vfmos_runtime.errors import DeadlineExceeded, Unavailable, VfmError, from_rpc_error
 from vfmos_runtime.protocol import DATA_SERVICE, MODEL_SERVICE
 from vfmos.data.v1 import data_pb2, data_pb2_grpc
 from vfmos.kernel.v1 import kernel_pb2 as kpb
 from vfmos.model.v1 import model_pb2, model_pb2_grpc
 
+# Every call to a service has a deadline sized by its work, with room for a busy machine.
 LIST_MODELS_TIMEOUT_S = 5.0
-DATA_CALL_TIMEOUT_S = 30.0
-INGEST_TIMEOUT_S = 3600.0
+DATA_CALL_TIMEOUT_S = 30.0          # a lookup, a search, a working set's candidates
+# Embedding one entry takes 5-10 ms on an idle core; under fair sharing with other tenants'
+# work a bulk Remember of 200 took over 40 s (bench noisy_neighbour), so: 4 entries/s.
+REMEMBER_S_PER_ENTRY = 0.25
+GENERATE_BASE_S = 120.0             # prefill of a long prompt on CPU, and a wait for a slot
+GENERATE_S_PER_TOKEN = 0.5          # decode runs at 5-20 tokens/s per row here
+INGEST_PART_TIMEOUT_S = 60.0        # between two parts of an upload, either way
+INGEST_BASE_S = 60.0
+INGEST_BYTES_PER_S = 8_000.0        # a third of the measured parse + embed rate (26 KB/s)
+INGEST_MAX_S = INGEST_BASE_S + (512 << 20) / INGEST_BYTES_PER_S  # the largest document
+
+
+def ingest_timeout(size: int) -> float:
+    """Seconds vfm-datad may take to parse, embed and store a document of `size` bytes."""
+    return INGEST_BASE_S + size / INGEST_BYTES_PER_S
+
+
+def generate_timeout(max_new_tokens: int) -> float:
+    return GENERATE_BASE_S + GENERATE_S_PER_TOKEN * max(max_new_tokens, 1)
+
+
+def _data_timeout(method: str, request) -> float:
+    if method == "Remember":
+        return DATA_CALL_TIMEOUT_S + REMEMBER_S_PER_ENTRY * len(request.entries)
+    return DATA_CALL_TIMEOUT_S
 
 
 def _service_error(registry: ServiceRegistry, service: str, exc: grpc.RpcError) -> VfmError:
@@ -90,7 +114,8 @@ class _GenerateStream:
             if self._cancelled:
                 raise StopAsyncIteration
             call = self._call = self._client._stub().Generate(
-                self._request, metadata=self._client._registry.metadata(MODEL_SERVICE))
+                self._request, timeout=generate_timeout(self._request.max_new_tokens),
+                metadata=self._client._registry.metadata(MODEL_SERVICE))
         try:
             chunk = await call.read()
         except asyncio.CancelledError:
@@ -130,11 +155,12 @@ class GrpcDataClient:
     def _error(self, exc: grpc.RpcError) -> VfmError:
         return _service_error(self._registry, DATA_SERVICE, exc)
 
-    async def _call(self, method: str, request, timeout: float = DATA_CALL_TIMEOUT_S):
+    async def _call(self, method: str, request):
         """One unary call to vfm-datad, its errors in our vocabulary."""
         try:
             return await getattr(self._stub(), method)(
-                request, timeout=timeout, metadata=self._registry.metadata(DATA_SERVICE))
+                request, timeout=_data_timeout(method, request),
+                metadata=self._registry.metadata(DATA_SERVICE))
         except grpc.RpcError as exc:
             raise self._error(exc) from None
 
@@ -144,16 +170,45 @@ class GrpcDataClient:
         return from_data(await self._call(method, to_data(tenant, request)))
 
     async def ingest(self, tenant: str, parts: AsyncIterator):
-        async def data_parts():
-            async for part in parts:
-                yield ingest_to_data(tenant, part)
+        """Ingest as one answer: the result of `ingest_progress`."""
+        async for message in self.ingest_progress(tenant, parts):
+            if message.HasField("result"):
+                return message.result
+        raise Unavailable(f"service {DATA_SERVICE} ended an ingest without a result")
 
+    async def ingest_progress(self, tenant: str, parts: AsyncIterator):
+        """Relay a document's parts as they come, then vfm-datad's progress and result
+        (kernel.v1 IngestWithProgressResponse messages) for as long as the document's size
+        warrants. The parts are written here rather than handed to gRPC as an iterator:
+        gRPC swallows an iterator's error and cancels the call, which left the client without
+        an answer; here a bad part fails this call, and whatever ends it early (error,
+        deadline, the client going away) cancels vfm-datad's work."""
+        call = self._stub().IngestWithProgress(timeout=INGEST_MAX_S,
+                                               metadata=self._registry.metadata(DATA_SERVICE))
+        size = 0
         try:
-            return ingest_from_data(await self._stub().Ingest(
-                data_parts(), timeout=INGEST_TIMEOUT_S,
-                metadata=self._registry.metadata(DATA_SERVICE)))
+            async for part in parts:
+                size += len(part.data)
+                await asyncio.wait_for(call.write(data_pb2.IngestWithProgressRequest(
+                    part=ingest_to_data(tenant, part))), INGEST_PART_TIMEOUT_S)
+            await call.done_writing()
+            deadline = asyncio.get_running_loop().time() + ingest_timeout(size)
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                message = await asyncio.wait_for(call.read(), max(left, 0.0))
+                if message is grpc.aio.EOF:
+                    return
+                yield kpb.IngestWithProgressResponse(
+                    embedded=message.embedded, total=message.total,
+                    result=ingest_from_data(message.result)
+                    if message.HasField("result") else None)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"service {DATA_SERVICE} took too long with a document "
+                                   f"of {size} bytes") from None
+        finally:
+            call.cancel()  # a no-op once the call is over
 
     async def candidates(self, query: CandidatesQuery) -> CandidatesReply:
         reply = await self._call("Candidates", data_pb2.CandidatesRequest(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+from google.protobuf.message import DecodeError
+
+from kernel.adapters import INGEST_PART_TIMEOUT_S
 from kernel.context import ContextManager
 from kernel.convert import process_to_pb
 from kernel.identity import Caller
@@ -14,7 +18,7 @@ from kernel.syscall import syscall
 from kernel.table import ProcessTable
 from vfmos_runtime import validate
 from vfmos_runtime.convert import enum_value, timestamp
-from vfmos_runtime.errors import InvalidArgument, VfmError
+from vfmos_runtime.errors import DeadlineExceeded, InvalidArgument, VfmError
 from vfmos.kernel.v1 import kernel_pb2 as pb
 
 log = logging.getLogger("vfmd.syscall")
@@ -34,14 +38,6 @@ def _for_own_tenant(method: str):
         return await self.relay.forward(method, caller.tenant, request)
     forward.__name__ = forward.__qualname__ = method
     return syscall(forward)
-
-
-async def _after(head, rest):
-    """An ingest stream again, its head part (already read and checked) first."""
-    if head is not None:
-        yield head
-        async for part in rest:
-            yield part
 
 
 class MemorySyscalls:
@@ -117,9 +113,46 @@ class MemorySyscalls:
     @syscall
     async def Ingest(self, caller: Caller, request_iterator):
         """A document streamed through: parts are forwarded as they come, as the caller's tenant."""
-        parts = aiter(request_iterator)
-        head = await anext(parts, None)
-        if head is not None:  # only the head's kind and mtime count; refuse bad ones here
-            validate.enum_field(pb.DocumentKind, head.kind, "kind")
-            validate.time_field(head, "mtime")
-        return await self.relay.ingest(caller.tenant, _after(head, parts))
+        return await self.relay.ingest(caller.tenant, ingest_parts(request_iterator))
+
+    @syscall
+    async def IngestWithProgress(self, caller: Caller, request_iterator):
+        """Ingest, answered with vfm-datad's progress as it parses and embeds, then the result."""
+        async for message in self.relay.ingest_progress(
+                caller.tenant, ingest_parts(_parts_of(request_iterator))):
+            yield message
+
+
+async def _parts_of(messages):
+    """IngestWithProgress wraps each part; a message that cannot be decoded stays an error."""
+    async for message in messages:
+        yield message.part
+
+
+async def ingest_parts(request_iterator):
+    """The parts of a client's Ingest stream, refusing a malformed one at once: a part that
+    is not an IngestRequest, a first part that names no collection or source, no part at all.
+    Each part must come within INGEST_PART_TIMEOUT_S of the one before."""
+    parts, n = aiter(request_iterator), 0
+    while True:
+        try:
+            part = await asyncio.wait_for(anext(parts), INGEST_PART_TIMEOUT_S)
+        except StopAsyncIteration:
+            break
+        except DecodeError:
+            raise InvalidArgument(f"part {n} of the Ingest stream is not an IngestRequest "
+                                  "message") from None
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"no part of the Ingest stream for "
+                                   f"{INGEST_PART_TIMEOUT_S:.0f} s after part {n - 1}") from None
+        if n == 0:  # only the head's kind and mtime count; refuse bad ones here
+            validate.enum_field(pb.DocumentKind, part.kind, "kind")
+            validate.time_field(part, "mtime")
+            for name in ("collection", "source"):
+                if not getattr(part, name):
+                    raise InvalidArgument(f"{name}: the first part of an Ingest stream names "
+                                          "the collection and the source")
+        n += 1
+        yield part
+    if n == 0:
+        raise InvalidArgument("collection: empty Ingest stream, no document header")

@@ -214,8 +214,11 @@ class AsyncClient:
 
     async def ingest(self, collection: str, source: str, data: bytes, *, kind: str = "",
                      mtime: float = 0.0, meta: dict[str, str] | None = None,
-                     progress: Callable[[int], None] | None = None) -> IngestResult:
-        """Stream one document; `progress(n)` hears each part's size as it is sent."""
+                     progress: Callable[[int], None] | None = None,
+                     embedded: Callable[[int, int], None] | None = None) -> IngestResult:
+        """Stream one document; `progress(n)` hears each part's size as it is sent, and
+        `embedded(done, total)` how many of the document's chunks the service has embedded
+        (total is 0 while it parses): the work after the upload, which is most of it."""
         head = pb.IngestRequest(collection=collection, source=source,
                                 kind=convert.document_kind_to_pb(kind),
                                 mtime=convert.timestamp(mtime, "mtime"), meta=meta or {})
@@ -224,14 +227,24 @@ class AsyncClient:
             for start in range(0, max(len(data), 1), INGEST_PART_BYTES):
                 part = head if start == 0 else pb.IngestRequest()
                 part.data = data[start:start + INGEST_PART_BYTES]
-                yield part
+                yield part if embedded is None else pb.IngestWithProgressRequest(part=part)
                 if progress is not None:
                     progress(len(part.data))
 
+        async def with_progress(metadata) -> pb.IngestResponse:
+            async for message in self._stub.IngestWithProgress(
+                    parts(), metadata=metadata, timeout=max(self._timeout, 3600)):
+                if message.HasField("result"):
+                    return message.result
+                embedded(message.embedded, message.total)
+            raise Unavailable("the kernel ended an ingest without a result")
+
         for attempt in (0, 1):
             try:
-                reply = await self._stub.Ingest(parts(), metadata=self._metadata(attempt == 1),
-                                                timeout=max(self._timeout, 3600))
+                metadata = self._metadata(attempt == 1)
+                reply = await (with_progress(metadata) if embedded is not None else
+                               self._stub.Ingest(parts(), metadata=metadata,
+                                                 timeout=max(self._timeout, 3600)))
                 return IngestResult(reply.source, reply.chunks, reply.unchanged, reply.replaced)
             except grpc.RpcError as exc:
                 err = from_rpc_error(exc)

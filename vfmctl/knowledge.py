@@ -7,8 +7,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,
+                           TimeRemainingColumn)
 
 from libvfm.errors import InvalidArgument, VfmError
 from libvfm.types import MemoryEntry
@@ -84,11 +84,13 @@ def cmd_ingest(args, client_for: Callable) -> int:
     total = sum(f.stat().st_size for f in files)
     results, failed = [], []
     with client_for(args) as client, Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-            TransferSpeedColumn(), TimeRemainingColumn(), console=output.err_console(),
+            TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+            TimeRemainingColumn(), console=output.err_console(),
             disable=args.output == "json") as bar:
-        task = bar.add_task(f"ingesting {len(files)} file(s)", total=total)
+        task = bar.add_task(f"uploading {len(files)} file(s)", total=total)
         for path in files:
+            # The upload takes a moment; parsing and embedding are most of the work.
+            work = bar.add_task(f"  embedding {path.name}", total=None, visible=False)
             size = path.stat().st_size
             if size > MAX_FILE_BYTES:
                 failed.append((str(path), f"larger than {MAX_FILE_BYTES >> 20} MiB"))
@@ -97,7 +99,13 @@ def cmd_ingest(args, client_for: Callable) -> int:
             try:
                 result = client.ingest(args.collection, str(path.resolve()), path.read_bytes(),
                                        kind=args.kind, mtime=path.stat().st_mtime, meta=meta,
-                                       progress=lambda n: bar.advance(task, n))
+                                       progress=lambda n: bar.advance(task, n),
+                                       embedded=lambda done, of, w=work, p=path: bar.update(
+                                           w, completed=done, total=of or None, visible=True,
+                                           description=f"  {p.name}: embedded {done}/{of} "
+                                                       "chunks" if of else f"  {p.name}: "
+                                                       "parsing"))
+                bar.update(work, visible=False)
                 results.append(result)
             except VfmError as err:
                 if err.code.name in ("NOT_FOUND", "UNAVAILABLE", "PERMISSION_DENIED"):

@@ -36,7 +36,9 @@ def packaged_minilm_dir() -> Path:
 class TransformerEmbedder:
     """Mean-pooled sentence embeddings from a local HF encoder directory (MiniLM by default).
 
-    Thread-safe: one lock around the model, so callers can embed from worker threads."""
+    Thread-safe: the tokenizer (which changes its own padding state per call) is used under a
+    lock, the model's forward pass is not: two threads embed on two cores at once, so a
+    question's embedding never waits for a bulk batch to finish."""
 
     def __init__(self, path: Path | None = None, batch_size: int = 64, max_length: int = 256,
                  threads: int = 0):
@@ -63,12 +65,13 @@ class TransformerEmbedder:
         # Sorting by length keeps padding small inside each batch.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        with self._lock, self._torch.inference_mode():
+        with self._torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
-                batch = self._tokenizer([texts[i] or " " for i in idx], padding=True,
-                                        truncation=True, max_length=self.max_length,
-                                        return_tensors="pt")
+                with self._lock:
+                    batch = self._tokenizer([texts[i] or " " for i in idx], padding=True,
+                                            truncation=True, max_length=self.max_length,
+                                            return_tensors="pt")
                 hidden = self._model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

@@ -69,142 +69,175 @@ class RankConfig:
     lexical_speaker: bool = True      # index "speaker: text", so a named person's turns match
 
 
-class EpisodicIndex:
-    """Dense (MiniLM) and lexical (BM25) views of one process's memory, ranked together."""
+@dataclass(frozen=True)
+class _View:
+    """One consistent state of an index: every column has one row per entry, in seq order.
+    Never changed once built; an add makes a new view, so a reader holding one never sees
+    the columns of two states (that mix was the broadcast error under concurrent writes)."""
 
-    def __init__(self, embedder, config: RankConfig | None = None):
+    seqs: tuple[int, ...]
+    speakers: tuple[str, ...]
+    times: np.ndarray      # unix seconds, 0 when unknown
+    raw: np.ndarray        # the entries' own vectors
+    vectors: np.ndarray    # ... mixed with their neighbours' (what dense scores use)
+    groups: np.ndarray     # conversation number of each entry
+    lexical: BM25Index
+
+
+class EpisodicIndex:
+    """Dense (MiniLM) and lexical (BM25) views of one process's memory, ranked together.
+
+    Readers may rank from any thread at any time; writers (add) must take turns, which the
+    owner (EpisodicMemory) ensures with its lock."""
+
+    def __init__(self, embedder, config: RankConfig | None = None, view: _View | None = None):
         self._embedder = embedder
         self.config = config or RankConfig()
-        self._lexical = BM25Index(k1=self.config.bm25_k1, b=self.config.bm25_b)
-        self._seqs: list[int] = []
-        self._speakers: list[str] = []
-        self._times: list[float] = []
-        self._raw = np.zeros((0, getattr(embedder, "dim", 384) if embedder else 384),
-                             dtype=np.float32)
-        self._vectors = self._raw
-        self._groups = np.zeros(0, dtype=np.int64)
+        dim = getattr(embedder, "dim", 384) if embedder else 384
+        empty = np.zeros((0, dim), dtype=np.float32)
+        self._view = view or _View((), (), np.zeros(0), empty, empty,
+                                   np.zeros(0, dtype=np.int64),
+                                   BM25Index(k1=self.config.bm25_k1, b=self.config.bm25_b))
 
     def __len__(self) -> int:
-        return len(self._seqs)
+        return len(self._view.seqs)
 
     def add(self, entries: list[Entry], vectors: np.ndarray | None = None) -> None:
+        """Append entries; readers see all of them or none (one reference swapped)."""
+        self._view = self._extended_view(entries, vectors)
+
+    def extended(self, entries: list[Entry],
+                 vectors: np.ndarray | None = None) -> "EpisodicIndex":
+        """A new index with the entries appended; this one stays as it was."""
+        return EpisodicIndex(self._embedder, self.config, self._extended_view(entries, vectors))
+
+    def _extended_view(self, entries: list[Entry], vectors: np.ndarray | None) -> _View:
+        old = self._view
         if not entries:
-            return
+            return old
         if vectors is None:
             vectors = self._embedder.embed([e.text for e in entries])
         vectors = np.asarray(vectors, dtype=np.float32).reshape(len(entries), -1)
-        self._raw = np.vstack([self._raw, vectors]) if len(self._seqs) else vectors
-        self._lexical.add([f"{e.speaker}: {e.text}" if self.config.lexical_speaker else e.text
-                           for e in entries])
-        self._seqs.extend(e.seq for e in entries)
-        self._speakers.extend(e.speaker for e in entries)
-        self._times.extend(e.time.timestamp() if e.time else 0.0 for e in entries)
-        self._groups = self._session_groups()
-        self._vectors = self._in_context(self._raw)
+        raw = np.vstack([old.raw, vectors]) if old.seqs else vectors
+        times = np.concatenate([old.times, [e.time.timestamp() if e.time else 0.0
+                                            for e in entries]])
+        groups = _session_groups(times)
+        lexical = old.lexical.extended([f"{e.speaker}: {e.text}" if self.config.lexical_speaker
+                                        else e.text for e in entries])
+        return _View(old.seqs + tuple(e.seq for e in entries),
+                     old.speakers + tuple(e.speaker for e in entries), times, raw,
+                     self._in_context(raw, groups), groups, lexical)
 
-    def _in_context(self, raw: np.ndarray) -> np.ndarray:
+    def _in_context(self, raw: np.ndarray, groups: np.ndarray) -> np.ndarray:
         """Each turn's vector with some of its neighbours': "Yes, last Friday!" means little
         alone; the question it answers says what it is about."""
         cfg = self.config
         if not (cfg.context_prev or cfg.context_next) or len(raw) < 2:
             return raw
-        same = (self._groups[1:] == self._groups[:-1])[:, None]
+        same = (groups[1:] == groups[:-1])[:, None]
         mixed = raw.copy()
         mixed[1:] += cfg.context_prev * np.where(same, raw[:-1], 0.0)
         mixed[:-1] += cfg.context_next * np.where(same, raw[1:], 0.0)
         return mixed / np.maximum(np.linalg.norm(mixed, axis=1, keepdims=True), 1e-9)
 
-    def _session_groups(self) -> np.ndarray:
-        """Turns closer than six hours apart are one conversation, for neighbour spreading."""
-        times = np.asarray(self._times)
-        breaks = np.abs(np.diff(times)) > 6 * 3600
-        return np.concatenate([[0], np.cumsum(breaks)]).astype(np.int64)
-
     def rank(self, question: str, now: datetime | None = None, limit: int = 400,
              query_vector: np.ndarray | None = None,
              config: RankConfig | None = None) -> list[tuple[int, float]]:
         """(seq, score) of the entries most worth their tokens for the question, best first."""
-        if not self._seqs:
+        view = self._view  # read once: everything below ranks this one state
+        if not view.seqs:
             return []
         cfg = config or self.config
         asked = question
         if cfg.drop_names:
-            question = self._without_names(question)
+            question = _without_names(view, question)
         if query_vector is None:
             query_vector = self._embedder.embed([question])[0]
-        scores = self._scores(question, np.asarray(query_vector, dtype=np.float32), now, cfg,
-                              asked)
+        scores = _scores(view, question, np.asarray(query_vector, dtype=np.float32), now, cfg,
+                         asked)
         top = np.argsort(-scores, kind="stable")[:limit]
-        return [(self._seqs[i], float(scores[i])) for i in top]
+        return [(view.seqs[i], float(scores[i])) for i in top]
 
-    def _without_names(self, question: str) -> str:
-        """The question less the speakers' names: turns say "Wow, John!" to John, so the
-        name in a turn points away from him; who a question is about is a speaker match."""
-        names = {s.split()[0] for s in set(self._speakers) if s.strip()}
-        if not names:
-            return question
-        pattern = r"\b(" + "|".join(re.escape(n) for n in names) + r")('s|’s)?\b"
-        cleaned = re.sub(pattern, " ", question, flags=re.I)
-        return re.sub(r"\s+", " ", cleaned).strip() or question
 
-    def _scores(self, question: str, qv: np.ndarray, now: datetime | None,
-                cfg: RankConfig, asked: str) -> np.ndarray:
-        dense = self._vectors @ qv
-        terms = self._lexical.tokenize(question)
-        lexical = self._lexical.term_scores(terms)
-        scores = self._fuse(dense, lexical, cfg)
-        if cfg.feedback_docs and (cfg.feedback_weight or cfg.lexical_feedback_terms):
-            top = np.argsort(-scores)[:cfg.feedback_docs]
-            if cfg.feedback_weight:
-                q2 = qv + cfg.feedback_weight * self._vectors[top].mean(axis=0)
-                dense = self._vectors @ (q2 / (np.linalg.norm(q2) or 1.0))
-            if cfg.lexical_feedback_terms:
-                lexical = self._lexical.term_scores(terms + self._feedback_terms(top, terms, cfg))
-            scores = self._fuse(dense, lexical, cfg)
-        if cfg.speaker_boost:
-            scores = scores + cfg.speaker_boost * self._named_speakers(asked)
-        if cfg.time_boost:
-            scores = scores + cfg.time_boost * self._in_window(question, now)
-        if cfg.neighbour_share:
-            scores = fusion.spread(scores, self._groups, cfg.neighbour_share, cfg.reply_share)
-        return scores
+def _session_groups(times: np.ndarray) -> np.ndarray:
+    """Turns closer than six hours apart are one conversation, for neighbour spreading."""
+    breaks = np.abs(np.diff(times)) > 6 * 3600
+    return np.concatenate([[0], np.cumsum(breaks)]).astype(np.int64)
 
-    def _feedback_terms(self, top: np.ndarray, asked: list[str], cfg: RankConfig) -> list[str]:
-        """The feedback docs' terms that are rarest in the memory (idf-weighted counts)."""
-        asked = set(asked)
-        weights: dict[str, float] = {}
-        for i in top:
-            for term in set(self._lexical.docs[i]) - asked:
-                weights[term] = weights.get(term, 0.0) + self._lexical.idf(term)
-        best = sorted(weights, key=weights.get, reverse=True)
-        return best[:cfg.lexical_feedback_terms]
 
-    @staticmethod
-    def _fuse(dense: np.ndarray, lexical: np.ndarray, cfg: RankConfig) -> np.ndarray:
-        weights = [cfg.dense_weight, cfg.lexical_weight]
-        if cfg.fusion == "rrf":
-            return fusion.rrf([dense, lexical], cfg.rrf_k, weights)
-        # Min-max keeps a lone strong BM25 match from dwarfing everything (z-scores of a sparse
-        # score list do), and puts the boosts below on one scale: a component's full range.
-        norm = fusion.zscore if cfg.fusion == "z" else fusion.minmax
-        return fusion.weighted([dense, lexical], weights, norm)
+def _without_names(view: _View, question: str) -> str:
+    """The question less the speakers' names: turns say "Wow, John!" to John, so the
+    name in a turn points away from him; who a question is about is a speaker match."""
+    names = {s.split()[0] for s in set(view.speakers) if s.strip()}
+    if not names:
+        return question
+    pattern = r"\b(" + "|".join(re.escape(n) for n in names) + r")('s|’s)?\b"
+    cleaned = re.sub(pattern, " ", question, flags=re.I)
+    return re.sub(r"\s+", " ", cleaned).strip() or question
 
-    def _named_speakers(self, question: str) -> np.ndarray:
-        """1 for turns by a speaker whose (first) name the question mentions."""
-        words = set(re.findall(r"[a-z]+", question.lower()))
-        named = {s for s in set(self._speakers) if s.split() and s.split()[0].lower() in words}
-        return np.array([s in named for s in self._speakers], dtype=np.float64)
 
-    def _in_window(self, question: str, now: datetime | None) -> np.ndarray:
-        """How strongly each turn sits in the time the question names: a turn is dated when
-        it was said, after the event it tells of, so the window reaches a week past its end;
-        and a named day says more than a named year."""
-        window = question_window(question, now)
-        if window is None:
-            return np.zeros(len(self._seqs))
-        width = (window.end - window.start).total_seconds()
-        start = window.start.timestamp() - 2 * 86400
-        end = window.end.timestamp() + max(7 * 86400, 0.25 * width)
-        times = np.asarray(self._times)
-        weight = 1.0 if width <= 2 * 86400 else 0.6 if width <= 32 * 86400 else 0.3
-        return weight * ((times >= start) & (times < end)).astype(np.float64)
+def _scores(view: _View, question: str, qv: np.ndarray, now: datetime | None,
+            cfg: RankConfig, asked: str) -> np.ndarray:
+    dense = view.vectors @ qv
+    terms = view.lexical.tokenize(question)
+    lexical = view.lexical.term_scores(terms)
+    scores = _fuse(dense, lexical, cfg)
+    if cfg.feedback_docs and (cfg.feedback_weight or cfg.lexical_feedback_terms):
+        top = np.argsort(-scores)[:cfg.feedback_docs]
+        if cfg.feedback_weight:
+            q2 = qv + cfg.feedback_weight * view.vectors[top].mean(axis=0)
+            dense = view.vectors @ (q2 / (np.linalg.norm(q2) or 1.0))
+        if cfg.lexical_feedback_terms:
+            lexical = view.lexical.term_scores(terms + _feedback_terms(view, top, terms, cfg))
+        scores = _fuse(dense, lexical, cfg)
+    if cfg.speaker_boost:
+        scores = scores + cfg.speaker_boost * _named_speakers(view, asked)
+    if cfg.time_boost:
+        scores = scores + cfg.time_boost * _in_window(view, question, now)
+    if cfg.neighbour_share:
+        scores = fusion.spread(scores, view.groups, cfg.neighbour_share, cfg.reply_share)
+    return scores
+
+
+def _feedback_terms(view: _View, top: np.ndarray, asked: list[str],
+                    cfg: RankConfig) -> list[str]:
+    """The feedback docs' terms that are rarest in the memory (idf-weighted counts)."""
+    asked = set(asked)
+    weights: dict[str, float] = {}
+    for i in top:
+        for term in set(view.lexical.docs[i]) - asked:
+            weights[term] = weights.get(term, 0.0) + view.lexical.idf(term)
+    best = sorted(weights, key=weights.get, reverse=True)
+    return best[:cfg.lexical_feedback_terms]
+
+
+def _fuse(dense: np.ndarray, lexical: np.ndarray, cfg: RankConfig) -> np.ndarray:
+    weights = [cfg.dense_weight, cfg.lexical_weight]
+    if cfg.fusion == "rrf":
+        return fusion.rrf([dense, lexical], cfg.rrf_k, weights)
+    # Min-max keeps a lone strong BM25 match from dwarfing everything (z-scores of a sparse
+    # score list do), and puts the boosts below on one scale: a component's full range.
+    norm = fusion.zscore if cfg.fusion == "z" else fusion.minmax
+    return fusion.weighted([dense, lexical], weights, norm)
+
+
+def _named_speakers(view: _View, question: str) -> np.ndarray:
+    """1 for turns by a speaker whose (first) name the question mentions."""
+    words = set(re.findall(r"[a-z]+", question.lower()))
+    named = {s for s in set(view.speakers) if s.split() and s.split()[0].lower() in words}
+    return np.array([s in named for s in view.speakers], dtype=np.float64)
+
+
+def _in_window(view: _View, question: str, now: datetime | None) -> np.ndarray:
+    """How strongly each turn sits in the time the question names: a turn is dated when
+    it was said, after the event it tells of, so the window reaches a week past its end;
+    and a named day says more than a named year."""
+    window = question_window(question, now)
+    if window is None:
+        return np.zeros(len(view.seqs))
+    width = (window.end - window.start).total_seconds()
+    start = window.start.timestamp() - 2 * 86400
+    end = window.end.timestamp() + max(7 * 86400, 0.25 * width)
+    times = view.times
+    weight = 1.0 if width <= 2 * 86400 else 0.6 if width <= 32 * 86400 else 0.3
+    return weight * ((times >= start) & (times < end)).astype(np.float64)

@@ -49,9 +49,17 @@ class BM25Index:
         return len(self._docs)
 
     def add(self, texts: list[str]) -> None:
+        """Add in place: callers that search meanwhile from other threads use `extended`."""
         self._docs.extend(self.tokenize(t) for t in texts)
         self._bm25 = None  # rebuilt on the next query
         self._df = None
+
+    def extended(self, texts: list[str]) -> "BM25Index":
+        """A new index of these documents and the texts; this one is left as it is, so a
+        reader building its scores can never store them over a newer corpus."""
+        new = BM25Index(self.tokenize, self._k1, self._b)
+        new._docs = self._docs + [self.tokenize(t) for t in texts]
+        return new
 
     def _index(self):
         import bm25s

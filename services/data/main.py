@@ -18,7 +18,7 @@ from vfmos_runtime.gate import KernelGate
 from services.data.embed import load_embedder
 from services.data.service import DataService
 from services.data.servicer import DataServicer
-from services.data.summarize import Summarizer
+from services.data.summarize import SummaryAgents, Summarizer
 from services.data.tokens import TokenCounter
 from services.data.config import NAME, DataConfig, load
 from vfmos.data.v1 import data_pb2, data_pb2_grpc
@@ -52,7 +52,8 @@ async def serve(cfg: DataConfig) -> None:
     background = ()
     if cfg.summary_pages > 0:
         summarizer = Summarizer(service.memory, service.summaries, service.counter,
-                                cfg.kernel_socket, cfg.summary_pages, cfg.summary_interval)
+                                cfg.kernel_socket, cfg.summary_pages, cfg.summary_interval,
+                                SummaryAgents(service.env))
         background = (asyncio.create_task(summarizer.run(service.run)),)
     log.info("%s serving on %s (data in %s, embeddings %s)", NAME, socket, data_dir,
              embedder.name)

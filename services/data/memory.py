@@ -8,6 +8,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Callable
 
 import lmdb
 import numpy as np
@@ -23,6 +24,7 @@ PAGE_TOKENS = 256          # a page holds whole entries up to this many tokens
 MAX_ENTRY_CHARS = 64 * 1024
 MAX_BATCH = 10_000
 MAX_EXCHANGE_ID = 64
+EMBED_BATCH = 8            # entries per embedder call, with a checkpoint between two calls
 _KEY = struct.Struct(">QQ")  # pid, seq: big-endian so LMDB's order is memory order
 
 
@@ -97,11 +99,13 @@ class EpisodicMemory:
 
     # writing
     def remember(self, tenant: str, pid: int, items: list[dict],
-                 exchange_id: str = "") -> tuple[int, int, int]:
+                 exchange_id: str = "",
+                 checkpoint: Callable[[], None] = lambda: None) -> tuple[int, int, int]:
         """Append entries (dicts: speaker, text, time, meta, pinned); returns
         (first seq, count, pages). One transaction: a batch is stored whole or not at all.
         A batch with an `exchange_id` this process already has appends nothing and returns
-        what the first one did (the kernel delivers again when it did not hear the reply)."""
+        what the first one did (the kernel delivers again when it did not hear the reply).
+        `checkpoint()` runs between embedding batches (raising there stores nothing)."""
         if len(exchange_id) > MAX_EXCHANGE_ID:
             raise InvalidArgument(f"exchange_id is longer than {MAX_EXCHANGE_ID} characters")
         if not items:
@@ -116,7 +120,7 @@ class EpisodicMemory:
         groups = [day_label(datetime.fromtimestamp(c["time"], timezone.utc)) for c in clean]
         labels = sorted(set(groups))
         header_tokens = dict(zip(labels, self._counter.count([day_header(g) for g in labels])))
-        vectors = self._embedder.embed([c["text"] for c in clean])  # before the write lock
+        vectors = self._embed([c["text"] for c in clean], checkpoint)  # before the write lock
         with self._lock:
             head = self._head(tenant, pid)
             first, stored = head.next_seq, []
@@ -145,10 +149,21 @@ class EpisodicMemory:
             self.dirty.add((tenant, pid))
             cached = self._indexes.get((tenant, pid))
             if cached is not None:
+                # A new (index, entries) pair, swapped in whole: readers holding the old pair
+                # rank a memory whose every column has the same length.
                 index, all_entries = cached
-                index.add([s.entry() for s in stored], np.asarray(vectors, dtype=np.float32))
-                all_entries.extend(stored)
+                self._indexes[(tenant, pid)] = (
+                    index.extended([s.entry() for s in stored],
+                                   np.asarray(vectors, dtype=np.float32)),
+                    all_entries + stored)
         return first, len(stored), head.page + 1
+
+    def _embed(self, texts: list[str], checkpoint: Callable[[], None]) -> np.ndarray:
+        parts = []
+        for i in range(0, len(texts), EMBED_BATCH):
+            parts.append(self._embedder.embed(texts[i:i + EMBED_BATCH]))
+            checkpoint()
+        return np.concatenate(parts)
 
     def forget(self, tenant: str, pid: int) -> int:
         """Drop a process's own entries (inherited ones stay with the parent)."""
@@ -175,6 +190,15 @@ class EpisodicMemory:
             self._put_head(txn, tenant, child, child_head)
         return head.next_seq
 
+    def dirty_processes(self) -> list[tuple[str, int]]:
+        """(tenant, pid) of the memories that grew since the summariser last looked."""
+        with self._lock:
+            return list(self.dirty)
+
+    def clean(self, tenant: str, pid: int) -> None:
+        with self._lock:
+            self.dirty.discard((tenant, pid))
+
     # reading
     def entries(self, tenant: str, pid: int) -> list[Stored]:
         with self._env.begin() as txn:
@@ -185,18 +209,21 @@ class EpisodicMemory:
         if not query.strip():
             raise InvalidArgument("the query is empty")
         index, stored = self._index(tenant, pid)
+        return self._ranked(index, stored, query, k, now)
+
+    def _ranked(self, index: EpisodicIndex, stored: list[Stored], query: str, k: int,
+                now: float) -> list[tuple[Stored, float]]:
         by_seq = {s.seq: s for s in stored}
         moment = self._moment(now, stored)
-        return [(by_seq[seq], score) for seq, score in index.rank(query, now=moment, limit=k)
-                if seq in by_seq]
+        return [(by_seq[seq], score) for seq, score in index.rank(query, now=moment, limit=k)]
 
     def candidates(self, tenant: str, pid: int, question: str, limit: int, recent: int,
                    now: float = 0.0) -> Candidates:
         index, stored = self._index(tenant, pid)
         pinned = [s for s in stored if s.pinned]
         tail = [s for s in stored if not s.pinned][-recent:] if recent else []
-        ranked = self.recall(tenant, pid, question, limit, now) if question.strip() and stored \
-            else []
+        ranked = self._ranked(index, stored, question, limit, now) \
+            if question.strip() and stored else []
         pages = (stored[-1].page + 1) if stored else 0
         return Candidates(pinned, tail, ranked, pages, len(stored))
 
