@@ -199,13 +199,37 @@ def _client_stream(channel, path, parts: list[bytes], metadata, deadline: float,
         return _error(exc)
 
 
+def _bidi_stream(channel, path, parts: list[bytes], metadata, deadline: float,
+                 cancel_after: int) -> Outcome:
+    """Parts in, progress out (IngestWithProgress): a cancel stops reading after that many
+    answers, the parts having all been sent."""
+    call = channel.stream_stream(path)(iter(parts), metadata=metadata, timeout=deadline)
+    last, answers = None, 0
+    try:
+        for last in call:
+            answers += 1
+            if answers == cancel_after:
+                call.cancel()
+                return Outcome("CANCELLED_BY_CLIENT")
+    except grpc.RpcError as exc:
+        if (cancel_after >= 0 and exc.code() == grpc.StatusCode.CANCELLED
+                and answers >= cancel_after):
+            return Outcome("CANCELLED_BY_CLIENT")
+        return _error(exc)
+    done = last is not None and pb.IngestWithProgressResponse.FromString(last).HasField("result")
+    return Outcome("OK", stream_done=done)
+
+
 def send(target: Target, case: Case) -> Outcome:
     """Send one case and wait for its status (at most the target's deadline)."""
     channel, metadata = target.route(case)
     path = f"/{SERVICE.full_name}/{case.method}"
     payloads = _payloads(target, case)
     started = time.monotonic()
-    if case.method in STREAMING_IN:
+    if case.method in STREAMING_IN and case.method in STREAMING_OUT:
+        outcome = _bidi_stream(channel, path, payloads, metadata, target.deadline_s,
+                               case.cancel_after)
+    elif case.method in STREAMING_IN:
         outcome = _client_stream(channel, path, payloads, metadata, target.deadline_s,
                                  case.cancel_after)
     elif case.method in STREAMING_OUT:

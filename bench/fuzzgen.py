@@ -205,6 +205,9 @@ VALID: dict[str, dict] = {
     "Ingest": {"collection": PLAYGROUND_COLLECTION, "source": "tides.txt", "kind": 1,
                "mtime": {"seconds": 1_683_500_000}, "meta": {"lang": "en"},
                "data": _TIDES.encode()},
+    "IngestWithProgress": {"part": {
+        "collection": PLAYGROUND_COLLECTION, "source": "tides.txt", "kind": 1,
+        "mtime": {"seconds": 1_683_500_000}, "data": _TIDES.encode()}},
     "DeleteSource": {"collection": PLAYGROUND_COLLECTION, "source": "tides.txt"},
     "Search": {"collection": PLAYGROUND_COLLECTION, "query": "low water", "k": 3},
     "GetUsage": {}, "SetTenantWeight": {"tenant": "mallory", "weight": 2.0},
