@@ -91,17 +91,20 @@ def _packed(detail) -> any_pb2.Any:
     return packed
 
 
-# An error's message travels in a trailer, and gRPC drops a call whose trailers pass 16 KiB
-# (the client then reads RESOURCE_EXHAUSTED, not the error). Messages that echo a caller's
-# huge input are cut well below that.
-MAX_ERROR_MESSAGE = 1024
+# An error's message travels in a trailer, percent-encoded (a non-ASCII byte takes three), and
+# again inside grpc-status-details-bin; gRPC drops a call whose trailers pass 8 KiB (the client
+# then reads RESOURCE_EXHAUSTED, not the error). Messages that echo a caller's huge input are cut
+# to this many UTF-8 bytes.
+MAX_ERROR_MESSAGE_BYTES = 1024
 
 
 def short_message(message: str) -> str:
-    """`message`, cut to MAX_ERROR_MESSAGE characters with a note of how much was left out."""
-    if len(message) <= MAX_ERROR_MESSAGE:
+    """`message`, cut to MAX_ERROR_MESSAGE_BYTES of UTF-8 with a note of how much was left out."""
+    raw = message.encode("utf-8", "surrogatepass")
+    if len(raw) <= MAX_ERROR_MESSAGE_BYTES:
         return message
-    return f"{message[:MAX_ERROR_MESSAGE]}... ({len(message) - MAX_ERROR_MESSAGE} more characters)"
+    kept = raw[:MAX_ERROR_MESSAGE_BYTES].decode("utf-8", "ignore")
+    return f"{kept}... ({len(message) - len(kept)} more characters)"
 
 
 def to_status(err: VfmError) -> grpc.Status:

@@ -151,3 +151,7 @@ def test_an_error_that_echoes_a_huge_input_still_arrives_as_invalid_argument(sta
         stack["client"].search(huge, "refund")
     assert len(err.value.message) < 2048
     assert "more characters" in err.value.message
+    # Non-ASCII travels percent-encoded, three bytes for one: the cut counts bytes, not characters.
+    with pytest.raises(NotFound) as err:
+        stack["client"].search("日" * 65536, "refund")
+    assert "more characters" in err.value.message
