@@ -31,8 +31,12 @@ def temp_state_dir() -> Path:
 def spawn_daemon(args: list[str], log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
+        # Its own process group (a Ctrl-C at the bench's terminal is not the daemon's), but the
+        # bench's session, as under `vfmctl up` where all daemons share the supervisor's: with
+        # a session each, Linux's autogroups would split the CPU between daemons evenly and
+        # ignore the niceness vfm-datad gives its bulk work.
         return subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT,
-                                cwd=REPO, start_new_session=True)
+                                cwd=REPO, process_group=0)
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
