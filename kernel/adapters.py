@@ -57,6 +57,11 @@ def _service_error(registry: ServiceRegistry, service: str, exc: grpc.RpcError) 
     if err.code == grpc.StatusCode.UNAVAILABLE:
         registry.suspect(service)
         return Unavailable(f"service {service} is unavailable: {err.message}")
+    if err.code == grpc.StatusCode.UNAUTHENTICATED:
+        # The service refused the kernel's secret: it restarted and has not registered again
+        # yet (a caller's own credentials were checked by the kernel, not by the service).
+        registry.suspect(service)
+        return Unavailable(f"service {service} restarted and is not registered again yet")
     return err
 
 
