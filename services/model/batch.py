@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
@@ -73,6 +74,7 @@ class EngineStats:
     cancelled: int = 0             # rows dropped because their caller left
     last_cancel_step: int = 0      # `steps` when the latest of them was dropped
     interleaved: int = 0           # urgent arrivals prefilled between two layers of a step
+    heap_trims: int = 0            # times the engine went idle and gave freed memory back
 
 
 class _GrowingLayer(DynamicLayer):
@@ -187,6 +189,18 @@ class _Prefill:
     logits: torch.Tensor
 
 
+def _heap_trimmer() -> Callable[[], None]:
+    """glibc keeps the memory a batch freed (padded activations, KV) at its high-water mark
+    (an RSS that doubles under load and stays); malloc_trim gives it back to the system.
+    Elsewhere a no-op."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
 class BatchEngine:
     """Owns the model in one thread. Between steps it drops cancelled rows, admits queued
     jobs (prefilled together, a shared prompt prefix computed once) and left-pads them into
@@ -201,6 +215,8 @@ class BatchEngine:
         self._eos = set(eos_ids(model, tokenizer))
         self._pad = tokenizer.pad_token_id or 0
         self._stopping = threading.Event()
+        self._trim_heap = _heap_trimmer()
+        self._worked = False  # something ran since the engine was last idle
         self._rows: list[_Row] = []
         self._cache = _cache()
         self._mask = torch.zeros((0, 0), dtype=torch.long)
@@ -232,6 +248,10 @@ class BatchEngine:
         self._drop_cancelled()  # free their slots first: a preempted row makes room now
         self._merge_joined()
         block = not self._rows  # idle: sleep until work comes
+        if block and self._worked and not self._held:
+            self._trim_heap()  # once per busy spell, when the last row has left
+            self._worked = False
+            self.stats.heap_trims += 1
         arrivals: list[Job] = []
         running = True
         while len(self._rows) + self._waiting() + len(arrivals) < self.max_batch:
@@ -259,6 +279,7 @@ class BatchEngine:
         """Prefill `group` and merge it into the batch. A more urgent arrival may be
         prefilled between two layers of this prefill (see _between_layers)."""
         self._top_priority = max(j.params.priority for j in (*self.active_jobs(), *group))
+        self._worked = True
         joined = self._prefill_rows(group, self._between_layers)
         if joined is not None and joined[0]:
             self._merge(*joined)

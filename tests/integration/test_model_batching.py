@@ -281,3 +281,26 @@ def test_shared_prompt_prefix_is_reused(service):
     asyncio.run(_answer(service, "Tell me about owls.", max_new_tokens=2))
     asyncio.run(_answer(service, "Tell me about cats.", max_new_tokens=2))
     assert stats.prefix_hits > hits and stats.prefix_tokens_reused - reused >= 20
+
+
+def test_the_engine_gives_freed_memory_back_once_each_time_it_goes_idle(service):
+    """After a busy spell the engine returns the batch's freed memory to the system (glibc
+    keeps it otherwise: vfm-modeld's RSS stayed at its load peak), once, not at every wake.
+    (A None in the queue lets an idle `_admit` return instead of sleeping for work.)"""
+    engine, job, out = _engine_with_jobs(service, max_batch=2)
+    with torch.inference_mode():
+        engine._jobs.put(None)
+        engine._admit(engine._jobs)  # idle before any work: nothing to give back
+        assert engine.stats.heap_trims == 0
+        engine._jobs.put(job(0, 0))
+        engine._jobs.put(job(1, 0))
+        engine._admit(engine._jobs)
+        while engine.active_jobs():
+            engine._step()
+        assert engine.stats.heap_trims == 0  # busy: not yet
+        engine._jobs.put(None)
+        engine._admit(engine._jobs)  # the last row has left: idle
+        assert engine.stats.heap_trims == 1 and out[0][-1].done and out[1][-1].done
+        engine._jobs.put(None)
+        engine._admit(engine._jobs)  # idle again, nothing ran: no second trim
+        assert engine.stats.heap_trims == 1
