@@ -25,7 +25,8 @@ async def _remember_while_reading(socket, pid: int) -> tuple[int, list[str]]:
     """Remember one entry at a time while four readers loop on Context and Recall, as an app
     logging turns while its user asks does; returns (reads, failures)."""
     failures: list[str] = []
-    async with AsyncClient(socket, timeout=60) as writer, \
+    # Seeding 3,000 entries is bulk (niced) embedding: minutes on a busy machine.
+    async with AsyncClient(socket, timeout=600) as writer, \
             AsyncClient(socket, timeout=60) as reader:
         # About a thousand entries, as in the report: ranking takes long enough to overlap.
         await writer.remember(pid, [MemoryEntry(f"seed turn {i} about gardens", speaker="ana")
