@@ -304,3 +304,29 @@ def test_the_engine_gives_freed_memory_back_once_each_time_it_goes_idle(service)
         engine._jobs.put(None)
         engine._admit(engine._jobs)  # idle again, nothing ran: no second trim
         assert engine.stats.heap_trims == 1
+
+
+def test_prefill_groups_keep_order_within_a_token_budget():
+    jobs = [batch.Job([1] * n, GenParams(), print) for n in (30, 50, 40, 200, 10)]
+    groups = batch.prefill_groups(jobs, budget=100)
+    assert [[len(j.input_ids) for j in g] for g in groups] == [[30, 50], [40], [200], [10]]
+    assert batch.prefill_groups([], budget=100) == []
+
+
+def test_arrivals_beyond_the_prefill_budget_are_prefilled_in_several_forwards(service):
+    """The transient memory of a prefill grows with its tokens, so a crowd of arrivals is
+    cut into forwards of at most `prefill_tokens` prompt tokens; each still gets its own
+    answer, and all of them decode together."""
+    alone = [asyncio.run(_answer(service, p))[0] for p in PROMPTS[:3]]
+    engine, job, out = _engine_with_jobs(service, max_batch=4)
+    jobs = [job(i, 0) for i in range(3)]
+    engine.prefill_tokens = max(len(j.input_ids) for j in jobs) + 1  # one prompt a forward
+    for j in jobs:
+        engine._jobs.put(j)
+    with torch.inference_mode():
+        engine._admit(engine._jobs)
+        assert engine.stats.prefills == 3 and len(engine.active_jobs()) == 3
+        while engine.active_jobs():
+            engine._step()
+    assert engine.stats.max_rows == 3
+    assert ["".join(p.text for p in out[i]) for i in range(3)] == alone
