@@ -20,7 +20,7 @@ import lmdb
 import numpy as np
 
 from bench.common import percentile, report
-from services.data.embed import load_embedder
+from vfmos_runtime.embed import load_embedder
 from services.data.knowledge import KnowledgeBase
 from services.data.vindex import VectorIndex
 

@@ -293,7 +293,7 @@ def run(conversations: list[Conversation], budget: int,
         variants: dict[str, RankConfig] | None = None) -> Report:
     from transformers import AutoTokenizer
 
-    from services.data.embed import load_embedder
+    from vfmos_runtime.embed import load_embedder
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     embedder = load_embedder()

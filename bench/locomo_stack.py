@@ -77,7 +77,7 @@ def _baselines(conversations: list[Conversation], budget: int, report_: Report) 
     from transformers import AutoTokenizer
 
     from bench.locomo import TOKENIZER_DIR
-    from services.data.embed import load_embedder
+    from vfmos_runtime.embed import load_embedder
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     embedder = load_embedder()

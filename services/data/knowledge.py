@@ -20,7 +20,7 @@ from vfmos_runtime.storage import unpack as _unpack
 from vfmos_runtime.protocol import MAX_TENANT
 from vfmos_runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.data.chunking import Chunk, chunk_blocks
-from services.data.embed import Embedder
+from vfmos_runtime.embed import Embedder
 from services.data.lexical import BM25Index
 from services.data.parsers import Document, normalise_kind, parse
 from services.data.vindex import ANN_THRESHOLD, VectorIndex

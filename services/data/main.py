@@ -15,7 +15,7 @@ from vfmos_runtime.server import (DaemonStartError, ServerConfig, create_server,
                                    models_offline, run_configured)
 from vfmos_runtime.errors import VfmError
 from vfmos_runtime.gate import KernelGate
-from services.data.embed import load_embedder
+from vfmos_runtime.embed import load_embedder
 from services.data.service import DataService
 from services.data.servicer import DataServicer
 from services.data.summarize import SummaryAgents, Summarizer

@@ -16,7 +16,7 @@ import numpy as np
 from vfmos_runtime.storage import pack as _pack
 from vfmos_runtime.storage import unpack as _unpack
 from vfmos_runtime.errors import InvalidArgument, NotFound
-from services.data.embed import Embedder
+from vfmos_runtime.embed import Embedder
 from services.data.episodic import Entry, EpisodicIndex, day_header, day_label, render
 from services.data.tokens import TokenCounter
 

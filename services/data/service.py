@@ -14,7 +14,7 @@ from typing import Callable, TypeVar
 from vfmos_runtime.errors import Cancelled, InvalidArgument, NotFound
 from vfmos_runtime.protocol import MAX_TENANT
 from vfmos_runtime.storage import open_env
-from services.data.embed import Embedder
+from vfmos_runtime.embed import Embedder
 from services.data.fairshare import CpuShares, Work
 from services.data.knowledge import KnowledgeBase
 from services.data.memory import EpisodicMemory

@@ -125,7 +125,7 @@ def test_bulk_work_runs_below_interactive_work(tmp_path):
     import asyncio
     import os
 
-    from services.data.embed import load_embedder
+    from vfmos_runtime.embed import load_embedder
     from services.data.service import DataService
     from services.data.tokens import TokenCounter
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from libvfm.errors import AlreadyExists, InvalidArgument, NotFound
-from services.data.embed import load_embedder
+from vfmos_runtime.embed import load_embedder
 from services.data.knowledge import KnowledgeBase, Position, _rrf
 
 HANDBOOK = (b"# Handbook\n\n## Refunds\n\nCustomers get a full refund within 30 days of "

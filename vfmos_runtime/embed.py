@@ -1,4 +1,5 @@
-"""Text embeddings: the packaged MiniLM by default, any other model behind the same interface."""
+"""Text embeddings shared by the services (vfm-datad retrieval, vfm-trustd checks): the packaged
+MiniLM by default, any other model behind the same interface."""
 
 from __future__ import annotations
 
