@@ -1,0 +1,1 @@
+"""Generated gRPC code for VFMOS syscalls (from the .proto files beside it)."""
