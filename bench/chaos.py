@@ -27,7 +27,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 import psutil
 import uvloop
 
-from bench.common import REPO, cleanup, percentile, report, temp_state_dir
+from bench.common import REPO, cleanup, free_port, percentile, report, temp_state_dir
 from libvfm import AsyncClient, VfmError
 from libvfm.errors import AlreadyExists, DeadlineExceeded, Unavailable
 from libvfm.types import MemoryEntry
@@ -281,12 +280,6 @@ def _vfmctl(state: Path, *args: str, timeout: float = 900) -> subprocess.Complet
                           capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def _run(state: Path, port: int, tokens: dict[str, str], args) -> tuple[Load, Chaos, dict]:
     load = Load(port, tokens, args.seed)
     chaos = Chaos(state, args.kill_every, args.seed)
@@ -346,7 +339,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     args.chaos_s = 60 * (args.minutes or (0.5 if args.quick else 2.0))
     args.calm_s = args.calm_s or (10.0 if args.quick else 20.0)
-    state, port, started = temp_state_dir(), _free_port(), time.monotonic()
+    state, port, started = temp_state_dir(), free_port(), time.monotonic()
     try:
         up = _vfmctl(state, "up", "--detach", "--listen", f"127.0.0.1:{port}")
         if up.returncode != 0:

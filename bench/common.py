@@ -23,6 +23,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def temp_state_dir() -> Path:
     path = Path(tempfile.mkdtemp(prefix="vfmb", dir="/tmp"))
     return path

@@ -18,14 +18,13 @@ import argparse
 import asyncio
 import itertools
 import json
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvloop
 
-from bench.common import (cleanup, percentile, report, spawn_daemon, stop, temp_state_dir,
+from bench.common import (cleanup, free_port, percentile, report, spawn_daemon, stop, temp_state_dir,
                           wait_until)
 from bench.stackutil import model_service_serving
 from libvfm import AskResult, AsyncClient, Client, VfmError
@@ -45,12 +44,6 @@ def question(n: int) -> str:
     """The n-th question, tagged with a number no other ask of this run has: the loaded
     phase asks what the unloaded one did, so untagged it would hit the prefix cache."""
     return f"(#{next(_asked):04d}) {QUESTIONS[n % len(QUESTIONS)]}"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -256,7 +249,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     seconds = args.seconds or (12.0 if args.quick else 30.0)
     state = temp_state_dir()
-    port = _port()
+    port = free_port()
     trace = Trace(state / "ttft.jsonl")
     modeld = spawn_daemon(["-m", "services.model.main", "--state-dir", str(state),
                            "--kernel-socket", str(state / "vfmd.sock"),

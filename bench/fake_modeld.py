@@ -8,7 +8,7 @@ completion_tokens, model). Every answer runs to `max_new_tokens`. No sleeping, n
 tokens into one message: it streams as fast as gRPC lets it. `ListModels` reports one default
 model whose `max_batch` is large (64) so the kernel runs every ask at once.
 
-    python -m bench.fake_modeld --socket PATH [--kernel-socket PATH] [--max-batch 64]
+    python -m bench.fake_modeld --socket PATH | --state-dir DIR [--kernel-socket PATH] [--max-batch 64]
 
 Without --kernel-socket it only serves (the bench's direct baseline reads it like that).
 """
@@ -94,10 +94,16 @@ async def serve(socket: Path, kernel_socket: Path | None, max_batch: int) -> Non
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fake_modeld", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--socket", type=Path, required=True, help="Unix socket to serve on")
+    parser.add_argument("--socket", type=Path, help="Unix socket to serve on (default: "
+                        "fake-modeld.sock in --state-dir)")
+    parser.add_argument("--state-dir", type=Path, help="where the default socket lives")
     parser.add_argument("--kernel-socket", type=Path, help="register with this vfmd as vfm-modeld")
     parser.add_argument("--max-batch", type=int, default=64, help="max_batch in ListModels")
     args = parser.parse_args()
+    if args.socket is None:
+        if args.state_dir is None:
+            parser.error("give --socket or --state-dir")
+        args.socket = args.state_dir / "fake-modeld.sock"
     return run_daemon(lambda: serve(args.socket, args.kernel_socket, args.max_batch))
 
 

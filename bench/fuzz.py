@@ -43,10 +43,11 @@ import grpc
 from google.protobuf.descriptor import Descriptor
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
-from bench.common import cleanup, report, spawn_daemon, stop, temp_state_dir, wait_until
+from bench.common import report, wait_until
+from bench.stackutil import DaemonStack
 from bench.fuzzgen import (KEEPER_COLLECTION, PLAYGROUND_COLLECTION, POOL_SLOTS, SERVICE,
                            STREAMING_IN, STREAMING_OUT, Case, PoolPid, build, cases, render)
-from libvfm import Client, Quota, VfmError
+from libvfm import Client, Quota
 from libvfm.types import MemoryEntry
 from vfmos_runtime.credentials import fetch_ticket
 from vfmos_runtime.protocol import TICKET_HEADER
@@ -399,81 +400,14 @@ KEEPER_DOC = (b"# Lighthouse log\n\nThe lamp turns once every ten seconds.\n\n"
 READY_TIMEOUT_S = 300
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serving(sock: Path, names: tuple[str, ...]) -> bool:
-    try:
-        with Client(sock, timeout=2) as client:
-            up = {d.name for d in client.services() if d.health == "SERVING"}
-        return set(names) <= up
-    except VfmError:
-        return False
-
-
-class FuzzStack:
+class FuzzStack(DaemonStack):
     """vfmd (Unix socket and loopback TCP), vfm-datad and the fake vfm-modeld in a temp dir."""
 
-    SERVICES = ("vfm-datad", "vfm-modeld")
-
     def __init__(self):
-        self.state = temp_state_dir()
-        os.chmod(self.state, 0o755)
-        self.sock = self.state / "vfmd.sock"
-        self.tcp = f"127.0.0.1:{_free_port()}"
-        self.procs = {"vfmd": spawn_daemon(
-            ["-m", "kernel.main", "--state-dir", str(self.state), "--listen", self.tcp,
-             "--health-interval", "0.5"], self.state / "vfmd.log")}
-        try:
-            wait_until(lambda: self._pings() or not self.alive(), READY_TIMEOUT_S, "vfmd to serve")
-            self.procs["vfm-datad"] = spawn_daemon(
-                ["-m", "services.data.main", "--state-dir", str(self.state),
-                 "--kernel-socket", str(self.sock), "--summary-pages", "0"],
-                self.state / "vfm-datad.log")
-            self.procs["vfm-modeld"] = spawn_daemon(
-                ["-m", "bench.fake_modeld", "--socket", str(self.state / "fake-modeld.sock"),
-                 "--kernel-socket", str(self.sock), "--max-batch", "8"],
-                self.state / "vfm-modeld.log")
-            wait_until(lambda: self.serving() or not self.alive(), READY_TIMEOUT_S,
-                       "vfm-datad and the fake vfm-modeld to serve")
-            if not self.alive():
-                raise RuntimeError(f"a daemon exited while starting:\n{self.logs_tail()}")
-        except BaseException:
-            self.close()
-            raise
-
-    def _pings(self) -> bool:
-        try:
-            with Client(self.sock, timeout=2) as client:
-                client.ping()
-            return True
-        except VfmError:
-            return False
-
-    def serving(self) -> bool:
-        return _serving(self.sock, self.SERVICES)
-
-    def dead(self) -> list[str]:
-        return [name for name, proc in self.procs.items() if proc.poll() is not None]
-
-    def alive(self) -> bool:
-        return not self.dead()
-
-    def logs(self) -> list[str]:
-        return [(self.state / f"{name}.log").read_text(errors="replace") for name in self.procs]
-
-    def logs_tail(self, lines: int = 20) -> str:
-        return "\n".join(f"--- {name} ---\n" + "\n".join(text.splitlines()[-lines:])
-                         for name, text in zip(self.procs, self.logs()))
-
-    def close(self) -> None:
-        for name in reversed(list(self.procs)):
-            stop(self.procs[name])
-        cleanup(self.state)
+        super().__init__({
+            "vfm-datad": ["services.data.main", "--summary-pages", "0"],
+            "vfm-modeld": ["bench.fake_modeld", "--max-batch", "8"],
+        }, kernel_args=("--health-interval", "0.5"), ready_timeout_s=READY_TIMEOUT_S)
 
 
 @dataclass

@@ -17,20 +17,13 @@ import uvloop
 
 from bench.common import cleanup, percentile, report, spawn_daemon, stop, temp_state_dir, \
     wait_until
+from bench.stackutil import services_serving
 from bench.locomo import (DEFAULT_DATA, Baselines, Conversation, Report, build_entries,
                           embed_cached, evaluate, load_conversations, score, scored_questions)
-from libvfm import AsyncClient, Client, VfmError
+from libvfm import AsyncClient
 from libvfm.types import MemoryEntry
 
 BATCH = 100
-
-
-def _serving(socket, name: str) -> bool:
-    try:
-        with Client(socket, timeout=2) as client:
-            return any(d.name == name and d.health == "SERVING" for d in client.services())
-    except VfmError:
-        return False
 
 
 class DataStack:
@@ -45,7 +38,7 @@ class DataStack:
         self.datad = spawn_daemon(["-m", "services.data.main", "--state-dir", str(self.state),
                                    "--kernel-socket", str(self.socket), "--summary-pages", "0",
                                    "--log-level", "WARNING"], self.state / "datad.log")
-        wait_until(lambda: _serving(self.socket, "vfm-datad"), 300, "vfm-datad to serve")
+        wait_until(lambda: services_serving(self.socket, ("vfm-datad",)), 300, "vfm-datad to serve")
 
     def close(self) -> None:
         stop(self.datad)

@@ -12,32 +12,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import time
 
 import uvloop
 
-from bench.common import cleanup, percentile, report, spawn_daemon, stop, temp_state_dir, \
-    wait_until
+from bench.common import percentile, report, wait_until
+from bench.stackutil import DaemonStack
 from libvfm import AskResult, AsyncClient, Client, VfmError
 from libvfm.types import MemoryEntry
 
 TOPICS = ["the garden", "the boat", "the library", "the bakery", "the mountain", "the river",
           "the market", "the school", "the station", "the museum"]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serving(sock, name: str) -> bool:
-    try:
-        with Client(sock, timeout=2) as client:
-            return any(d.name == name and d.health == "SERVING" for d in client.services())
-    except VfmError:
-        return False
 
 
 def _document(paragraphs: int) -> bytes:
@@ -128,32 +113,22 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     rounds = args.rounds or (8 if args.quick else 20)
     data = _document(3000 if args.quick else 20000)  # ~1 MB / ~7 MB: longer than the phase
-    state, port = temp_state_dir(), _port()
-    sock = state / "vfmd.sock"
-    daemons = [spawn_daemon(["-m", "kernel.main", "--state-dir", str(state), "--listen",
-                             f"127.0.0.1:{port}", "--log-level", "WARNING"], state / "vfmd.log")]
+    stack = DaemonStack({"vfm-modeld": ["services.model.main"],
+                         "vfm-datad": ["services.data.main", "--summary-pages", "0"]},
+                        kernel_args=("--log-level", "WARNING"), ready_timeout_s=600)
     try:
-        wait_until(lambda: sock.exists(), 60, "vfmd")
-        daemons.append(spawn_daemon(["-m", "services.model.main", "--state-dir", str(state),
-                                     "--kernel-socket", str(sock)], state / "modeld.log"))
-        daemons.append(spawn_daemon(["-m", "services.data.main", "--state-dir", str(state),
-                                     "--kernel-socket", str(sock), "--summary-pages", "0"],
-                                    state / "datad.log"))
-        wait_until(lambda: _serving(sock, "vfm-modeld") and _serving(sock, "vfm-datad"), 600,
-                   "vfm-modeld and vfm-datad")
-        with Client(sock) as admin:
+        with Client(stack.sock) as admin:
             tokens = {t: admin.token_create(t)[0] for t in ("tenant-a", "tenant-b")}
-        got = uvloop.run(_measure(f"127.0.0.1:{port}", tokens, rounds, data))
+        got = uvloop.run(_measure(stack.tcp, tokens, rounds, data))
         try:
             wait_until(lambda: "ingest of tenant tenant-a stopped" in
-                       (state / "datad.log").read_text(), 60, "the abandoned ingest to stop")
+                       (stack.state / "vfm-datad.log").read_text(), 60,
+                       "the abandoned ingest to stop")
             abandoned = True
         except RuntimeError:
             abandoned = False
     finally:
-        for daemon in reversed(daemons):
-            stop(daemon)
-        cleanup(state)
+        stack.close()
     (r_alone, t_alone), (r_loaded, t_loaded) = got["alone"], got["loaded"]
     p = {name: (percentile(v, 50), percentile(v, 95)) for name, v in
          (("recall alone", r_alone), ("recall loaded", r_loaded), ("ttft alone", t_alone),
