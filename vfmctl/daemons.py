@@ -34,7 +34,9 @@ KERNEL = Daemon("vfmd", "kernel.main")
 # Every service daemon registered so far; `up` starts them after the kernel.
 SERVICES = (Daemon("vfm-datad", "services.data.main", "loading the embedding model"),
             Daemon("vfm-modeld", "services.model.main",
-                   "loading the default model (the first start converts it, ~30 s)"))
+                   "loading the default model (the first start converts it, ~30 s)"),
+            Daemon("vfm-trustd", "services.trust.main",
+                   "loading the embedding model and the checks"))
 ALL = (KERNEL, *SERVICES)
 SUPERVISOR_MODULE = "vfmctl.supervisor"
 STOP_TIMEOUT_S = 15.0

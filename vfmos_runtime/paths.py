@@ -11,6 +11,7 @@ from typing import Iterable
 KERNEL_SOCKET = "vfmd.sock"
 MODEL_SOCKET = "modeld.sock"
 DATA_SOCKET = "datad.sock"
+TRUST_SOCKET = "trustd.sock"
 SYSTEM_SOCKET = Path("/run/vfmos") / KERNEL_SOCKET
 
 # Tenants' memories, documents and tokens sit in these files: what a daemon creates is its

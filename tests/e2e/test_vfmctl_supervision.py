@@ -24,7 +24,7 @@ SECRET = "SECRET-7f3a-the-launch-code-is-tangerine"
 # Reached by any local user (the kernel authenticates by peer credentials); services by
 # the kernel's user and group only.
 SOCKET_MODES = {"vfmd.sock": 0o666, "vfmd.sock.cred": 0o666, "datad.sock": 0o660,
-                "modeld.sock": 0o660}
+                "modeld.sock": 0o660, "trustd.sock": 0o660}
 AS_ROOT = os.geteuid() == 0 and shutil.which("runuser") is not None
 
 
@@ -132,9 +132,9 @@ def test_a_killed_daemon_serves_again_and_status_counts_the_restart(stack, name)
 
 def test_down_stops_everything_and_nothing_comes_back(stack):
     state, _ = stack
-    assert len(processes_of(state)) >= 4  # the supervisor and three daemons
+    assert len(processes_of(state)) >= 5  # the supervisor and four daemons
     done = vfmctl(state, "down")
-    assert "stopped 3 daemon(s)" in done.stderr
+    assert "stopped 4 daemon(s)" in done.stderr
     assert processes_of(state) == []  # the supervisor too: nothing can start them again
     assert not any(state.glob("*.pid"))
     assert vfmctl(state, "status", check=False).returncode == 6
