@@ -204,6 +204,8 @@ class AskRunner:
             usage.total_ms = (time.perf_counter() - started) * 1000
             usage.cost = (usage.tokens_in + usage.tokens_out) / 1000 * self._price(usage.model)
             self._table.end_ask(query.pid, interrupt.fire, usage)
+            if trust is not None:
+                trust.close()
             self._trust.record(record.tenant, record.pid, usage, query.prompt,
                                "".join(answer.shown), trust, error)
         if finish != "killed" and not query.stateless:

@@ -160,6 +160,10 @@ class TrustSession:
         self._output_checks: list[CheckResult] = []
         self._policy_task = asyncio.ensure_future(self._fetch_policy())
 
+    def close(self) -> None:
+        """The Ask is over: a policy lookup still running (the Ask failed early) is dropped."""
+        self._policy_task.cancel()
+
     # --- vfm-trustd unreachable ----------------------------------------------------------
     async def _fetch_policy(self) -> TrustPolicy | None:
         try:

@@ -463,3 +463,31 @@ def test_restore_tolerates_missing_brackets():
     marks = [Placeholder("<EMAIL_ADDRESS_1>", EMAIL), Placeholder("<EMAIL_ADDRESS_10>", "x@y.z")]
     assert restore("to <EMAIL_ADDRESS_1>, EMAIL_ADDRESS_1 and EMAIL_ADDRESS_10>", marks) == \
         f"to {EMAIL}, {EMAIL} and x@y.z"
+
+
+def test_the_verdict_crosses_the_wire_and_reads_in_one_line():
+    from kernel.adapters import trust_policy
+    from kernel.convert import verdict_to_pb
+    from libvfm.convert import verdict_from_pb
+    verdict = Verdict("redact", [CheckResult("moderation", 0.02, 0.5, target="question"),
+                                 CheckResult("pii", 0.97, 0.5, "redact", "email",
+                                             (TrustSpan(9, 24, "EMAIL_ADDRESS"),), 1, 1.2,
+                                             "output")],
+                      ["redacted 1 email"], 1, 4.2, 3, level="fast")
+    seen = verdict_from_pb(verdict_to_pb(verdict), "")
+    assert seen.summary() == "redacted · s1 4 ms · pii: redacted 1 email"
+    assert seen.checks[1].spans == [(9, 24, "EMAIL_ADDRESS")] and seen.checks[1].score == 0.97
+    allowed = verdict_from_pb(verdict_to_pb(Verdict("allow", system=1, elapsed_ms=4.0)))
+    assert allowed.summary() == "allowed · s1 4 ms"
+    unverified = verdict_from_pb(verdict_to_pb(Verdict("allow", unverified=True)))
+    assert unverified.summary() == "allowed · unverified"
+    escalated = verdict_from_pb(verdict_to_pb(Verdict("escalate", reasons=["refund above 500"])),
+                                "e7")
+    assert escalated.escalation_id == "e7" and "escalation e7" in escalated.summary()
+    # The kernel's reading of an effective policy: defaults where it says nothing.
+    assert trust_policy("{}") == TrustPolicy(level="standard", on_unavailable="refuse")
+    assert trust_policy('{"level": "off"}').on_unavailable == "allow"
+    policy = trust_policy('{"level": "strict", "on_unavailable": "allow", "audit": '
+                          '{"store_text": true}, "revision": {"max_revisions": 2}}', 5)
+    assert (policy.level, policy.on_unavailable, policy.store_text, policy.max_revisions,
+            policy.version) == ("strict", "allow", True, 2, 5)
