@@ -18,7 +18,7 @@ from kernel.ports import ChatMessage, GenerateCall, ModelClient, ModelInfo, Verd
 from kernel.process import ProcRecord
 from kernel.quota import new_token_cap, remaining_tokens
 from kernel.table import ProcessTable
-from kernel.trust_path import Ending, OutputGuard, TrustGate, TrustSession, strongest
+from kernel.trust_path import Ending, OutputGuard, Revision, TrustGate, TrustSession, strongest
 from vfmos_runtime.errors import InvalidArgument, QuotaExceeded
 from vfmos_runtime.protocol import MAX_NEW_TOKENS
 from vfmos_runtime.types import Usage
@@ -111,7 +111,6 @@ class _Answer:
             self.stream.cancel()
 
     def restart(self) -> None:
-        """A revision: the held answer is dropped (the client never saw it)."""
         self.text.clear()
         self.ids.clear()
 
@@ -286,26 +285,15 @@ class AskRunner:
                 return await self._cut(trust, guard, answer)
             if not guard.hold:
                 return finish, None
-            verified = await trust.verify(guard.held, items, model)
-            outcome = verified.verdict.outcome if verified else "allow"
-            if outcome == "revise" and trust.revisions_left():
-                trust.verdict.revisions += 1
-                query.feedback = trust.mask(verified.verdict.feedback or
-                                            "A reviewer found the previous answer wrong.")
-                model = verified.revise_model or model
+            judged = await trust.system2(guard.held, items, model)
+            if isinstance(judged, Revision):  # the held answer is dropped: the client never saw it
+                query.feedback, model = judged.feedback, judged.model or model
                 answer.restart()
                 attempt = Usage(model=model)
                 continue
-            if outcome == "revise":
-                trust.verdict.reasons.append(f"still not verified after "
-                                             f"{trust.verdict.revisions} revision(s)")
-                trust.verdict.outcome = "refuse"
-                outcome = "refuse"
-            if outcome in ("refuse", "escalate"):
-                ending = await trust.escalate(verified.verdict) if outcome == "escalate" else \
-                    Ending("refused", verified.verdict.holding_reply or trust.reply("refusal"))
-                answer.show(ending.reply)
-                return ending.finish, ending
+            if isinstance(judged, Ending):
+                answer.show(judged.reply)
+                return judged.finish, judged
             answer.show(guard.held)
             return finish, None
 

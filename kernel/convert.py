@@ -26,7 +26,7 @@ def process_to_pb(record: ProcRecord, running: int) -> pb.Process:
 
 
 def verdict_to_pb(v: Verdict) -> pb.Verdict:
-    """An Ask's verdict as the client sees it (no redacted text, no feedback: the answer has them)."""
+    """An Ask's verdict as its client sees it (the answer carries any redacted text)."""
     return pb.Verdict(
         outcome=enum_value(pb.VerdictOutcome, v.outcome), reasons=v.reasons, system=v.system,
         elapsed_ms=v.elapsed_ms, policy_version=v.policy_version, level=v.level,

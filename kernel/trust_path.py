@@ -133,6 +133,14 @@ class TrustGate:
             log.exception("the audit record of an Ask of process %d was not written", pid)
 
 
+@dataclasses.dataclass(frozen=True)
+class Revision:
+    """System 2 wants the answer again: with this feedback, on this model ("" = the same)."""
+
+    feedback: str
+    model: str = ""
+
+
 @dataclasses.dataclass
 class Ending:
     """An Ask that ends without (more of) the model's answer: its finish reason and reply."""
@@ -321,9 +329,26 @@ class TrustSession:
             self._add(done.verdict, "answer")
         return done
 
-    def revisions_left(self) -> bool:
-        limit = self.policy.max_revisions if self.policy else 1
-        return self.verdict.revisions < limit
+    async def system2(self, answer: str, sources: list[Item],
+                      model: str) -> "Revision | Ending | None":
+        """Verify a held answer: None releases it; a Revision asks for it again (within the
+        policy's max_revisions, after which it is refused); an Ending replaces it."""
+        verified = await self.verify(answer, sources, model)
+        if verified is None or verified.verdict.outcome in ("allow", "redact"):
+            return None
+        verdict = verified.verdict
+        if verdict.outcome == "revise":
+            limit = self.policy.max_revisions if self.policy else 1
+            if self.verdict.revisions < limit:
+                self.verdict.revisions += 1
+                feedback = verdict.feedback or "A reviewer found the previous answer wrong."
+                return Revision(self.mask(feedback), verified.revise_model)
+            self.verdict.reasons.append(
+                f"still not verified after {self.verdict.revisions} revision(s)")
+            self.verdict.outcome = "refuse"
+        if verdict.outcome == "escalate":
+            return await self.escalate(verdict)
+        return Ending("refused", verdict.holding_reply or self.reply("refusal"))
 
 
 class OutputGuard:
