@@ -54,8 +54,9 @@ class CheckResult:
     spans: list[tuple[int, int, str]] = field(default_factory=list)
 
 
-# How `Verdict.summary` says an outcome, and names what a redaction replaced.
-_DONE = {"allow": "allowed", "redact": "redacted", "revise": "revised", "refuse": "refused",
+# How `Verdict.summary` says an outcome (a redacted answer was allowed: what was redacted
+# follows), and names what a redaction replaced.
+_DONE = {"allow": "allowed", "redact": "allowed", "revise": "revised", "refuse": "refused",
          "escalate": "escalated"}
 _ENTITY_WORDS = {"EMAIL_ADDRESS": "email", "PHONE_NUMBER": "phone number", "PERSON": "name",
                  "CREDIT_CARD": "card number", "IBAN_CODE": "IBAN", "IP_ADDRESS": "IP address",

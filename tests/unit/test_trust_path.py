@@ -475,7 +475,7 @@ def test_the_verdict_crosses_the_wire_and_reads_in_one_line():
                                              "output")],
                       ["redacted 1 email"], 1, 4.2, 3, level="fast")
     seen = verdict_from_pb(verdict_to_pb(verdict), "")
-    assert seen.summary() == "redacted · s1 4 ms · pii: redacted 1 email"
+    assert seen.summary() == "allowed · s1 4 ms · pii: redacted 1 email"
     assert seen.checks[1].spans == [(9, 24, "EMAIL_ADDRESS")] and seen.checks[1].score == 0.97
     allowed = verdict_from_pb(verdict_to_pb(Verdict("allow", system=1, elapsed_ms=4.0)))
     assert allowed.summary() == "allowed · s1 4 ms"
