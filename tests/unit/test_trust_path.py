@@ -98,6 +98,7 @@ class MemTrust:
         self.verified: list[str] = []
         self.in_flight = self.max_in_flight = 0
         self.check_delay = 0.0
+        self.down_after: int | None = None  # vfm-trustd goes away after this many checks
 
     def _gate(self) -> None:
         if self.down:
@@ -130,6 +131,8 @@ class MemTrust:
 
     async def check_output(self, scope, text, final, question, protected,
                            released) -> OutputDecision:
+        if self.down_after is not None and len(self.checked) >= self.down_after:
+            self.down = True
         self._gate()
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -373,6 +376,22 @@ def test_trustd_unavailable_follows_the_last_policy_seen(kernel):
     trust.down = True
     with pytest.raises(Unavailable, match="vfm-trustd"):
         asyncio.run(k.ask(pid))
+
+
+def test_trustd_lost_mid_answer_stops_it_or_goes_on_unverified_as_the_policy_says(kernel):
+    long = "First part of it. " + "Then more and more words follow here. " * 10
+    trust = MemTrust()
+    trust.down_after = 1
+    k = kernel(long, trust=trust)
+    shown: list[str] = []
+    with pytest.raises(Unavailable, match="vfm-trustd"):
+        asyncio.run(k.ask(k.spawn(), on_piece=shown.append))
+    assert len("".join(shown)) < len(long) and k.model.streams[0].cancelled
+    trust = MemTrust(TrustPolicy(on_unavailable="allow"))
+    trust.down_after = 1
+    k = kernel(long, trust=trust)
+    pieces, done = asyncio.run(k.ask(k.spawn()))
+    assert "".join(pieces) == long and done.verdict.unverified
 
 
 def test_an_external_model_gets_placeholders_and_the_client_the_original(kernel):
