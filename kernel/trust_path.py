@@ -246,9 +246,9 @@ class TrustSession:
         if screening is None:
             return items, None
         self._add(screening.verdict, "question")
-        kept = []
+        kept, decisions = [], {iv.index: iv for iv in screening.items}
         for n, item in enumerate(items):
-            decided = next((iv for iv in screening.items if iv.index == n), None)
+            decided = decisions.get(n)
             if decided is not None:
                 self.verdict.checks.extend(
                     c if c.target else dataclasses.replace(c, target=f"item:{n}")
