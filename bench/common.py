@@ -37,6 +37,10 @@ def temp_state_dir() -> Path:
 
 
 def spawn_daemon(args: list[str], log: Path) -> subprocess.Popen:
+    if args[:2] == ["-m", "kernel.main"] and "--trust" not in args:
+        # vfmd refuses every Ask while trust is on and no vfm-trustd answers: a bench that
+        # starts no vfm-trustd measures the stack without it, unless it asks (--trust on).
+        args = [*args, "--trust", "off"]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         # Its own process group (a Ctrl-C at the bench's terminal is not the daemon's), but the

@@ -1,4 +1,4 @@
-"""gRPC adapters of the kernel's ports: the only kernel code that builds model/data protobufs.
+"""gRPC adapters of the kernel's ports: the only kernel code that builds model/data/trust protobufs.
 
 Each adapter gets its channel from the `ServiceRegistry`, converts between the wire's
 messages and the domain types of `kernel/ports.py`, and turns RPC errors into the kernel's
@@ -8,20 +8,24 @@ vocabulary (an UNAVAILABLE makes the registry check the service's health at once
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+import json
+from typing import AsyncIterator, Sequence
 
 import grpc
 
 from kernel.memory import Candidates, Item
-from kernel.ports import (CandidatesQuery, CandidatesReply, GenerateCall, GenPiece, MemoryEntry,
-                          ModelInfo)
+from kernel.ports import (CandidatesQuery, CandidatesReply, CheckResult, GenerateCall, GenPiece,
+                          ItemVerdict, MemoryEntry, ModelInfo, OutputDecision, Placeholder,
+                          Pseudonymized, ScreenItem, Screening, TrustPolicy, TrustScope,
+                          TrustSpan, Verdict, Verification)
 from kernel.registry import ServiceRegistry
 from vfmos_runtime.convert import enum_str, enum_value, seconds, timestamp
 from vfmos_runtime.errors import DeadlineExceeded, Unavailable, VfmError, from_rpc_error
-from vfmos_runtime.protocol import DATA_SERVICE, MODEL_SERVICE
+from vfmos_runtime.protocol import DATA_SERVICE, MODEL_SERVICE, TRUST_SERVICE
 from vfmos.data.v1 import data_pb2, data_pb2_grpc
 from vfmos.kernel.v1 import kernel_pb2 as kpb
 from vfmos.model.v1 import model_pb2, model_pb2_grpc
+from vfmos.trust.v1 import trust_pb2, trust_pb2_grpc
 
 # Every call to a service has a deadline sized by its work, with room for a busy machine.
 LIST_MODELS_TIMEOUT_S = 5.0
@@ -38,6 +42,11 @@ INGEST_BASE_S = 120.0
 # a soak) it ran far below that; the deadline is there to catch a stuck service, not slow work.
 INGEST_BYTES_PER_S = 2_000.0
 INGEST_MAX_S = INGEST_BASE_S + (512 << 20) / INGEST_BYTES_PER_S  # the largest document
+# System 1 answers in milliseconds; the deadline catches a stuck vfm-trustd, with room for a
+# busy machine (and a first call that loads the checks' models).
+TRUST_CALL_TIMEOUT_S = 10.0
+TRUST_S_PER_KB = 0.05               # a long answer or working set takes longer to screen
+VERIFY_TIMEOUT_S = 120.0            # system 2 may ask a judge model for several samples
 
 
 def ingest_timeout(size: int) -> float:
@@ -235,6 +244,108 @@ class GrpcDataClient:
     async def fork_memory(self, tenant: str, parent: int, child: int) -> None:
         await self._call("ForkMemory", data_pb2.ForkMemoryRequest(
             tenant=tenant, parent=parent, child=child))
+
+
+# trust service
+class GrpcTrustClient:
+    """`TrustClient` over vfm-trustd's gRPC API; the tenant goes in each call's scope."""
+
+    def __init__(self, registry: ServiceRegistry):
+        self._registry = registry
+
+    async def _call(self, method: str, request, timeout: float):
+        try:
+            stub = trust_pb2_grpc.TrustServiceStub(self._registry.channel(TRUST_SERVICE))
+            return await getattr(stub, method)(request, timeout=timeout,
+                                               metadata=self._registry.metadata(TRUST_SERVICE))
+        except grpc.RpcError as exc:
+            raise _service_error(self._registry, TRUST_SERVICE, exc) from None
+
+    async def policy(self, scope: TrustScope) -> TrustPolicy:
+        reply = await self._call("GetPolicy", trust_pb2.GetPolicyRequest(scope=_scope(scope)),
+                                 TRUST_CALL_TIMEOUT_S)
+        return trust_policy(reply.effective_json, reply.version)
+
+    async def screen_input(self, scope: TrustScope, question: str, items: Sequence[ScreenItem],
+                           system_prompt: str) -> Screening:
+        size = len(question) + sum(len(i.text) for i in items)
+        reply = await self._call("ScreenInput", trust_pb2.ScreenInputRequest(
+            scope=_scope(scope), question=question, system_prompt=system_prompt,
+            items=[trust_pb2.Item(kind=enum_value(trust_pb2.ItemKind, i.kind), id=i.id,
+                                  text=i.text) for i in items]), _trust_timeout(size))
+        return Screening(verdict_from_trust(reply.verdict), [
+            ItemVerdict(index=v.index, id=v.id, dropped=v.dropped, reason=v.reason,
+                        checks=tuple(_check(c) for c in v.checks)) for v in reply.items],
+            reply.escalate_to_system2)
+
+    async def check_output(self, scope: TrustScope, text: str, final: bool, question: str,
+                           protected: Sequence[str], released: int) -> OutputDecision:
+        reply = await self._call("CheckOutput", trust_pb2.CheckOutputRequest(
+            scope=_scope(scope), text=text, final=final, question=question,
+            protected_texts=list(protected), released=released),
+            _trust_timeout(len(text) + len(question)))
+        return OutputDecision(verdict_from_trust(reply.verdict), reply.text, reply.cut)
+
+    async def verify(self, scope: TrustScope, question: str, answer: str,
+                     sources: Sequence[ScreenItem], model: str) -> Verification:
+        reply = await self._call("Verify", trust_pb2.VerifyRequest(
+            scope=_scope(scope), question=question, answer=answer, model=model,
+            sources=[trust_pb2.Source(id=s.id, text=s.text) for s in sources]),
+            VERIFY_TIMEOUT_S)
+        return Verification(verdict_from_trust(reply.verdict), reply.revise_model)
+
+    async def pseudonymize(self, scope: TrustScope, texts: Sequence[str]) -> Pseudonymized:
+        reply = await self._call("Pseudonymize", trust_pb2.PseudonymizeRequest(
+            scope=_scope(scope), texts=list(texts)), _trust_timeout(sum(map(len, texts))))
+        return Pseudonymized(list(reply.texts), [
+            Placeholder(p.placeholder, p.original, p.label) for p in reply.placeholders])
+
+
+def _trust_timeout(chars: int) -> float:
+    return TRUST_CALL_TIMEOUT_S + TRUST_S_PER_KB * chars / 1024
+
+
+def _scope(scope: TrustScope) -> trust_pb2.Scope:
+    return trust_pb2.Scope(tenant=scope.tenant, pid=scope.pid)
+
+
+def _check(c: trust_pb2.CheckResult) -> CheckResult:
+    return CheckResult(
+        check=c.check, score=c.score, threshold=c.threshold,
+        outcome=enum_str(trust_pb2.Outcome, c.outcome) or "allow", reason=c.reason,
+        spans=tuple(TrustSpan(s.start, s.end, s.label, s.replacement) for s in c.spans),
+        system=c.system, elapsed_ms=c.elapsed_ms, target=c.target)
+
+
+def verdict_from_trust(v: trust_pb2.Verdict) -> Verdict:
+    return Verdict(outcome=enum_str(trust_pb2.Outcome, v.outcome) or "allow",
+                   checks=[_check(c) for c in v.checks], reasons=list(v.reasons),
+                   system=v.system, elapsed_ms=v.elapsed_ms, policy_version=v.policy_version,
+                   redacted_text=v.redacted_text, holding_reply=v.holding_reply,
+                   feedback=v.feedback, level=v.level, escalation_rule=v.escalation_rule)
+
+
+def trust_policy(effective_json: str, version: int = 0) -> TrustPolicy:
+    """The few settings of an effective policy the kernel acts on itself; vfm-trustd has
+    validated the document, so a missing or odd value takes its default."""
+    try:
+        doc = json.loads(effective_json or "{}")
+    except ValueError:
+        doc = {}
+    doc = doc if isinstance(doc, dict) else {}
+
+    def section(name: str) -> dict:
+        value = doc.get(name)
+        return value if isinstance(value, dict) else {}
+    level = str(doc.get("level") or "standard")
+    on_unavailable = doc.get("on_unavailable") or ("allow" if level == "off" else "refuse")
+    revisions = section("revision").get("max_revisions", 1)
+    return TrustPolicy(
+        level=level, on_unavailable="allow" if on_unavailable == "allow" else "refuse",
+        store_text=section("audit").get("store_text") is True,
+        max_revisions=revisions if isinstance(revisions, int) and revisions >= 0 else 1,
+        holding_reply=str(doc.get("holding_reply") or ""),
+        refusal_reply=str(doc.get("refusal_reply") or ""), version=version)
 
 
 def _entry_item(kind: str, e: data_pb2.MemoryEntry, score: float = 0.0) -> Item:

@@ -1,4 +1,5 @@
-"""The Ask path: admit a question, queue it for a model slot, stream it, survive preemption, account."""
+"""The Ask path: admit a question, queue it for a model slot, stream it (checked by the trust
+agent on the way in and out), survive preemption, account."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from kernel.context import ContextManager
 from kernel.dispatch import Dispatcher, Lease
 from kernel.identity import Caller
 from kernel.interrupt import Interrupt, Interruption
-from kernel.memory import render
-from kernel.ports import ChatMessage, GenerateCall, ModelClient, ModelInfo
+from kernel.memory import Item, render
+from kernel.ports import ChatMessage, GenerateCall, ModelClient, ModelInfo, Verdict
 from kernel.process import ProcRecord
 from kernel.quota import new_token_cap, remaining_tokens
 from kernel.table import ProcessTable
+from kernel.trust_path import Ending, OutputGuard, Revision, TrustGate, TrustSession, strongest
 from vfmos_runtime.errors import InvalidArgument, QuotaExceeded
 from vfmos_runtime.protocol import MAX_NEW_TOKENS
 from vfmos_runtime.types import Usage
@@ -39,7 +41,13 @@ class AskQuery:
     stop: tuple[str, ...] = ()
     ttft_slo_ms: float = 0.0
     stateless: bool = False  # no working set, and the exchange is not remembered
-    context: str = ""  # the working set, rendered (set by the kernel, not the caller)
+    # Set by the kernel, never by the caller: the working set rendered; what the model gets
+    # instead of the process's system prompt and the question (pseudonymized for an
+    # external model; None: as they are); a verifier's feedback for a revision.
+    context: str = ""
+    system_prompt: str | None = None
+    model_prompt: str | None = None
+    feedback: str = ""
 
     def validate(self) -> None:
         if not self.prompt.strip():
@@ -71,17 +79,40 @@ class AskDone:
     finish_reason: str
     usage: Usage
     degraded: list[Degradation] = field(default_factory=list)
+    verdict: Verdict | None = None  # None with the trust agent off
+    escalation_id: str = ""
 
 
-@dataclass
 class _Answer:
-    """The answer so far: its text, and its token ids when the model service reports them
-    (they let a continuation resume exactly where the model stopped). `grown` is set each
-    time text is added, for the reader that relays it."""
+    """The answer so far: the model's text, and its token ids when the model service reports
+    them (they let a continuation resume exactly where the model stopped). `grown` is set
+    each time text is added.
 
-    text: list[str] = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)
-    grown: asyncio.Event = field(default_factory=asyncio.Event)
+    The client is relayed `shown`, with `shown_grown` set as it grows. Without the trust
+    agent those are the model's own list and event; with it, only checked text goes there."""
+
+    def __init__(self, checked: bool = False):
+        self.text: list[str] = []
+        self.ids: list[int] = []
+        self.grown = asyncio.Event()
+        self.shown = [] if checked else self.text
+        self.shown_grown = asyncio.Event() if checked else self.grown
+        self.stopped = False  # the trust agent cut the answer
+        self.stream = None    # the generation running, to cut it
+        self.on_grown = self.grown.set
+
+    def show(self, text: str) -> None:
+        self.shown.append(text)
+        self.shown_grown.set()
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.stream is not None:
+            self.stream.cancel()
+
+    def restart(self) -> None:
+        self.text.clear()
+        self.ids.clear()
 
 
 @dataclass
@@ -94,8 +125,9 @@ class _Segment:
 
 class AskRunner:
     def __init__(self, table: ProcessTable, models: ModelClient, dispatcher: Dispatcher,
-                 context: ContextManager):
+                 context: ContextManager, trust: TrustGate | None = None):
         self._context = context
+        self._trust = trust or TrustGate(None)
         self._table = table
         self._model = models
         self._dispatcher = dispatcher
@@ -110,8 +142,8 @@ class AskRunner:
         pieces that accumulated meanwhile go out joined, in one message (far fewer writes
         for the same text). The AskDone stays last."""
         query.validate()
-        answer = _Answer()
-        texts, grown = answer.text, answer.grown
+        answer = _Answer(checked=self._trust.enabled)
+        texts, grown = answer.shown, answer.shown_grown
         run = asyncio.ensure_future(self._run(caller, query, answer))
         run.add_done_callback(lambda _: grown.set())  # the answer is over: wake the relay
         sent = 0
@@ -139,11 +171,14 @@ class AskRunner:
         interrupt = Interrupt()
         record = self._table.begin_ask(caller, query.pid, interrupt.fire)
         usage, finish, degraded = Usage(), "", []
+        trust = self._trust.session(record.tenant, record.pid, query.prompt,
+                                    record.spec.system_prompt) if self._trust.enabled else None
+        ending, error = None, ""
         try:
             await self._refresh_models()
+            items: list[Item] = []
             if not query.stateless:
                 items, missing = await self._context.for_ask(record, query.prompt)
-                query.context = render(items)
                 if missing:
                     degraded.append(Degradation("memory-unavailable", missing))
             model = record.spec.model or self._dispatcher.default_model
@@ -151,40 +186,133 @@ class AskRunner:
             deadline = time.monotonic() + query.ttft_slo_ms / 1000 if query.ttft_slo_ms else None
             request = self._dispatcher.request(query.pid, record.tenant, record.spec.priority,
                                                deadline)
-            while not finish:
-                if interrupt.state is Interruption.KILLED:
-                    finish = "killed"
-                    break
-                if interrupt.state is Interruption.SUSPENDED:
-                    await self._wait_resumed(interrupt)
-                    continue
-                interrupt.settle()
-                lease = Lease(request, lambda: interrupt.fire(Interruption.PREEMPTED))
-                if not await self._acquire(model, lease, interrupt):
-                    continue  # killed or suspended while queued
-                usage.queue_ms += lease.waited_ms
-                self._table.segment_started(query.pid)
-                try:
-                    segment = await self._segment(record, query, model, answer, usage,
-                                                  interrupt, started)
-                finally:
-                    self._dispatcher.release(model, lease)
-                    self._table.segment_ended(query.pid)
-                if segment.interrupted is Interruption.PREEMPTED:
-                    usage.preemptions += 1
-                finish = segment.finish
+
+            async def generate(model: str, attempt: Usage) -> str:
+                return await self._generate(record, query, model, answer, attempt, interrupt,
+                                            started, request)
+            if trust is None:
+                query.context = render(items)
+                finish = await generate(model, usage)
+            else:
+                finish, ending = await self._answer_checked(trust, record, query, items, model,
+                                                            answer, usage, generate)
+        except Exception as err:
+            error = getattr(err, "message", "") or repr(err)
+            raise
         finally:
             usage.total_ms = (time.perf_counter() - started) * 1000
             usage.cost = (usage.tokens_in + usage.tokens_out) / 1000 * self._price(usage.model)
             self._table.end_ask(query.pid, interrupt.fire, usage)
+            if trust is not None:
+                trust.close()
+            self._trust.record(record.tenant, record.pid, usage, query.prompt,
+                               "".join(answer.shown), trust, error)
         if finish != "killed" and not query.stateless:
             # Durable before the answer's end is sent: what the caller saw is remembered,
             # now or, if vfm-datad is away, when it is back.
             lost = await self._context.remember_exchange(record, query.prompt,
-                                                         "".join(answer.text))
+                                                         "".join(answer.shown))
             if lost:
                 degraded.append(Degradation("not-remembered", lost))
-        return AskDone(finish, usage, degraded)
+        return AskDone(finish, usage, degraded, trust.final_verdict() if trust else None,
+                       ending.escalation_id if ending else "")
+
+    async def _generate(self, record: ProcRecord, query: AskQuery, model: str, answer: _Answer,
+                        usage: Usage, interrupt: Interrupt, started: float, request) -> str:
+        """Queue for a slot and generate, again after each preemption, until the answer is
+        over; returns its finish reason."""
+        finish = ""
+        while not finish:
+            if interrupt.state is Interruption.KILLED:
+                return "killed"
+            if answer.stopped:
+                return "refused"
+            if interrupt.state is Interruption.SUSPENDED:
+                await self._wait_resumed(interrupt)
+                continue
+            interrupt.settle()
+            lease = Lease(request, lambda: interrupt.fire(Interruption.PREEMPTED))
+            if not await self._acquire(model, lease, interrupt):
+                continue  # killed or suspended while queued
+            usage.queue_ms += lease.waited_ms
+            self._table.segment_started(query.pid)
+            try:
+                segment = await self._segment(record, query, model, answer, usage,
+                                              interrupt, started)
+            finally:
+                self._dispatcher.release(model, lease)
+                self._table.segment_ended(query.pid)
+            if segment.interrupted is Interruption.PREEMPTED:
+                usage.preemptions += 1
+            finish = segment.finish
+        return finish
+
+    async def _answer_checked(self, trust: TrustSession, record: ProcRecord, query: AskQuery,
+                              items: list[Item], model: str, answer: _Answer, usage: Usage,
+                              generate) -> tuple[str, Ending | None]:
+        """The Ask with the trust agent: screen the working set, pseudonymize toward an
+        external model, release the answer window by window as vfm-trustd allows, verify
+        it with system 2 (revising when asked), and end early where a check says so."""
+        items, ending = await trust.screen(items)
+        if ending is not None:
+            answer.show(ending.reply)
+            return ending.finish, ending
+        query.context = render(items)
+        if self._backend(model) == "openai":
+            masked = await trust.pseudonymize(record.spec.system_prompt, query.prompt, items)
+            if masked is not None:
+                query.system_prompt, query.model_prompt, masked_items = masked
+                query.context = render(masked_items)
+        attempt = usage
+        while True:
+            guard = OutputGuard(trust, answer.text, answer.show, answer.stop, trust.verifies)
+            answer.on_grown = guard.grown
+            checking = asyncio.ensure_future(guard.run())
+            try:
+                finish = await generate(model, attempt)
+            except BaseException:
+                checking.cancel()
+                await asyncio.gather(checking, return_exceptions=True)
+                raise
+            finally:
+                if attempt is not usage:
+                    _add_usage(usage, attempt)
+            guard.finish()
+            await checking  # the last window's check (its error is the Ask's)
+            if finish == "killed":
+                return finish, None
+            if guard.cut is not None:
+                return await self._cut(trust, guard, answer)
+            if not guard.hold:
+                return finish, None
+            judged = await trust.system2(guard.held, items, model)
+            if isinstance(judged, Revision):  # the held answer is dropped: the client never saw it
+                query.feedback, model = judged.feedback, judged.model or model
+                answer.restart()
+                attempt = Usage(model=model)
+                continue
+            if isinstance(judged, Ending):
+                answer.show(judged.reply)
+                return judged.finish, judged
+            answer.show(guard.held)
+            return finish, None
+
+    @staticmethod
+    async def _cut(trust: TrustSession, guard: OutputGuard,
+                   answer: _Answer) -> tuple[str, Ending | None]:
+        """vfm-trustd cut the answer: what it released stays, then the policy's reply."""
+        verdict = guard.cut.verdict
+        if verdict.outcome == "escalate":
+            ending = await trust.escalate(verdict)
+        else:
+            trust.verdict.outcome = strongest(trust.verdict.outcome, "refuse")
+            ending = Ending("refused", verdict.holding_reply or trust.reply("refusal"))
+        answer.show(("\n" if guard.sent else "") + ending.reply)
+        return ending.finish, ending
+
+    def _backend(self, model: str) -> str:
+        info = self._models.get(model)
+        return info.backend if info else ""
 
     async def _acquire(self, model: str, lease: Lease, interrupt: Interrupt) -> bool:
         """Wait for a slot; give up (and leave the queue) on kill or suspend."""
@@ -250,7 +378,10 @@ class AskRunner:
             return False
         stream = self._model.generate(self._call(record, query, model, answer, cap - out))
         interrupt.attach(stream)
-        texts, ids, grown = answer.text, answer.ids, answer.grown
+        answer.stream = stream
+        if answer.stopped:
+            stream.cancel()
+        texts, ids, grown = answer.text, answer.ids, answer.on_grown
         charge, tenant = self._dispatcher.charge, record.tenant
         need_prompt, first = not usage.tokens_in, not usage.ttft_ms
         again = False
@@ -286,11 +417,14 @@ class AskRunner:
                 ids.extend(piece.token_ids)
                 if piece.text:
                     texts.append(piece.text)
-                    grown.set()
+                    grown()
         finally:
             interrupt.attach(None)
+            answer.stream = None
             stream.cancel()  # a no-op when the stream is over; frees it when we left early
             usage.tokens_out = out
+        if answer.stopped and not segment.finish:
+            segment.finish = "refused"  # the trust agent cut it
         return again
 
     async def _refresh_models(self) -> None:
@@ -323,12 +457,27 @@ class AskRunner:
               max_new: int) -> GenerateCall:
         spec = record.spec
         messages = []
-        system = "\n\n".join(part for part in (spec.system_prompt, query.context) if part)
+        own = spec.system_prompt if query.system_prompt is None else query.system_prompt
+        feedback = f"A reviewer checked your previous answer to this question: " \
+                   f"{query.feedback}\nAnswer again." if query.feedback else ""
+        system = "\n\n".join(part for part in (own, query.context, feedback) if part)
         if system:
             messages.append(ChatMessage("system", system))
-        messages.append(ChatMessage("user", query.prompt))
+        messages.append(ChatMessage("user", query.prompt if query.model_prompt is None
+                                    else query.model_prompt))
         return GenerateCall(
             model=model, messages=tuple(messages), max_new_tokens=max_new,
             assistant_prefix="".join(answer.text), assistant_prefix_ids=tuple(answer.ids),
             temperature=query.temperature, top_p=query.top_p, seed=query.seed,
             stop=tuple(query.stop), priority=spec.priority)
+
+
+def _add_usage(total: Usage, part: Usage) -> None:
+    """A revision's figures added to its Ask's (the first token is the first attempt's)."""
+    total.tokens_in += part.tokens_in
+    total.tokens_out += part.tokens_out
+    total.queue_ms += part.queue_ms
+    total.decode_ms += part.decode_ms
+    total.preemptions += part.preemptions
+    total.ttft_ms = total.ttft_ms or part.ttft_ms
+    total.model = part.model or total.model

@@ -43,11 +43,17 @@ class KernelConfig:
     max_slots: int = 0                # cap on concurrent asks per model (0 = its max_batch)
     tenant_weights: dict[str, float] = field(default_factory=dict, metadata={"parse": _weights})
     reap_after_s: float = DEFAULT_REAP_AFTER_S  # an ended process leaves the table then
+    # "on": every Ask passes through vfm-trustd, and while it cannot be reached the last
+    # policy seen decides (on_unavailable), else the Ask is refused. "off": no trust checks
+    # (a stack run without vfm-trustd, knowingly).
+    trust: str = "on"
     # Tests only, so no flag ($VFM_SLOW_COMMIT_MS): the store's writer sleeps this long in
     # every commit, as on a slow disk.
     slow_commit_ms: float = 0.0
 
     def validate(self) -> None:
+        if self.trust not in ("on", "off"):
+            raise ValueError(f"trust must be on or off, got {self.trust!r}")
         if self.policy not in ("fair", "fifo"):
             raise ValueError(f"policy must be fair or fifo, got {self.policy!r}")
         if self.max_slots < 0:
@@ -117,6 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reap-after", type=float, dest="reap_after_s", metavar="SECONDS",
                         help="remove exited and killed processes this long after they ended "
                         "(default 86400; their usage stays in the tenant's totals)")
+    parser.add_argument("--trust", choices=("on", "off"),
+                        help="check every Ask with vfm-trustd (default on: without it, asks "
+                        "are refused unless the last policy seen allows them); off = no checks")
     return parser.parse_args(argv)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from kernel.ports import Verdict
 from kernel.process import DEFAULT_PRIORITY, ProcRecord
-from vfmos_runtime.convert import counters_to_pb, quota_from_pb, spec_to_pb, timestamp
+from vfmos_runtime.convert import (counters_to_pb, enum_value, quota_from_pb, spec_to_pb,
+                                   timestamp)
 from vfmos_runtime.types import ProcessSpec
 from vfmos.kernel.v1 import kernel_pb2 as pb
 
@@ -21,3 +23,19 @@ def process_to_pb(record: ProcRecord, running: int) -> pb.Process:
         spec=spec_to_pb(record.spec), counters=counters_to_pb(record.counters),
         create_time=timestamp(record.created_at), update_time=timestamp(record.updated_at),
         running=running)
+
+
+def verdict_to_pb(v: Verdict) -> pb.Verdict:
+    """An Ask's verdict as its client sees it (the answer carries any redacted text)."""
+    return pb.Verdict(
+        outcome=enum_value(pb.VerdictOutcome, v.outcome), reasons=v.reasons, system=v.system,
+        elapsed_ms=v.elapsed_ms, policy_version=v.policy_version, level=v.level,
+        escalation_rule=v.escalation_rule, unverified=v.unverified,
+        dropped_items=v.dropped_items, revisions=v.revisions,
+        checks=[pb.CheckResult(
+            check=c.check, score=c.score, threshold=c.threshold,
+            outcome=enum_value(pb.VerdictOutcome, c.outcome), reason=c.reason,
+            system=c.system, elapsed_ms=c.elapsed_ms, target=c.target,
+            spans=[pb.VerdictSpan(start=s.start, end=s.end, label=s.label,
+                                  replacement=s.replacement) for s in c.spans])
+            for c in v.checks])

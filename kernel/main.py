@@ -11,7 +11,7 @@ import lmdb
 from grpc_health.v1 import health_pb2
 
 from kernel import config as kconfig
-from kernel.adapters import GrpcDataClient, GrpcModelClient
+from kernel.adapters import GrpcDataClient, GrpcModelClient, GrpcTrustClient
 from kernel.ask import AskRunner
 from kernel.context import ContextManager
 from kernel.dispatch import Dispatcher
@@ -26,6 +26,7 @@ from vfmos_runtime.server import (DaemonStartError, ServerConfig, create_server,
 from kernel.servicer import KernelServicer
 from kernel.store import KernelStore
 from kernel.table import ProcessTable
+from kernel.trust_path import TrustGate
 from vfmos_runtime.paths import credentials_socket
 from vfmos.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 
@@ -51,7 +52,10 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     data = GrpcDataClient(registry)
     outbox = ExchangeOutbox(outbox_store, data)
     context = ContextManager(table, data, PageTable(store), outbox)
-    asks = AskRunner(table, GrpcModelClient(registry), dispatcher, context)
+    # The audit log and the escalation book join the gate when they are built (kernel/audit.py,
+    # kernel/escalations.py); until then an escalation ends as a refusal.
+    trust = TrustGate(GrpcTrustClient(registry) if cfg.trust == "on" else None)
+    asks = AskRunner(table, GrpcModelClient(registry), dispatcher, context, trust)
     servicer = KernelServicer(table, registry, auth, asks, dispatcher, started, context)
     server_cfg = ServerConfig(unix_socket=cfg.socket, tcp_listen=cfg.listen,
                               tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)

@@ -1,4 +1,4 @@
-"""The kernel's ports to the services it uses: plain request/answer types and the two client interfaces.
+"""The kernel's ports to the services it uses: plain request/answer types and the client interfaces.
 
 The domain (`AskRunner`, `ContextManager`) speaks only these; `kernel/adapters.py` implements
 them over gRPC (the only kernel module that builds model/data protobufs), and unit tests
@@ -7,7 +7,7 @@ implement them in memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import AsyncIterator, Protocol, Sequence
 
 from kernel.memory import Candidates
@@ -127,3 +127,162 @@ class DataRelay(Protocol):
 
     def ingest_progress(self, tenant: str, parts: AsyncIterator) -> AsyncIterator: ...
 
+
+
+# trust service
+# Outcomes, weakest first: an Ask's verdict carries the strongest one any check applied.
+OUTCOMES = ("allow", "redact", "revise", "escalate", "refuse")
+
+
+@dataclass(frozen=True)
+class TrustScope:
+    """Whose policy applies: the tenant (as the kernel names it) and the process."""
+
+    tenant: str
+    pid: int = 0
+
+
+@dataclass(frozen=True)
+class TrustSpan:
+    start: int
+    end: int
+    label: str
+    replacement: str = ""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check's result: a calibrated score against the policy's threshold."""
+
+    check: str
+    score: float = 0.0
+    threshold: float = 0.0
+    outcome: str = "allow"
+    reason: str = ""
+    spans: tuple[TrustSpan, ...] = ()
+    system: int = 1
+    elapsed_ms: float = 0.0
+    target: str = ""
+
+
+@dataclass
+class Verdict:
+    """A decision of vfm-trustd on one text, or the kernel's sum of them for one Ask.
+    `unverified`, `dropped_items` and `revisions` are the kernel's own (never from trustd)."""
+
+    outcome: str = "allow"
+    checks: list[CheckResult] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    system: int = 1
+    elapsed_ms: float = 0.0
+    policy_version: int = 0
+    redacted_text: str = ""
+    holding_reply: str = ""
+    feedback: str = ""
+    level: str = ""
+    escalation_rule: str = ""
+    unverified: bool = False
+    dropped_items: list[str] = field(default_factory=list)
+    revisions: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ScreenItem:
+    """A text that would enter the working set: kind "knowledge", "memory" or "other"."""
+
+    kind: str
+    id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class ItemVerdict:
+    index: int
+    id: str = ""
+    dropped: bool = False
+    checks: tuple[CheckResult, ...] = ()
+    reason: str = ""
+
+
+@dataclass
+class Screening:
+    """ScreenInput's answer: the question's verdict, one per item, and whether system 2
+    should see the answer."""
+
+    verdict: Verdict
+    items: list[ItemVerdict] = field(default_factory=list)
+    escalate_to_system2: bool = False
+
+
+@dataclass
+class OutputDecision:
+    """CheckOutput's answer: `text` may be released (from offset 0); `cut` ends the answer."""
+
+    verdict: Verdict
+    text: str
+    cut: bool = False
+
+
+@dataclass
+class Verification:
+    verdict: Verdict
+    revise_model: str = ""
+
+
+@dataclass(frozen=True)
+class Placeholder:
+    placeholder: str
+    original: str
+    label: str = ""
+
+
+@dataclass
+class Pseudonymized:
+    texts: list[str]
+    placeholders: list[Placeholder] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """What the kernel itself needs of a scope's effective policy (vfm-trustd applies the rest)."""
+
+    level: str = "standard"
+    on_unavailable: str = "refuse"   # what an Ask does while vfm-trustd cannot be reached
+    store_text: bool = False         # the audit record may keep the question and answer
+    max_revisions: int = 1
+    holding_reply: str = ""
+    refusal_reply: str = ""
+    version: int = 0
+
+
+class TrustClient(Protocol):
+    """vfm-trustd. Every method raises Unavailable when it cannot be reached."""
+
+    async def policy(self, scope: TrustScope) -> TrustPolicy: ...
+
+    async def screen_input(self, scope: TrustScope, question: str, items: Sequence[ScreenItem],
+                           system_prompt: str) -> Screening: ...
+
+    async def check_output(self, scope: TrustScope, text: str, final: bool, question: str,
+                           protected: Sequence[str], released: int) -> OutputDecision: ...
+
+    async def verify(self, scope: TrustScope, question: str, answer: str,
+                     sources: Sequence[ScreenItem], model: str) -> Verification: ...
+
+    async def pseudonymize(self, scope: TrustScope, texts: Sequence[str]) -> Pseudonymized: ...
+
+
+class EscalationOpener(Protocol):
+    """Where an escalated Ask waits for a human (`kernel/escalations.py`'s EscalationBook)."""
+
+    def open(self, tenant: str, pid: int, question: str, verdict: Verdict,
+             holding_reply: str) -> str: ...
+
+
+class AuditSink(Protocol):
+    """Where each Ask's record goes (`kernel/audit.py`'s AuditLog)."""
+
+    def append(self, record: dict) -> int: ...

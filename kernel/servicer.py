@@ -10,7 +10,7 @@ from kernel.ask import AskDone, AskQuery, AskRunner
 from kernel.context import ContextManager
 from kernel.memory_syscalls import MemorySyscalls
 from kernel.syscall import syscall
-from kernel.convert import process_to_pb, quota_from_pb, spec_from_pb
+from kernel.convert import process_to_pb, quota_from_pb, spec_from_pb, verdict_to_pb
 from kernel.dispatch import Dispatcher
 from kernel.pagination import page
 from vfmos_runtime import validate
@@ -165,7 +165,9 @@ class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServiceServicer):
                     finish_reason=enum_value(pb.FinishReason, item.finish_reason),
                     usage=usage_to_pb(item.usage), degraded=[
                         pb.Degradation(kind=enum_value(pb.DegradationKind, d.kind),
-                                       reason=d.reason) for d in item.degraded]))
+                                       reason=d.reason) for d in item.degraded],
+                    verdict=verdict_to_pb(item.verdict) if item.verdict else None,
+                    escalation_id=item.escalation_id))
             else:
                 yield pb.AskResponse(text=item)
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from libvfm.types import (AskResult, Collection, ContextItem, DaemonStatus, Degradation,
-                          Identity, MemoryEntry, Process, ProcessSpec, SearchHit, SystemUsage,
-                          TenantUsage, TokenInfo, WorkingSet)
+from libvfm.types import (AskResult, CheckResult, Collection, ContextItem, DaemonStatus,
+                          Degradation, Identity, MemoryEntry, Process, ProcessSpec, SearchHit,
+                          SystemUsage, TenantUsage, TokenInfo, Verdict, WorkingSet)
 # The client also encodes quotas and specs and decodes usage: the shared conversions.
 from vfmos_runtime.convert import counters_from_pb, enum_str, quota_from_pb, seconds
 from vfmos_runtime.convert import document_kind_to_pb as document_kind_to_pb
@@ -20,7 +20,22 @@ def ask_result_from_pb(text: str, done: pb.AskDone) -> AskResult:
     return AskResult(text, enum_str(pb.FinishReason, done.finish_reason),
                      usage_from_pb(done.usage),
                      [Degradation(enum_str(pb.DegradationKind, d.kind), d.reason)
-                      for d in done.degraded])
+                      for d in done.degraded],
+                     verdict_from_pb(done.verdict, done.escalation_id)
+                     if done.HasField("verdict") else None)
+
+
+def verdict_from_pb(v: pb.Verdict, escalation_id: str = "") -> Verdict:
+    return Verdict(
+        outcome=enum_str(pb.VerdictOutcome, v.outcome), system=v.system,
+        elapsed_ms=v.elapsed_ms, reasons=list(v.reasons), escalation_id=escalation_id,
+        policy_version=v.policy_version, level=v.level, unverified=v.unverified,
+        dropped_items=list(v.dropped_items), revisions=v.revisions,
+        checks=[CheckResult(check=c.check, score=c.score, threshold=c.threshold,
+                            outcome=enum_str(pb.VerdictOutcome, c.outcome), reason=c.reason,
+                            system=c.system, elapsed_ms=c.elapsed_ms, target=c.target,
+                            spans=[(s.start, s.end, s.label) for s in c.spans])
+                for c in v.checks])
 
 
 def process_from_pb(msg: pb.Process) -> Process:

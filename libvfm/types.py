@@ -38,6 +38,81 @@ class Degradation:
 
 
 @dataclass
+class CheckResult:
+    """One trust check of an Ask: a calibrated `score` (0..1) against the policy's
+    `threshold`, what it decided alone, why, where (`spans`: (start, end, label)) and on
+    which text (`target`: "question", "item:N", "output", "answer")."""
+
+    check: str
+    score: float
+    threshold: float
+    outcome: str
+    reason: str = ""
+    system: int = 1
+    elapsed_ms: float = 0.0
+    target: str = ""
+    spans: list[tuple[int, int, str]] = field(default_factory=list)
+
+
+# How `Verdict.summary` says an outcome (a redacted answer was allowed: what was redacted
+# follows), and names what a redaction replaced.
+_DONE = {"allow": "allowed", "redact": "allowed", "revise": "revised", "refuse": "refused",
+         "escalate": "escalated"}
+_ENTITY_WORDS = {"EMAIL_ADDRESS": "email", "PHONE_NUMBER": "phone number", "PERSON": "name",
+                 "CREDIT_CARD": "card number", "IBAN_CODE": "IBAN", "IP_ADDRESS": "IP address",
+                 "US_SSN": "SSN", "LOCATION": "place", "DATE_TIME": "date"}
+
+
+@dataclass
+class Verdict:
+    """What the trust agent decided about an Ask: `outcome` (allow, redact, revise, refuse,
+    escalate), whether deliberate checks ran (`system` 2) and how long all took, every check,
+    the reasons, and the escalation id when a human must decide. `unverified`: vfm-trustd
+    was not reachable and the policy let the answer through unchecked."""
+
+    outcome: str
+    system: int = 1
+    elapsed_ms: float = 0.0
+    checks: list[CheckResult] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    escalation_id: str = ""
+    policy_version: int = 0
+    level: str = ""
+    unverified: bool = False
+    dropped_items: list[str] = field(default_factory=list)
+    revisions: int = 0
+
+    def summary(self) -> str:
+        """One line for people: "allowed · s1 4 ms · pii: redacted 1 email"."""
+        parts = [_DONE.get(self.outcome, self.outcome or "unchecked")]
+        if self.unverified:
+            parts.append("unverified")
+        elif self.level == "off":
+            parts.append("trust off")
+        else:
+            parts.append(f"s{self.system} {self.elapsed_ms:.0f} ms")
+        for check in sorted({c.check for c in self.checks if c.outcome == "redact"}):
+            counts: dict[str, int] = {}
+            for c in self.checks:
+                if c.check == check and c.outcome == "redact":
+                    for _, _, label in c.spans:
+                        counts[label] = counts.get(label, 0) + 1
+            things = [f"{n} {_ENTITY_WORDS.get(label, label.lower().replace('_', ' '))}"
+                      f"{'s' if n > 1 else ''}" for label, n in sorted(counts.items())]
+            parts.append(f"{check}: redacted {', '.join(things) or 'text'}")
+        if self.dropped_items:
+            parts.append(f"dropped {len(self.dropped_items)} item"
+                         f"{'s' if len(self.dropped_items) > 1 else ''}")
+        if self.revisions:
+            parts.append(f"revised {self.revisions}x")
+        if self.escalation_id:
+            parts.append(f"escalation {self.escalation_id}")
+        if self.outcome in ("refuse", "escalate") and self.reasons:
+            parts.append(self.reasons[0])
+        return " · ".join(parts)
+
+
+@dataclass
 class AskResult:
     """What an Ask ended with, after every piece of text was streamed."""
 
@@ -45,6 +120,12 @@ class AskResult:
     finish_reason: str
     usage: Usage
     degraded: list[Degradation] = field(default_factory=list)  # empty: it lacked nothing
+    verdict: Verdict | None = None  # None when vfmd runs with the trust agent off
+
+    @property
+    def escalation_id(self) -> str:
+        """The escalation to wait for (finish reason "escalated"), else ""."""
+        return self.verdict.escalation_id if self.verdict else ""
 
     @property
     def memory_unavailable(self) -> bool:

@@ -62,8 +62,10 @@ def wait_for(predicate, timeout: float = 20.0, what: str = "condition", log=None
 
 
 def start_kernel(state_dir: Path, *extra: str, env: dict | None = None) -> Daemon:
+    """vfmd on `state_dir`; without vfm-trustd unless `extra` says `--trust on` (vfmd refuses
+    every Ask while trust is on and no vfm-trustd ever answered)."""
     daemon = Daemon(["-m", "kernel.main", "--state-dir", str(state_dir),
-                     "--health-interval", "0.3", *extra],
+                     "--health-interval", "0.3", "--trust", "off", *extra],
                     state_dir / "logs" / "vfmd.log", env=env).start()
     wait_for(lambda: _pings(state_dir) or not daemon.alive(), what="vfmd to serve", log=daemon.log)
     assert daemon.alive(), daemon.log()
