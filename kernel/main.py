@@ -11,7 +11,9 @@ import lmdb
 from grpc_health.v1 import health_pb2
 
 from kernel import config as kconfig
-from kernel.adapters import GrpcDataClient, GrpcModelClient
+from kernel.adapters import GrpcDataClient, GrpcModelClient, TrustPolicyClient
+from kernel.audit import HEAD_FILE, AuditLog, AuditStore
+from kernel.escalations import EscalationBook
 from kernel.ask import AskRunner
 from kernel.context import ContextManager
 from kernel.dispatch import Dispatcher
@@ -26,6 +28,7 @@ from vfmos_runtime.server import (DaemonStartError, ServerConfig, create_server,
 from kernel.servicer import KernelServicer
 from kernel.store import KernelStore
 from kernel.table import ProcessTable
+from kernel.trust_syscalls import TrustParts
 from vfmos_runtime.paths import credentials_socket
 from vfmos.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 
@@ -40,6 +43,8 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
         store = KernelStore(cfg.data_dir,
                             before_commit=(lambda: time.sleep(delay_s)) if delay_s else None)
         outbox_store = OutboxStore(store)  # its table is opened before any write is queued
+        audit = AuditLog(AuditStore(store, cfg.data_dir / HEAD_FILE))
+        escalations = EscalationBook(store, audit)
     except (lmdb.Error, OSError) as exc:
         raise DaemonStartError(f"cannot open the kernel store in {cfg.data_dir}: {exc}") from exc
     table = ProcessTable(store, reap_after_s=cfg.reap_after_s)
@@ -52,7 +57,8 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     outbox = ExchangeOutbox(outbox_store, data)
     context = ContextManager(table, data, PageTable(store), outbox)
     asks = AskRunner(table, GrpcModelClient(registry), dispatcher, context)
-    servicer = KernelServicer(table, registry, auth, asks, dispatcher, started, context)
+    servicer = KernelServicer(table, registry, auth, asks, dispatcher, started, context,
+                              TrustParts(TrustPolicyClient(registry), audit, escalations))
     server_cfg = ServerConfig(unix_socket=cfg.socket, tcp_listen=cfg.listen,
                               tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
     try:
