@@ -10,7 +10,7 @@ chain where it happened, and a deleted tail leaves a head that names a record no
 
 What this does not do: someone who may write the store and the head file can rewrite the
 whole chain from a changed record on, hashes and heads included. Against that the head would
-have to leave the host (or be signed with a key the kernel alone holds); see docs/trust.md.
+have to leave the host, or be signed with a key the kernel alone holds.
 """
 
 from __future__ import annotations
