@@ -191,16 +191,23 @@ class AuditStore:
             for key, raw in cursor:
                 yield bytes(key), bytes(raw)
 
-    def snapshot(self) -> tuple[list[tuple[bytes, bytes]], Head | None]:
-        """Every row and the store's head, read in one transaction."""
-        with self._store.read() as txn:
-            rows = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self._db)]
-            raw = txn.get(_HEAD_KEY, db=self._head_db)
-        return rows, Head.from_bytes(raw) if raw else None
+    def view(self):
+        """A read transaction and the head file, taken together: (txn, file head). The
+        caller aborts the transaction when done."""
+        return self._store.read(), self.file_head()
+
+    def rows_in(self, txn) -> Iterable[tuple[bytes, bytes]]:
+        for key, raw in txn.cursor(db=self._db):
+            yield bytes(key), bytes(raw)
+
+    def head_in(self, txn) -> Head | None:
+        raw = txn.get(_HEAD_KEY, db=self._head_db)
+        return Head.from_bytes(raw) if raw else None
 
     def after_writes(self, fn: Callable[[], object]) -> Future:
-        """`fn()` on the writer thread once every write queued before it is durable and its
-        head file is written: a consistent moment to read the chain and both heads."""
+        """`fn()` on the writer thread once every write queued before it is committed and
+        named by the head file (done callbacks run before the writer takes its next group,
+        and appends come from one thread, the event loop, which registers them at once)."""
         return self._store.submit(lambda txn: fn())
 
     def _write_head_file(self, seq: int, packed: bytes) -> None:
@@ -288,14 +295,26 @@ class AuditLog:
 
     def verify(self) -> Verification:
         """Check the whole chain against both heads (blocking: a read of every record)."""
-        rows, store_head = self._store.snapshot()
-        return verify_chain(rows, store_head, self._store.file_head())
+        txn, file_head = self._store.view()
+        try:
+            return verify_chain(self._store.rows_in(txn), self._store.head_in(txn), file_head)
+        finally:
+            txn.abort()
 
     async def verify_async(self) -> Verification:
-        """`verify` on the store's writer thread, after every append queued so far is
-        durable and named by the head file: never a false alarm from a write in flight,
-        and the event loop goes on meanwhile."""
-        return await asyncio.wrap_future(self._store.after_writes(self.verify))
+        """`verify` of the chain as it is once every append queued so far is durable and
+        named by the head file (so never a false alarm from a write in flight). Only the
+        snapshot is taken on the store's writer thread; the hashing runs on a worker thread,
+        so neither the event loop nor the writes behind it wait for a long chain."""
+        # The first round commits every append queued before this call; the second takes
+        # the view before anything queued meanwhile is committed.
+        await asyncio.wrap_future(self._store.after_writes(lambda: None))
+        txn, file_head = await asyncio.wrap_future(self._store.after_writes(self._store.view))
+        try:
+            return await asyncio.to_thread(lambda: verify_chain(
+                self._store.rows_in(txn), self._store.head_in(txn), file_head))
+        finally:
+            txn.abort()
 
 
 def _checked(record: dict, clock: Callable[[], float]) -> dict:

@@ -212,6 +212,23 @@ def test_record_waits_until_durable_and_verify_async_sees_it(tmp_path):
         store.close()
 
 
+def test_verify_async_right_after_appends_sees_them_all(tmp_path):
+    store, audit = _open(tmp_path)
+
+    async def run():
+        for i in range(50):
+            audit.append(_ask(i=i))
+        first = await audit.verify_async()
+        for i in range(50):
+            audit.append(_ask(i=i))
+        return first, await audit.verify_async()
+    try:
+        first, second = asyncio.run(run())
+        assert (first.ok, first.records, second.ok, second.records) == (True, 50, True, 100)
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("record, field", [
     ({"kind": "chat", "tenant": "a", "pid": 1}, "kind"),
     ({"kind": "ask", "tenant": "", "pid": 1}, "tenant"),
