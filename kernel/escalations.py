@@ -15,7 +15,7 @@ import enum
 import re
 import secrets
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 from kernel.audit import AuditLog
@@ -71,7 +71,6 @@ class Escalation:
     created_at: float = 0.0
     resolved_at: float = 0.0
     audit_seq: int = 0               # the audit record of the resolution
-    extra: dict = field(default_factory=dict)
 
     @property
     def resolved(self) -> bool:
