@@ -122,7 +122,7 @@ def test_every_trust_command_has_help():
 def with_trustd(seeded):
     from libvfm import Client
     from tests.conftest import Daemon, wait_for
-    from tests.integration.test_trust_syscalls import HAS_TRUSTD
+    from tests.integration.test_trust_syscalls import HAS_TRUSTD, _answers
     if not HAS_TRUSTD:
         pytest.skip("vfm-trustd not built in this branch")
     state = seeded[0]
@@ -130,9 +130,7 @@ def with_trustd(seeded):
                      "--kernel-socket", str(state / "vfmd.sock")],
                     state / "logs" / "vfm-trustd.log").start()
     with Client(state / "vfmd.sock") as client:
-        wait_for(lambda: any(d.name == "vfm-trustd" and d.health == "SERVING"
-                             for d in client.services()), 180, "vfm-trustd to serve",
-                 log=trustd.log)
+        wait_for(lambda: _answers(client), 180, "vfm-trustd to answer", log=trustd.log)
     yield state
     trustd.stop()
 
