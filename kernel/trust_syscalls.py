@@ -188,24 +188,31 @@ def _check_document(document: str, filename: str, required: bool) -> None:
 
 
 def record_to_pb(r: dict) -> pb.AuditRecord:
-    checks = [pb.CheckScore(check=str(c.get("check", "")), score=float(c.get("score", 0.0)),
-                            threshold=float(c.get("threshold", 0.0)),
-                            outcome=str(c.get("outcome", "")), reason=str(c.get("reason", "")),
-                            system=int(c.get("system", 0)),
-                            elapsed_ms=float(c.get("elapsed_ms", 0.0)),
-                            target=str(c.get("target", "")))
+    """A stored record on the wire; a field the writer left out or None reads as unset."""
+    def text(d: dict, k: str) -> str:
+        return str(d.get(k) or "")
+
+    def num(d: dict, k: str, kind=float):
+        try:
+            return kind(d.get(k) or 0)
+        except (TypeError, ValueError):
+            return kind(0)
+    checks = [pb.CheckScore(check=text(c, "check"), score=num(c, "score"),
+                            threshold=num(c, "threshold"), outcome=text(c, "outcome"),
+                            reason=text(c, "reason"), system=num(c, "system", int),
+                            elapsed_ms=num(c, "elapsed_ms"), target=text(c, "target"))
               for c in r.get("checks") or () if isinstance(c, dict)]
     return pb.AuditRecord(
-        seq=r["seq"], time=timestamp(r.get("time", 0.0)), kind=r.get("kind", ""),
-        tenant=r.get("tenant", ""), pid=r.get("pid", 0), model=str(r.get("model", "")),
-        policy_version=int(r.get("policy_version") or r.get("version") or 0), checks=checks,
-        verdict=str(r.get("verdict", "")), reasons=[str(x) for x in r.get("reasons") or ()],
-        tokens_in=int(r.get("tokens_in", 0)), tokens_out=int(r.get("tokens_out", 0)),
-        cost=float(r.get("cost", 0.0)), prompt_sha256=str(r.get("prompt_sha256", "")),
-        answer_sha256=str(r.get("answer_sha256", "")),
-        prompt_text=str(r.get("prompt_text", "")), answer_text=str(r.get("answer_text", "")),
+        seq=r["seq"], time=timestamp(num(r, "time")), kind=text(r, "kind"),
+        tenant=text(r, "tenant"), pid=num(r, "pid", int), model=text(r, "model"),
+        policy_version=num(r, "policy_version", int) or num(r, "version", int), checks=checks,
+        verdict=text(r, "verdict"), reasons=[str(x) for x in r.get("reasons") or ()],
+        tokens_in=num(r, "tokens_in", int), tokens_out=num(r, "tokens_out", int),
+        cost=num(r, "cost"), prompt_sha256=text(r, "prompt_sha256"),
+        answer_sha256=text(r, "answer_sha256"), prompt_text=text(r, "prompt_text"),
+        answer_text=text(r, "answer_text"),
         attributes={k: str(v) for k, v in r.items() if k not in _RECORD_FIELDS},
-        hash=r.get("hash", ""), prev_hash=r.get("prev_hash", ""))
+        hash=text(r, "hash"), prev_hash=text(r, "prev_hash"))
 
 
 def escalation_to_pb(e: Escalation) -> pb.Escalation:

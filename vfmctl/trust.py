@@ -235,7 +235,7 @@ def add_commands(add: Callable, client_for: Callable, pid_of: Callable,
     p.add_argument("--since", help="records from this time on: ISO 8601, or an age (2h, 7d)")
     p.add_argument("--verdict", default="", help="only records with this verdict "
                    "(allow, redact, refuse, escalate, ...)")
-    p.add_argument("--kind", default="", choices=("", "ask", "policy", "escalation"),
+    p.add_argument("--kind", default="", choices=("ask", "policy", "escalation"),
                    help="only records of this kind")
 
     p = add("escalations", lambda a: cmd_escalations(a, client_for),
@@ -243,13 +243,13 @@ def add_commands(add: Callable, client_for: Callable, pid_of: Callable,
     p.set_defaults(escalation_cmd=None)
     sub = p.add_subparsers(dest="escalation_cmd", metavar="ACTION")
     listing = sub.add_parser("list", help="list escalations (the default action)")
-    listing.add_argument("--state", default="", choices=("", *ESCALATION_STATES),
+    listing.add_argument("--state", default="", choices=ESCALATION_STATES,
                          help="only escalations in this state")
     show = sub.add_parser("show", help="show one escalation")
-    show.add_argument("id")
+    show.add_argument("id", help="the escalation's id (12 hex digits, as listed)")
     resolve = sub.add_parser("resolve", help="decide an open escalation (audited; the "
                              "waiting client hears it)")
-    resolve.add_argument("id")
+    resolve.add_argument("id", help="the escalation's id (12 hex digits, as listed)")
     choice = resolve.add_mutually_exclusive_group(required=True)
     choice.add_argument("--approve", action="store_true", help="let the held answer go out")
     choice.add_argument("--reject", action="store_true", help="refuse it")

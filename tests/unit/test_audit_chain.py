@@ -242,3 +242,12 @@ def test_a_malformed_record_is_refused_and_leaves_the_chain_alone(tmp_path, reco
         assert audit.head.seq == 0
     finally:
         store.close()
+
+
+def test_a_record_with_missing_or_null_fields_still_reads_on_the_wire():
+    from kernel.trust_syscalls import record_to_pb
+    msg = record_to_pb({"seq": 3, "kind": "ask", "tenant": "a", "pid": 1, "time": 5.0,
+                        "tokens_in": None, "cost": None, "checks": [{"score": None}, "junk"],
+                        "reasons": None, "exchange": "x1"})
+    assert (msg.seq, msg.tokens_in, msg.cost, len(msg.checks), msg.attributes["exchange"]) == (
+        3, 0, 0.0, 1, "x1")
