@@ -105,7 +105,9 @@ class Target:
         def resolve(value):
             if isinstance(value, PoolPid):
                 choices = self.own[pool_of][-POOL_SLOTS:] + self.foreign[pool_of]
-                return choices[value.index % len(choices)] if choices else value.index
+                if choices:
+                    return choices[value.index % len(choices)]
+                value = value.index  # an empty pool: the slot number, which may be keeper's
             if pool_of == "admin" and value in self.protected:
                 return -value - 1  # never the keeper's pid: an admin may change it
             return value

@@ -216,6 +216,14 @@ VALID: dict[str, dict] = {
                         "pid": 1},
     "CreateToken": {"tenant": "fz-tenant", "label": "fuzz"},
     "RevokeToken": {"token_id": "0" * 16}, "ListTokens": {"page_size": 1},
+    "ApplyPolicy": {"pid": _OWN, "document": "level: standard\n", "filename": "policy.yaml"},
+    "GetPolicy": {"pid": _OWN},
+    "TestPolicy": {"document": "level: fast\n", "text": "When is low water?"},
+    "ListAudit": {"pid": _OWN, "page_size": 2}, "VerifyAudit": {},
+    "ListEscalations": {"state": 1, "page_size": 2},
+    "GetEscalation": {"id": "0" * 12},
+    "ResolveEscalation": {"id": "0" * 12, "decision": 3, "text": "fuzzed reply"},
+    "WaitEscalation": {"id": "0" * 12, "timeout": {"nanos": 1_000_000}},
 }
 
 

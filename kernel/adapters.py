@@ -482,3 +482,61 @@ _RELAYED = {
     "DeleteSource": (delete_source_to_data, delete_source_from_data),
     "Search": (search_to_data, search_from_data),
 }
+
+
+# trust service: the policy calls (vfmctl policy ...); the Ask path has its own client
+TRUST_POLICY_TIMEOUT_S = 30.0       # parse and store a policy; a test runs the fast checks
+TRUST_TEST_TIMEOUT_S = 120.0        # ...and a first test may load the checks' models
+
+
+class TrustPolicyClient:
+    """PutPolicy, GetPolicy and TestPolicy of vfm-trustd, as kernel.v1 replies; the tenant
+    and pid are always the kernel's, never the client's."""
+
+    def __init__(self, registry: ServiceRegistry):
+        self._registry = registry
+
+    async def _call(self, method: str, request, timeout: float):
+        stub = trust_pb2_grpc.TrustServiceStub(self._registry.channel(TRUST_SERVICE))
+        try:
+            return await getattr(stub, method)(request, timeout=timeout,
+                                               metadata=self._registry.metadata(TRUST_SERVICE))
+        except grpc.RpcError as exc:
+            raise _service_error(self._registry, TRUST_SERVICE, exc) from None
+
+    async def put_policy(self, tenant: str, pid: int, document: str, filename: str,
+                         author: str) -> kpb.ApplyPolicyResponse:
+        reply = await self._call("PutPolicy", trust_pb2.PutPolicyRequest(
+            scope=trust_pb2.Scope(tenant=tenant, pid=pid), document=document,
+            filename=filename, author=author), TRUST_POLICY_TIMEOUT_S)
+        return kpb.ApplyPolicyResponse(version=reply.version, effective_json=reply.effective_json,
+                                       document_sha256=reply.document_sha256)
+
+    async def get_policy(self, tenant: str, pid: int) -> kpb.GetPolicyResponse:
+        reply = await self._call("GetPolicy", trust_pb2.GetPolicyRequest(
+            scope=trust_pb2.Scope(tenant=tenant, pid=pid)), TRUST_POLICY_TIMEOUT_S)
+        return kpb.GetPolicyResponse(effective_json=reply.effective_json, version=reply.version,
+                                     origin=reply.origin, document=reply.document)
+
+    async def test_policy(self, tenant: str, pid: int, document: str, filename: str,
+                          text: str, output_text: str) -> kpb.TestPolicyResponse:
+        reply = await self._call("TestPolicy", trust_pb2.TestPolicyRequest(
+            scope=trust_pb2.Scope(tenant=tenant, pid=pid), document=document,
+            filename=filename, text=text, output_text=output_text), TRUST_TEST_TIMEOUT_S)
+        return kpb.TestPolicyResponse(
+            input=_test_verdict(reply.input),
+            output=_test_verdict(reply.output) if reply.HasField("output") else None)
+
+
+def _outcome(value: int) -> str:
+    return enum_str(trust_pb2.Outcome, value)
+
+
+def _test_verdict(v) -> kpb.PolicyTestVerdict:
+    return kpb.PolicyTestVerdict(
+        outcome=_outcome(v.outcome), reasons=list(v.reasons), system=v.system,
+        elapsed_ms=v.elapsed_ms, redacted_text=v.redacted_text, holding_reply=v.holding_reply,
+        level=v.level, escalation_rule=v.escalation_rule,
+        checks=[kpb.CheckScore(check=c.check, score=c.score, threshold=c.threshold,
+                               outcome=_outcome(c.outcome), reason=c.reason, system=c.system,
+                               elapsed_ms=c.elapsed_ms, target=c.target) for c in v.checks])

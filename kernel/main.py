@@ -11,7 +11,9 @@ import lmdb
 from grpc_health.v1 import health_pb2
 
 from kernel import config as kconfig
-from kernel.adapters import GrpcDataClient, GrpcModelClient, GrpcTrustClient
+from kernel.adapters import GrpcDataClient, GrpcModelClient, GrpcTrustClient, TrustPolicyClient
+from kernel.audit import HEAD_FILE, AuditLog, AuditStore
+from kernel.escalations import EscalationBook
 from kernel.ask import AskRunner
 from kernel.context import ContextManager
 from kernel.dispatch import Dispatcher
@@ -27,6 +29,7 @@ from kernel.servicer import KernelServicer
 from kernel.store import KernelStore
 from kernel.table import ProcessTable
 from kernel.trust_path import TrustGate
+from kernel.trust_syscalls import TrustParts
 from vfmos_runtime.paths import credentials_socket
 from vfmos.kernel.v1 import kernel_pb2, kernel_pb2_grpc
 
@@ -41,6 +44,8 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
         store = KernelStore(cfg.data_dir,
                             before_commit=(lambda: time.sleep(delay_s)) if delay_s else None)
         outbox_store = OutboxStore(store)  # its table is opened before any write is queued
+        audit = AuditLog(AuditStore(store, cfg.data_dir / HEAD_FILE))
+        escalations = EscalationBook(store, audit)
     except (lmdb.Error, OSError) as exc:
         raise DaemonStartError(f"cannot open the kernel store in {cfg.data_dir}: {exc}") from exc
     table = ProcessTable(store, reap_after_s=cfg.reap_after_s)
@@ -52,11 +57,11 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     data = GrpcDataClient(registry)
     outbox = ExchangeOutbox(outbox_store, data)
     context = ContextManager(table, data, PageTable(store), outbox)
-    # The audit log and the escalation book join the gate when they are built (kernel/audit.py,
-    # kernel/escalations.py); until then an escalation ends as a refusal.
-    trust = TrustGate(GrpcTrustClient(registry) if cfg.trust == "on" else None)
+    trust = TrustGate(GrpcTrustClient(registry) if cfg.trust == "on" else None,
+                      escalations, audit)
     asks = AskRunner(table, GrpcModelClient(registry), dispatcher, context, trust)
-    servicer = KernelServicer(table, registry, auth, asks, dispatcher, started, context)
+    servicer = KernelServicer(table, registry, auth, asks, dispatcher, started, context,
+                              TrustParts(TrustPolicyClient(registry), audit, escalations))
     server_cfg = ServerConfig(unix_socket=cfg.socket, tcp_listen=cfg.listen,
                               tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
     try:

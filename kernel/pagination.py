@@ -28,6 +28,16 @@ def _decode(rpc: str, token: str) -> int | str:
     return key
 
 
+def encode_token(rpc: str, key: int | str) -> str:
+    """The page token of a list call that reads its store page by page (the audit trail)."""
+    return _encode(rpc, key)
+
+
+def decode_token(rpc: str, token: str) -> int | str:
+    """The key a token of `rpc` names; InvalidArgument for anything else."""
+    return _decode(rpc, token)
+
+
 def page(items: Sequence[T], key: Callable[[T], int | str], rpc: str, page_size: int,
          page_token: str) -> tuple[list[T], str]:
     """One page of `items` (sorted by `key`) after the token's item, and the next token.

@@ -278,8 +278,9 @@ class TrustClient(Protocol):
 class EscalationOpener(Protocol):
     """Where an escalated Ask waits for a human (`kernel/escalations.py`'s EscalationBook)."""
 
-    def open(self, tenant: str, pid: int, question: str, verdict: Verdict,
-             holding_reply: str) -> str: ...
+    async def open(self, tenant: str, pid: int, question: str, verdict: Verdict,
+                   holding_reply: str) -> str:
+        """A new escalation, durable when this returns: its id."""
 
 
 class AuditSink(Protocol):

@@ -9,6 +9,7 @@ import time
 from kernel.ask import AskDone, AskQuery, AskRunner
 from kernel.context import ContextManager
 from kernel.memory_syscalls import MemorySyscalls
+from kernel.trust_syscalls import TrustParts, TrustSyscalls
 from kernel.syscall import syscall
 from kernel.convert import process_to_pb, quota_from_pb, spec_from_pb, verdict_to_pb
 from kernel.dispatch import Dispatcher
@@ -25,11 +26,12 @@ from vfmos.kernel.v1 import kernel_pb2_grpc
 log = logging.getLogger("vfmd.syscall")
 
 
-class KernelServicer(MemorySyscalls, kernel_pb2_grpc.KernelServiceServicer):
+class KernelServicer(MemorySyscalls, TrustSyscalls, kernel_pb2_grpc.KernelServiceServicer):
     def __init__(self, table: ProcessTable, registry: ServiceRegistry, auth: Authenticator,
                  asks: AskRunner, dispatcher: Dispatcher, started_at: float,
-                 context: ContextManager):
+                 context: ContextManager, trust: TrustParts):
         self.context = context
+        self.trust_policy, self.audit, self.escalations = trust
         self.dispatcher = dispatcher
         self.table = table
         self.registry = registry

@@ -25,7 +25,9 @@ class KernelStore:
 
     def __init__(self, path: Path, map_size: int = 1 << 30,
                  before_commit: Callable[[], None] | None = None):
-        self._env = open_env(path / "kernel.lmdb", map_size=map_size, max_dbs=8)
+        # Sub-databases: the five below, the outbox's, the audit trail's two and the
+        # escalations' (kernel/outbox.py, audit.py, escalations.py), with room to spare.
+        self._env = open_env(path / "kernel.lmdb", map_size=map_size, max_dbs=16)
         self._meta = self._env.open_db(b"meta")
         self._procs = self._env.open_db(b"procs")
         self._tokens = self._env.open_db(b"tokens")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import inspect
 import logging
 import re
 import time
@@ -74,10 +73,6 @@ def mask(text: str, placeholders: Sequence[Placeholder]) -> str:
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-async def _maybe_await(value):
-    return await value if inspect.isawaitable(value) else value
 
 
 class TrustGate:
@@ -283,8 +278,8 @@ class TrustSession:
             self.verdict.reasons.append("an escalation rule fired but vfmd keeps no escalations")
             self.verdict.outcome = strongest(self.verdict.outcome, "refuse")
             return Ending("refused", self.reply("refusal"))
-        escalation_id = await _maybe_await(book.open(
-            self.scope.tenant, self.scope.pid, self.question, self.final_verdict(), reply))
+        escalation_id = await book.open(
+            self.scope.tenant, self.scope.pid, self.question, self.final_verdict(), reply)
         return Ending("escalated", reply, str(escalation_id))
 
     async def pseudonymize(self, system_prompt: str, prompt: str,

@@ -8,14 +8,18 @@ from typing import AsyncIterator, Callable, Iterator
 
 import grpc
 
-from libvfm import convert
-from vfmos_runtime.errors import Unauthenticated, Unavailable, VfmError, from_rpc_error
+from libvfm import convert, convert_trust
+from vfmos_runtime.errors import (InvalidArgument, Unauthenticated, Unavailable, VfmError,
+                                  from_rpc_error)
 from vfmos_runtime.credentials import fetch_ticket
 from vfmos_runtime.paths import kernel_socket
 from vfmos_runtime.protocol import INGEST_PART_BYTES, MAX_MESSAGE_BYTES, TICKET_HEADER
 from libvfm.types import (AskResult, Collection, DaemonStatus, Identity, IngestResult,
                           MemoryEntry, Process, ProcessSpec, Quota, RecallHit, SearchHit,
                           ServiceRegistration, SystemUsage, TokenInfo, Usage, WorkingSet)
+from libvfm.types import (AuditRecord, AuditVerification, Escalation, Policy, PolicyApplied,
+                          PolicyTest)
+from vfmos_runtime.convert import enum_value
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos.kernel.v1 import kernel_pb2_grpc
 
@@ -70,13 +74,13 @@ class AsyncClient:
             self._ticket = fetch_ticket(self._sock_path)
         return ((TICKET_HEADER, self._ticket),)
 
-    async def _call(self, method: str, request):
+    async def _call(self, method: str, request, timeout: float | None = None):
         """One unary syscall; a stale ticket (kernel restarted) is renewed once."""
         rpc = getattr(self._stub, method)
         for attempt in (0, 1):
             try:
                 return await rpc(request, metadata=self._metadata(renew=attempt == 1),
-                                 timeout=self._timeout)
+                                 timeout=timeout or self._timeout)
             except grpc.RpcError as exc:
                 err = from_rpc_error(exc)
                 if isinstance(err, Unauthenticated) and attempt == 0 and not self._token:
@@ -301,6 +305,72 @@ class AsyncClient:
     async def token_list(self) -> list[TokenInfo]:
         found = await self._pages("ListTokens", pb.ListTokensRequest(), "tokens")
         return [convert.token_from_pb(t) for t in found]
+
+    # trust policies (of the caller's tenant, or of one of its processes: pid)
+    async def apply_policy(self, document: str, *, pid: int = 0,
+                           filename: str = "") -> PolicyApplied:
+        """Set the policy; a bad one raises InvalidArgument naming the line and field."""
+        reply = await self._call("ApplyPolicy", pb.ApplyPolicyRequest(
+            pid=pid, document=document, filename=filename), timeout=max(self._timeout, 60))
+        return convert_trust.applied_from_pb(reply)
+
+    async def get_policy(self, pid: int = 0) -> Policy:
+        return convert_trust.policy_from_pb(
+            await self._call("GetPolicy", pb.GetPolicyRequest(pid=pid)))
+
+    async def test_policy(self, text: str, *, document: str = "", filename: str = "",
+                          output_text: str = "", pid: int = 0) -> PolicyTest:
+        """Run a policy's checks on `text` (and `output_text`) without asking a model;
+        an empty `document` tests the effective policy."""
+        reply = await self._call("TestPolicy", pb.TestPolicyRequest(
+            pid=pid, document=document, filename=filename, text=text,
+            output_text=output_text), timeout=max(self._timeout, 180))
+        return convert_trust.policy_test_from_pb(reply)
+
+    # the audit trail
+    async def audit(self, pid: int = 0, *, since: float = 0.0, verdict: str = "",
+                    kind: str = "") -> list[AuditRecord]:
+        """Audit records, oldest first: the caller's tenant's (an admin's: every tenant's)."""
+        found = await self._pages("ListAudit", pb.ListAuditRequest(
+            pid=pid, since=convert.timestamp(since, "since"), verdict=verdict, kind=kind),
+            "records")
+        return [convert_trust.record_from_pb(r) for r in found]
+
+    async def verify_audit(self) -> AuditVerification:
+        return convert_trust.verification_from_pb(
+            await self._call("VerifyAudit", pb.VerifyAuditRequest(), timeout=max(self._timeout,
+                                                                                  300)))
+
+    # human escalations
+    async def escalations(self, state: str = "") -> list[Escalation]:
+        """Escalations, oldest first; `state`: open, approved, rejected, replied ("" = all)."""
+        request = pb.ListEscalationsRequest(
+            state=enum_value(pb.EscalationState, state, "state"))
+        found = await self._pages("ListEscalations", request, "escalations")
+        return [convert_trust.escalation_from_pb(e) for e in found]
+
+    async def escalation(self, escalation_id: str) -> Escalation:
+        reply = await self._call("GetEscalation", pb.GetEscalationRequest(id=escalation_id))
+        return convert_trust.escalation_from_pb(reply.escalation)
+
+    async def resolve_escalation(self, escalation_id: str, decision: str,
+                                 text: str = "") -> Escalation:
+        """`decision`: approve, reject or reply (with `text`, what the client gets)."""
+        if decision not in convert_trust.DECISIONS:
+            raise InvalidArgument(f"decision must be one of "
+                                  f"{', '.join(convert_trust.DECISIONS)}, got {decision!r}")
+        reply = await self._call("ResolveEscalation", pb.ResolveEscalationRequest(
+            id=escalation_id, decision=enum_value(pb.EscalationDecision, decision, "decision"),
+            text=text))
+        return convert_trust.escalation_from_pb(reply.escalation)
+
+    async def wait_escalation(self, escalation_id: str, timeout: float = 600.0) -> Escalation:
+        """The escalation once a human resolved it, or as it is after `timeout` seconds
+        (`.resolved` tells which)."""
+        reply = await self._call("WaitEscalation", pb.WaitEscalationRequest(
+            id=escalation_id, timeout=convert.duration(timeout, "timeout")),
+            timeout=timeout + self._timeout)
+        return convert_trust.escalation_from_pb(reply.escalation)
 
 
 class Client:

@@ -269,3 +269,118 @@ class ServiceRegistration:
 
     heartbeat_s: float
     kernel_secret: str = field(repr=False)
+
+
+# trust: policies, the audit trail, escalations
+@dataclass
+class PolicyApplied:
+    """A policy that `apply_policy` set: its new version and the effective policy."""
+
+    version: int
+    effective: dict
+    document_sha256: str
+    audit_seq: int
+
+
+@dataclass
+class Policy:
+    """The effective policy of a tenant or process; `origin`: process, tenant or default."""
+
+    effective: dict
+    version: int
+    origin: str
+    document: str = ""
+
+
+@dataclass
+class CheckScore:
+    check: str
+    score: float
+    threshold: float
+    outcome: str
+    reason: str = ""
+    system: int = 1
+    elapsed_ms: float = 0.0
+    target: str = ""
+
+
+@dataclass
+class PolicyTestVerdict:
+    """What a policy decides on a text; `outcome`: allow, redact, revise, refuse, escalate."""
+
+    outcome: str
+    checks: list[CheckScore]
+    reasons: list[str]
+    system: int
+    elapsed_ms: float
+    redacted_text: str = ""
+    holding_reply: str = ""
+    level: str = ""
+    escalation_rule: str = ""
+
+
+@dataclass
+class PolicyTest:
+    """`test_policy`'s result: the input screen, and the output check when one was asked."""
+
+    input: PolicyTestVerdict
+    output: PolicyTestVerdict | None = None
+
+
+@dataclass
+class AuditRecord:
+    seq: int
+    time: float
+    kind: str                        # ask, policy, escalation
+    tenant: str
+    pid: int
+    verdict: str
+    model: str = ""
+    policy_version: int = 0
+    checks: list[CheckScore] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: float = 0.0
+    prompt_sha256: str = ""
+    answer_sha256: str = ""
+    prompt_text: str = ""
+    answer_text: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+    hash: str = ""
+    prev_hash: str = ""
+
+
+@dataclass
+class AuditVerification:
+    """`verify_audit`'s answer; `reason`, `records` and `head_seq` only for administrators."""
+
+    ok: bool
+    first_bad_seq: int
+    reason: str = ""
+    records: int = 0
+    head_seq: int = 0
+
+
+@dataclass
+class Escalation:
+    """An Ask held for a human; `state`: open, approved, rejected or replied."""
+
+    id: str
+    tenant: str
+    pid: int
+    question: str
+    state: str
+    holding_reply: str
+    outcome: str = ""
+    reasons: list[str] = field(default_factory=list)
+    escalation_rule: str = ""
+    text: str = ""                   # the human's reply (replied) or note
+    resolved_by: str = ""
+    created_at: float = 0.0
+    resolved_at: float = 0.0
+    audit_seq: int = 0
+
+    @property
+    def resolved(self) -> bool:
+        return self.state != "open"

@@ -13,7 +13,7 @@ from libvfm import Client, Quota
 from libvfm.errors import NotFound, VfmError
 from libvfm.paths import KERNEL_SOCKET, default_state_dir, kernel_socket
 from libvfm.types import AskResult
-from vfmctl import daemons, knowledge, output
+from vfmctl import daemons, knowledge, output, trust
 
 EXIT_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT: 2, grpc.StatusCode.NOT_FOUND: 3,
@@ -305,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("weight", type=float)
 
     knowledge.add_commands(add, _client, _pid, _common)
+    trust.add_commands(add, _client, _pid, _common)
     add("whoami", cmd_whoami, "show the identity (tenant) the kernel sees for you")
     p = add("token", cmd_token, "manage bearer tokens for TCP clients (admin)")
     tsub = p.add_subparsers(dest="token_cmd", metavar="ACTION", required=True)

@@ -73,3 +73,16 @@ def test_syscall_fuzz_finds_no_internal_unknown_hang_or_crash():
     assert goals == {"internal": 0, "unknown": 0, "hung": 0, "crashes": 0,
                      "data_intact": True}, result.describe()
     assert figures["requests"] + figures["skipped"] == COUNT, result.describe()
+
+
+def test_an_admin_pool_pid_never_names_a_protected_pid_even_when_the_pool_is_empty():
+    # Once the fuzz has killed every admin pid, a pool pid fell back to its slot number,
+    # which could be keeper's pid: an admin may change that process, so it "changed".
+    from bench.fuzz import Target
+    from bench.fuzzgen import PoolPid
+    target = Target.__new__(Target)  # the resolver alone: no daemon to fetch a ticket from
+    target.own, target.foreign = {"admin": [], "mallory": []}, {"admin": [], "mallory": [1]}
+    target.protected = {1}
+    resolve = target.resolver("admin")
+    assert [resolve(PoolPid(i)) for i in range(4)] == [0, -2, 2, 3]
+    assert target.resolver("mallory")(PoolPid(5)) == 1  # mallory is meant to reach it

@@ -206,7 +206,7 @@ class MemBook:
     def __init__(self):
         self.opened: list[tuple] = []
 
-    def open(self, tenant, pid, question, verdict, holding_reply) -> str:
+    async def open(self, tenant, pid, question, verdict, holding_reply) -> str:
         self.opened.append((tenant, pid, question, verdict, holding_reply))
         return f"esc{len(self.opened)}"
 
