@@ -134,7 +134,6 @@ def _spawn(client: Client, name: str, policy: str, **spec) -> int:
     return pid
 
 
-@needs_trustd
 def test_an_email_in_the_answer_is_redacted_before_the_client_sees_it(stack):
     client = stack["client"]
     pid = _spawn(client, "redacting", "level: fast\npii:\n  action: redact\n",
@@ -148,7 +147,6 @@ def test_an_email_in_the_answer_is_redacted_before_the_client_sees_it(stack):
     assert pii and pii[0].outcome == "redact" and "pii: redacted" in result.verdict.summary()
 
 
-@needs_trustd
 def test_an_injected_document_never_reaches_the_model(stack, recorder):
     client = stack["client"]
     client.collection_create("kb-injected")
@@ -167,7 +165,6 @@ def test_an_injected_document_never_reaches_the_model(stack, recorder):
     assert result.verdict.dropped_items and "dropped 1 item" in result.verdict.summary()
 
 
-@needs_trustd
 def test_an_external_server_never_receives_the_email(stack, recorder):
     client = stack["client"]
     pid = _spawn(client, "external", "level: fast\npii:\n  action: allow\n"
@@ -180,7 +177,6 @@ def test_an_external_server_never_receives_the_email(stack, recorder):
     assert EMAIL in result.text.lower()  # restored for the client
 
 
-@needs_trustd
 def test_a_harmful_request_is_refused(stack):
     client = stack["client"]
     pid = _spawn(client, "guarded", "level: fast\n")
@@ -190,7 +186,6 @@ def test_a_harmful_request_is_refused(stack):
     assert result.verdict.reasons
 
 
-@needs_trustd
 def test_a_refund_above_500_goes_to_a_human(stack):
     client = stack["client"]
     policy = ("level: fast\nescalation_rules:\n  - name: big_refund\n    when: {topic: refund, "
@@ -202,7 +197,6 @@ def test_a_refund_above_500_goes_to_a_human(stack):
     assert result.text == "A supervisor will review your refund."
 
 
-@needs_trustd
 def test_strict_level_never_releases_an_answer_that_violates_a_rule(stack):
     client = stack["client"]
     policy = ("level: strict\nrevision:\n  max_revisions: 1\ndomain_rules:\n"
@@ -217,7 +211,6 @@ def test_strict_level_never_releases_an_answer_that_violates_a_rule(stack):
     assert result.verdict.revisions >= 1 or result.finish_reason == "refused"
 
 
-@needs_trustd
 def test_trustd_down_gives_the_policys_outcome(stack):
     client = stack["client"]
     allowing = _spawn(client, "lenient", "level: fast\non_unavailable: allow\n")

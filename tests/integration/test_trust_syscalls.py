@@ -17,14 +17,12 @@ from kernel.escalations import EscalationBook
 from kernel.store import KernelStore
 from libvfm import Client
 from libvfm.errors import FailedPrecondition, InvalidArgument, NotFound
-from tests.conftest import REPO, Daemon, start_kernel, wait_for
+from tests.conftest import Daemon, start_kernel, wait_for
 from tests.integration.test_tenant_isolation import _free_port
 from vfmos_runtime.storage import U64, unpack
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos.kernel.v1 import kernel_pb2_grpc
 
-HAS_TRUSTD = (REPO / "services" / "trust" / "main.py").exists()
-needs_trustd = pytest.mark.skipif(not HAS_TRUSTD, reason="vfm-trustd not built in this branch")
 TENANTS = ("alice", "bob")
 
 
@@ -234,7 +232,6 @@ def trust_stack(stack, state_dir):
     trustd.stop()
 
 
-@needs_trustd
 def test_a_policy_applies_to_its_tenant_only_and_is_audited(trust_stack):
     alice, bob = trust_stack["alice"], trust_stack["bob"]
     applied = alice.apply_policy(POLICY, filename="policy.yaml")
@@ -249,7 +246,6 @@ def test_a_policy_applies_to_its_tenant_only_and_is_audited(trust_stack):
     assert trust_stack["admin"].verify_audit().ok
 
 
-@needs_trustd
 def test_a_process_policy_needs_the_callers_process(trust_stack):
     alice, bob = trust_stack["alice"], trust_stack["bob"]
     pid = alice.spawn("agent").pid
@@ -261,34 +257,18 @@ def test_a_process_policy_needs_the_callers_process(trust_stack):
         bob.get_policy(pid)
 
 
-@needs_trustd
 def test_a_bad_policy_is_refused_with_its_line_and_nothing_is_audited(trust_stack):
     with pytest.raises(InvalidArgument, match=r"policy\.yaml:3: thresholds\.moderation"):
         trust_stack["alice"].apply_policy(BAD_POLICY, filename="policy.yaml")
     assert trust_stack["alice"].audit(kind="policy") == []
 
 
-@needs_trustd
 def test_test_policy_returns_every_score_and_the_verdict(trust_stack):
     result = trust_stack["alice"].test_policy("How do I reset my password?", document=POLICY,
                                               output_text="Click 'forgot password'.")
     assert result.input.outcome == "allow" and result.input.checks
     assert all(0.0 <= c.score <= 1.0 for c in result.input.checks)
     assert result.output is not None and result.output.outcome
-
-
-# --- the kernel's forwarding, against a stand-in that echoes what it was sent -------------
-
-@pytest.fixture
-def standin(stack, state_dir):
-    daemon = Daemon(["-m", "tests.integration.standin_trustd", "--socket",
-                     str(state_dir / "standin-trustd.sock"), "--kernel-socket",
-                     str(state_dir / "vfmd.sock")], state_dir / "logs" / "standin.log").start()
-    # Serving is not enough: the service takes the kernel's secret a moment after the
-    # kernel lists it, and a call before that reads UNAVAILABLE ("not registered again yet").
-    wait_for(lambda: _answers(stack["admin"]), 60, "the stand-in to answer", log=daemon.log)
-    yield stack
-    daemon.stop()
 
 
 def _answers(client: Client) -> bool:
@@ -298,54 +278,3 @@ def _answers(client: Client) -> bool:
         return True
     except Unavailable:
         return False
-
-
-def test_apply_policy_names_the_callers_tenant_and_author_and_is_audited(standin):
-    alice, bob = standin["alice"], standin["bob"]
-    applied = alice.apply_policy(POLICY, filename="policy.yaml")
-    assert (applied.version, applied.effective, applied.audit_seq) == (
-        1, {"tenant": "alice", "pid": 0, "author": "alice"}, 7)
-    assert alice.apply_policy(POLICY).version == 2
-    assert alice.get_policy().effective["tenant"] == "alice"
-    assert bob.get_policy().origin == "default"
-    assert bob.get_policy().effective == {"tenant": "bob"}
-    records = alice.audit(kind="policy")
-    assert [(r.tenant, r.pid, r.policy_version, r.attributes["author"]) for r in records] == [
-        ("alice", 0, 1, "alice"), ("alice", 0, 2, "alice")]
-    assert records[0].attributes["document_sha256"] == applied.document_sha256
-    assert bob.audit(kind="policy") == []
-    assert standin["admin"].verify_audit().ok
-
-
-def test_a_process_policy_is_the_owners_and_another_tenants_pid_is_not_found(standin):
-    alice, bob = standin["alice"], standin["bob"]
-    pid = alice.spawn("agent").pid
-    applied = alice.apply_policy(POLICY, pid=pid)
-    assert applied.effective == {"tenant": "alice", "pid": pid, "author": "alice"}
-    assert alice.get_policy(pid).origin == "process"
-    for call in (lambda: bob.apply_policy(POLICY, pid=pid), lambda: bob.get_policy(pid),
-                 lambda: bob.test_policy("hello", pid=pid)):
-        with pytest.raises(NotFound, match=f"no process with pid {pid}"):
-            call()
-    [record] = alice.audit(kind="policy")
-    assert record.pid == pid
-    # an administrator may set it, as its author, in the owner's scope
-    by_admin = standin["admin"].apply_policy(POLICY, pid=pid)
-    assert by_admin.effective["tenant"] == "alice"
-    assert by_admin.effective["author"].endswith("(admin)")
-
-
-def test_a_refused_policy_keeps_the_services_message_and_is_not_audited(standin):
-    with pytest.raises(InvalidArgument, match=r"^policy\.yaml:3: thresholds\.moderation"):
-        standin["alice"].apply_policy(BAD_POLICY, filename="policy.yaml")
-    assert standin["alice"].audit(kind="policy") == []
-
-
-def test_test_policy_returns_typed_verdicts(standin):
-    result = standin["alice"].test_policy("How do I reset my password?", document=POLICY)
-    assert result.output is None
-    [check] = result.input.checks
-    assert (result.input.outcome, check.check, check.outcome, check.target, check.reason) == (
-        "allow", "moderation", "allow", "question", "scope alice/0")
-    both = standin["alice"].test_policy("hi", output_text="hello")
-    assert both.output is not None and both.output.checks[0].target == "output"
