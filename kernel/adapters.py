@@ -528,15 +528,17 @@ class TrustPolicyClient:
             output=_test_verdict(reply.output) if reply.HasField("output") else None)
 
 
-def _outcome(value: int) -> str:
-    return enum_str(trust_pb2.Outcome, value)
-
-
-def _test_verdict(v) -> kpb.PolicyTestVerdict:
-    return kpb.PolicyTestVerdict(
-        outcome=_outcome(v.outcome), reasons=list(v.reasons), system=v.system,
-        elapsed_ms=v.elapsed_ms, redacted_text=v.redacted_text, holding_reply=v.holding_reply,
-        level=v.level, escalation_rule=v.escalation_rule,
-        checks=[kpb.CheckScore(check=c.check, score=c.score, threshold=c.threshold,
-                               outcome=_outcome(c.outcome), reason=c.reason, system=c.system,
-                               elapsed_ms=c.elapsed_ms, target=c.target) for c in v.checks])
+def _test_verdict(v) -> kpb.Verdict:
+    """vfm-trustd's verdict on a policy test as the kernel's wire says it (the two Outcome
+    enums share their numbers)."""
+    return kpb.Verdict(
+        outcome=v.outcome, reasons=list(v.reasons), system=v.system,
+        elapsed_ms=v.elapsed_ms, policy_version=v.policy_version, level=v.level,
+        escalation_rule=v.escalation_rule, redacted_text=v.redacted_text,
+        holding_reply=v.holding_reply,
+        checks=[kpb.CheckResult(
+            check=c.check, score=c.score, threshold=c.threshold, outcome=c.outcome,
+            reason=c.reason, system=c.system, elapsed_ms=c.elapsed_ms, target=c.target,
+            spans=[kpb.VerdictSpan(start=p.start, end=p.end, label=p.label,
+                                   replacement=p.replacement) for p in c.spans])
+            for c in v.checks])

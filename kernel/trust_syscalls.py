@@ -187,6 +187,11 @@ def _check_document(document: str, filename: str, required: bool) -> None:
         raise InvalidArgument(f"filename: at most {MAX_FILENAME} characters")
 
 
+# An audit record's check outcomes are stored as names ("allow", "redact", ...).
+_OUTCOMES = {name.removeprefix("VERDICT_OUTCOME_").lower(): number
+             for name, number in pb.VerdictOutcome.items()}
+
+
 def record_to_pb(r: dict) -> pb.AuditRecord:
     """A stored record on the wire; a field the writer left out or None reads as unset."""
     def text(d: dict, k: str) -> str:
@@ -197,10 +202,12 @@ def record_to_pb(r: dict) -> pb.AuditRecord:
             return kind(d.get(k) or 0)
         except (TypeError, ValueError):
             return kind(0)
-    checks = [pb.CheckScore(check=text(c, "check"), score=num(c, "score"),
-                            threshold=num(c, "threshold"), outcome=text(c, "outcome"),
-                            reason=text(c, "reason"), system=num(c, "system", int),
-                            elapsed_ms=num(c, "elapsed_ms"), target=text(c, "target"))
+    def outcome(d: dict) -> int:
+        return _OUTCOMES.get(text(d, "outcome"), pb.VERDICT_OUTCOME_UNSPECIFIED)
+    checks = [pb.CheckResult(check=text(c, "check"), score=num(c, "score"),
+                             threshold=num(c, "threshold"), outcome=outcome(c),
+                             reason=text(c, "reason"), system=num(c, "system", int),
+                             elapsed_ms=num(c, "elapsed_ms"), target=text(c, "target"))
               for c in r.get("checks") or () if isinstance(c, dict)]
     return pb.AuditRecord(
         seq=r["seq"], time=timestamp(num(r, "time")), kind=text(r, "kind"),

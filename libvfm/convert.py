@@ -31,11 +31,15 @@ def verdict_from_pb(v: pb.Verdict, escalation_id: str = "") -> Verdict:
         elapsed_ms=v.elapsed_ms, reasons=list(v.reasons), escalation_id=escalation_id,
         policy_version=v.policy_version, level=v.level, unverified=v.unverified,
         dropped_items=list(v.dropped_items), revisions=v.revisions,
-        checks=[CheckResult(check=c.check, score=c.score, threshold=c.threshold,
-                            outcome=enum_str(pb.VerdictOutcome, c.outcome), reason=c.reason,
-                            system=c.system, elapsed_ms=c.elapsed_ms, target=c.target,
-                            spans=[(s.start, s.end, s.label) for s in c.spans])
-                for c in v.checks])
+        escalation_rule=v.escalation_rule, redacted_text=v.redacted_text,
+        holding_reply=v.holding_reply, checks=[check_from_pb(c) for c in v.checks])
+
+
+def check_from_pb(c: pb.CheckResult) -> CheckResult:
+    return CheckResult(check=c.check, score=c.score, threshold=c.threshold,
+                       outcome=enum_str(pb.VerdictOutcome, c.outcome), reason=c.reason,
+                       system=c.system, elapsed_ms=c.elapsed_ms, target=c.target,
+                       spans=[(s.start, s.end, s.label) for s in c.spans])
 
 
 def process_from_pb(msg: pb.Process) -> Process:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from libvfm.types import (AuditRecord, AuditVerification, CheckScore, Escalation, Policy,
-                          PolicyApplied, PolicyTest, PolicyTestVerdict)
+from libvfm.convert import check_from_pb, verdict_from_pb
+from libvfm.types import (AuditRecord, AuditVerification, Escalation, Policy, PolicyApplied,
+                          PolicyTest)
 from vfmos_runtime.convert import enum_str, seconds
 from vfmos.kernel.v1 import kernel_pb2 as pb
 
@@ -22,17 +23,6 @@ def applied_from_pb(m: pb.ApplyPolicyResponse) -> PolicyApplied:
 
 def policy_from_pb(m: pb.GetPolicyResponse) -> Policy:
     return Policy(_json(m.effective_json), m.version, m.origin, m.document)
-
-
-def check_from_pb(c: pb.CheckScore) -> CheckScore:
-    return CheckScore(c.check, c.score, c.threshold, c.outcome, c.reason, c.system,
-                      c.elapsed_ms, c.target)
-
-
-def verdict_from_pb(v: pb.PolicyTestVerdict) -> PolicyTestVerdict:
-    return PolicyTestVerdict(v.outcome, [check_from_pb(c) for c in v.checks], list(v.reasons),
-                             v.system, v.elapsed_ms, v.redacted_text, v.holding_reply, v.level,
-                             v.escalation_rule)
 
 
 def policy_test_from_pb(m: pb.TestPolicyResponse) -> PolicyTest:

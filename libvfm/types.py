@@ -81,6 +81,9 @@ class Verdict:
     unverified: bool = False
     dropped_items: list[str] = field(default_factory=list)
     revisions: int = 0
+    escalation_rule: str = ""
+    redacted_text: str = ""   # policy tests: what would be released
+    holding_reply: str = ""   # policy tests: what the caller would get instead
 
     def summary(self) -> str:
         """One line for people: "allowed · s1 4 ms · pii: redacted 1 email"."""
@@ -293,38 +296,11 @@ class Policy:
 
 
 @dataclass
-class CheckScore:
-    check: str
-    score: float
-    threshold: float
-    outcome: str
-    reason: str = ""
-    system: int = 1
-    elapsed_ms: float = 0.0
-    target: str = ""
-
-
-@dataclass
-class PolicyTestVerdict:
-    """What a policy decides on a text; `outcome`: allow, redact, revise, refuse, escalate."""
-
-    outcome: str
-    checks: list[CheckScore]
-    reasons: list[str]
-    system: int
-    elapsed_ms: float
-    redacted_text: str = ""
-    holding_reply: str = ""
-    level: str = ""
-    escalation_rule: str = ""
-
-
-@dataclass
 class PolicyTest:
     """`test_policy`'s result: the input screen, and the output check when one was asked."""
 
-    input: PolicyTestVerdict
-    output: PolicyTestVerdict | None = None
+    input: Verdict
+    output: Verdict | None = None
 
 
 @dataclass
@@ -337,7 +313,7 @@ class AuditRecord:
     verdict: str
     model: str = ""
     policy_version: int = 0
-    checks: list[CheckScore] = field(default_factory=list)
+    checks: list[CheckResult] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     tokens_in: int = 0
     tokens_out: int = 0

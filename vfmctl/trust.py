@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from libvfm.errors import InvalidArgument
-from libvfm.types import AuditRecord, Escalation, PolicyTestVerdict
+from libvfm.types import AuditRecord, Escalation, Verdict
 from vfmctl import output
 from vfmctl.knowledge import parse_time
 
@@ -92,7 +92,7 @@ def cmd_policy(args, client_for: Callable, pid_of: Callable) -> int:
     return 0
 
 
-def _verdict_table(what: str, verdict: PolicyTestVerdict) -> None:
+def _verdict_table(what: str, verdict: Verdict) -> None:
     table = Table(box=None, pad_edge=False, title_justify="left",
                   title=f"{what}: {verdict.outcome or '-'} (system {verdict.system}, "
                         f"{verdict.elapsed_ms:.1f} ms{f', level {verdict.level}' if verdict.level else ''})")
