@@ -77,28 +77,58 @@ class _OfflineEmailRecognizer(EmailRecognizer):
         return self._tld(pattern_text.rsplit("@", 1)[-1]).fqdn != ""
 
 
+class _LuhnCardRecognizer(PatternRecognizer):
+    """Card numbers of any issuer (presidio's pattern knows few prefixes): 12-19 digits passing
+    the Luhn checksum, surer with a card word nearby."""
+
+    def __init__(self):
+        super().__init__(
+            supported_entity="CREDIT_CARD", name="LuhnCardRecognizer",
+            patterns=[Pattern("12-19 digits", r"(?<![\w-])\d(?:[ -]?\d){11,18}(?![\w-])", 0.5)],
+            context=["card", "credit", "debit", "visa", "mastercard", "amex", "cc"])
+
+    def validate_result(self, pattern_text: str):
+        digits = [int(c) for c in pattern_text if c.isdigit()][::-1]
+        total = sum(digits[0::2]) + sum(sum(divmod(2 * d, 10)) for d in digits[1::2])
+        return total % 10 == 0
+
+
+class _CapitalisedRecognizer(PatternRecognizer):
+    """A pattern whose every word must start with a capital (a name after "call me", not
+    "call me back")."""
+
+    def validate_result(self, pattern_text: str):
+        return all(word[0].isupper() for word in pattern_text.split())
+
+
 def _custom_recognizers() -> list[EntityRecognizer]:
-    """Recognizers for what presidio's defaults miss: international phone formats near phone
-    words, street addresses, and names introduced by a title or a naming phrase."""
+    """Recognizers for what presidio's defaults miss: cards of any issuer, international phone
+    formats near phone words, timestamps, and names introduced by a title or a naming phrase."""
     phone = PatternRecognizer(
         supported_entity="PHONE_NUMBER", name="GenericPhoneRecognizer",
         patterns=[Pattern("international", r"(?<![\w.+-])\+\d{1,3}[ .-]?(?:\(0\)[ .-]?)?\d{1,4}"
-                                           r"(?:[ .-]\d{1,4}){1,4}(?![\w-])", 0.6),
-                  Pattern("grouped", r"(?<![\w.+-])\(?\d{2,4}\)?(?:[ .-]\d{2,4}){1,4}"
-                                     r"(?:\s?x\d{1,5})?(?![\w-])", 0.2)],
+                                           r"(?:[ .-]\d{1,4}){1,4}(?:\s?x\d{1,5})?(?![\w-])", 0.6),
+                  Pattern("grouped", r"(?<![\w.+-])(?:\(\d{2,4}\)\s?|\d{2,4}[ .-])\d{2,6}"
+                                     r"(?:[ .-]\d{2,4}){0,3}(?:\s?x\d{1,5})?(?![\w-])", 0.2)],
         context=["phone", "call", "mobile", "cell", "fax", "desk", "tel", "telephone",
-                 "number", "reach", "text", "answering", "whatsapp", "messages"])
-    street_words = (r"(?:Street|St\.?|Avenue|Ave\.?|Road|Rd\.?|Boulevard|Blvd\.?|Lane|Ln\.?|"
-                    r"Drive|Dr\.?|Court|Ct\.?|Place|Pl\.?|Square|Sq\.?|Way|Terrace|Parkway|"
-                    r"Highway|Hwy|Pass|Crescent|Close|Alley|Row|Circle|Trail|Loop|Plaza)")
-    address = PatternRecognizer(
-        supported_entity="LOCATION", name="StreetAddressRecognizer",
-        patterns=[Pattern("number street suffix",
-                          r"\b\d{1,6}[A-Za-z]?\s+(?:[A-Z][\w'.-]*\s+){0,4}" + street_words +
-                          r"(?:\s+(?:North|South|East|West|N|S|E|W)\b)?", 0.6),
-                  Pattern("unit", r"\b(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Flat)\s*#?\d+\w?", 0.5)],
-        context=["address", "located", "live", "lives", "street", "meet", "return"])
-    return [phone, address]
+                 "reach", "text", "answering", "whatsapp", "messages", "contact"])
+    timestamp = PatternRecognizer(
+        supported_entity="DATE_TIME", name="TimestampRecognizer",
+        patterns=[Pattern("date and time", r"\b\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(?::\d{2})?\b", 0.8),
+                  Pattern("month day year", r"\b(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|"
+                                            r"Dec)[a-z]*\.? \d{1,2}(?:st|nd|rd|th)?,? \d{4}\b", 0.7)])
+    titled = _CapitalisedRecognizer(
+        supported_entity="PERSON", name="NamingPhraseRecognizer",
+        patterns=[Pattern("title name", r"(?<=\b(?:Mr|Mrs|Ms|Miss|Dr|Prof|Sir|Mx)\.? )"
+                                        + _NAME, 0.7),
+                  Pattern("naming phrase", r"(?i:(?<=\bmy name is )|(?<=\bcall me )|"
+                                           r"(?<=\bnamed )|(?<=\bcalled )|(?<=\bname: ))" + _NAME,
+                          0.6)])
+    return [_LuhnCardRecognizer(), phone, timestamp, titled]
+
+
+# One to three capitalised words (any script), initials allowed: "Ágnes Földesy", "Ryan P Costa".
+_NAME = r"[^\W\d_][^\W\d_'’-]*(?:[-'’][^\W\d_]+)?(?: (?:[A-Z]\.?|[^\W\d_][^\W\d_'’-]+)){0,2}"
 
 
 def _build_analyzer() -> AnalyzerEngine:
@@ -113,21 +143,24 @@ def _build_analyzer() -> AnalyzerEngine:
 
 @dataclass(frozen=True)
 class Hit:
-    """One detected entity, with presidio's confidence."""
+    """One detected entity, with presidio's confidence; `from_ner` when spaCy's statistical NER
+    found it rather than a pattern (a pattern with a checksum or a shape is surer of its span)."""
 
     start: int
     end: int
     label: str
     score: float
+    from_ner: bool = False
 
     def span(self, replacement: str = "") -> Span:
         return Span(self.start, self.end, self.label, replacement or f"<{self.label}>")
 
 
 def _resolve_overlaps(hits: Iterable[Hit]) -> list[Hit]:
-    """Keep the best of overlapping hits (higher score, then longer), in text order."""
+    """Keep the best of overlapping hits (patterns before NER, then higher score, then longer),
+    in text order."""
     kept: list[Hit] = []
-    for hit in sorted(hits, key=lambda h: (-h.score, -(h.end - h.start), h.start)):
+    for hit in sorted(hits, key=lambda h: (h.from_ner, -h.score, -(h.end - h.start), h.start)):
         if all(hit.end <= k.start or hit.start >= k.end for k in kept):
             kept.append(hit)
     return sorted(kept, key=lambda h: h.start)
@@ -140,14 +173,22 @@ class PiiDetector:
     def __init__(self):
         self._analyzer = _build_analyzer()
 
+    def supported_entities(self) -> list[str]:
+        return sorted(self._analyzer.get_supported_entities(language="en"))
+
     def find(self, text: str, entities: Sequence[str] = ENTITIES,
              threshold: float = DEFAULT_THRESHOLD) -> list[Hit]:
         if not text.strip():
             return []
         results: list[RecognizerResult] = self._analyzer.analyze(
             text=text, language="en", entities=list(entities), score_threshold=threshold)
-        hits = (Hit(r.start, r.end, r.entity_type, float(r.score)) for r in results)
-        return _resolve_overlaps(_trim(text, h) for h in hits)
+        hits = (Hit(r.start, r.end, r.entity_type, float(r.score),
+                    from_ner=_recognizer(r) == "SpacyRecognizer") for r in results)
+        return _resolve_overlaps(_trim(text, h) for h in _postprocess(text, list(hits)))
+
+
+def _recognizer(result: RecognizerResult) -> str:
+    return (result.recognition_metadata or {}).get(RecognizerResult.RECOGNIZER_NAME_KEY, "")
 
 
 def _trim(text: str, hit: Hit) -> Hit:
@@ -155,9 +196,11 @@ def _trim(text: str, hit: Hit) -> Hit:
     start, end = hit.start, hit.end
     while start < end and not text[start].isalnum() and text[start] not in "+(":
         start += 1
-    while end > start and (text[end - 1].isspace() or text[end - 1] in ",;:!?\"'"):
+    while end > start and (text[end - 1].isspace() or text[end - 1] in ",;:!?\"'>)"):
         end -= 1
-    return Hit(start, end, hit.label, hit.score)
+    if hit.label == "PERSON" and text[start:end].endswith(("'s", "’s")):
+        end -= 2
+    return Hit(start, end, hit.label, hit.score, hit.from_ner)
 
 
 class PiiCheck:
@@ -254,3 +297,94 @@ def _loose(label: str, number: str | None) -> re.Pattern:
     if number is None:  # a bare label without brackets is ordinary text ("email address")
         return re.compile(bracketed, re.IGNORECASE)
     return re.compile(bracketed + r"|(?<![\w<\[{(])" + core, re.IGNORECASE)
+
+
+# --- after presidio: what a date worth hiding is, and addresses assembled from their parts -----
+
+_MONTHS_DAYS = re.compile(r"(?i)\b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\b|"
+                          r"\b(?:mon|tues|wednes|thurs|fri|satur|sun)day\b")
+
+
+def _specific_date(text: str) -> bool:
+    """A DATE_TIME that can identify someone names a day, a month or a year; "next week" and
+    "the first three months" do not, and a bare number is a year only when it looks like one."""
+    if not any(c.isdigit() for c in text):
+        return bool(_MONTHS_DAYS.search(text))
+    if text.isdigit():
+        return len(text) == 4 and 1000 <= int(text) <= 2100
+    return True
+
+
+_STREET_WORD = re.compile(
+    r"(?i)^(?:street|st\.?|str\.|road|rd\.?|avenue|ave\.?|av\.|avda\.|avenida|rue|via|vicolo|"
+    r"viale|corso|piazza|calle|c/|ul\.|u\.|utca|rua|praça|plaza|drive|dr\.|court|ct\.?|lane|"
+    r"ln\.?|way|place|pl\.|square|sq\.?|boulevard|blvd\.?|terrace|parkway|pass|crescent|close|"
+    r"trail|gateway|row|alley|highway|hwy|circle|loop|gardens|mews|hill|park|chemin|allée|"
+    r"platz|weg|vej|gata|katu|tie|laan|straat|plein|kapu)$|"
+    r"(?:stra(?:ss|ß)e|gasse|weg|vej|vägen|gatan|gata|katu|tie|straat|laan|veien|gade|platz)$")
+_UNIT_WORD = re.compile(r"(?i)^(?:apt\.?|apartment|suite|ste\.?|unit|flat|box|psc|floor|fl\.)$")
+_CONNECTOR = frozenset("de del la le les di da do dos das van der den des du nad am an im el "
+                       "von y e of and".split())
+_ADDRESS_TOKEN = re.compile(r"[^\s,]+|,|\n")
+
+
+def _token_kind(tok: str) -> str:
+    if tok in (",", "\n"):
+        return "sep"
+    bare = tok.rstrip(".")
+    if re.fullmatch(r"\d{1,6}(?:-\d{1,4})?[A-Za-z]?|\d{2,3} \d{2}", bare):
+        return "num"
+    if _UNIT_WORD.match(tok):
+        return "unit"
+    if _STREET_WORD.search(tok):
+        return "street"
+    if tok.lower() in _CONNECTOR:
+        return "connector"
+    if tok[0].isupper() or (tok[0] == "(" and len(tok) > 1 and tok[1].isupper()):
+        return "word" if not tok.endswith(":") else "stop"
+    return "stop"
+
+
+def _addresses(text: str) -> list[Hit]:
+    """Street addresses, which no recognizer here knows whole: a run of house numbers, street
+    words, capitalised words, units, commas and single line breaks that holds a number and a
+    street or unit word. The run starts on the line of its first number, street or unit word."""
+    tokens = [(m.start(), m.end(), _token_kind(m.group())) for m in _ADDRESS_TOKEN.finditer(text)]
+    found, i = [], 0
+    while i < len(tokens):
+        if tokens[i][2] not in ("num", "unit", "street"):
+            i += 1
+            continue
+        start = i  # back up over the words of the same line ("Avda. Rio Nalon 58")
+        while start > 0 and tokens[start - 1][2] in ("word", "street", "connector", "num"):
+            start -= 1
+        end = i
+        while end + 1 < len(tokens) and tokens[end + 1][2] != "stop":
+            if tokens[end + 1][2] == "sep" and end + 2 < len(tokens) and \
+                    text[tokens[end][1]:tokens[end + 2][0]].count("\n") > 1:
+                break  # a blank line ends the address
+            end += 1
+        while end > start and tokens[end][2] in ("sep", "connector"):
+            end -= 1
+        while start < end and tokens[start][2] == "connector":
+            start += 1
+        kinds = [t[2] for t in tokens[start:end + 1]]
+        if "num" in kinds and ("street" in kinds or "unit" in kinds):
+            lo, hi = tokens[start][0], tokens[end][1]
+            if text[hi - 1] == "." and not re.search(r"(?i)\b(?:st|apt|u|ave|rd|dr)\.$",
+                                                     text[lo:hi]):
+                hi -= 1
+            found.append(Hit(lo, hi, "LOCATION", 0.7))
+        i = end + 1
+    return found
+
+
+def _postprocess(text: str, hits: list[Hit]) -> list[Hit]:
+    """Drop vague dates, let an assembled address replace the pieces NER saw in it, trim."""
+    hits = [h for h in hits if h.label != "DATE_TIME" or _specific_date(text[h.start:h.end])]
+    addresses = _addresses(text)
+    structured = ("EMAIL_ADDRESS", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN")
+    kept = [h for h in hits
+            if h.label in structured and h.score >= 0.5
+            or not any(h.start < a.end and a.start < h.end for a in addresses)]
+    return kept + addresses
