@@ -128,7 +128,8 @@ def _custom_recognizers() -> list[EntityRecognizer]:
 
 
 # One to three capitalised words (any script), initials allowed: "Ágnes Földesy", "Ryan P Costa".
-_NAME = r"[^\W\d_][^\W\d_'’-]*(?:[-'’][^\W\d_]+)?(?: (?:[A-Z]\.?|[^\W\d_][^\W\d_'’-]+)){0,2}"
+_NAME = (r"[^\W\d_][^\W\d_'’-]*(?:[-'’][^\W\d_]+)?"
+         r"(?: (?:[^\W\d_][^\W\d_'’-]+|[A-Z]\.?(?!\w))){0,2}")
 
 
 def _build_analyzer() -> AnalyzerEngine:
@@ -187,6 +188,9 @@ class PiiDetector:
         return _resolve_overlaps(_trim(text, h) for h in _postprocess(text, list(hits)))
 
 
+_TITLE = re.compile(r"(?:Mr|Mrs|Ms|Miss|Dr|Prof|Sir|Mx|Madam|Mme|Herr|Frau)\b\.?\s*")
+
+
 def _recognizer(result: RecognizerResult) -> str:
     return (result.recognition_metadata or {}).get(RecognizerResult.RECOGNIZER_NAME_KEY, "")
 
@@ -198,9 +202,15 @@ def _trim(text: str, hit: Hit) -> Hit:
         start += 1
     while end > start and (text[end - 1].isspace() or text[end - 1] in ",;:!?\"'>)"):
         end -= 1
-    if hit.label == "PERSON" and text[start:end].endswith(("'s", "’s")):
-        end -= 2
-    return Hit(start, end, hit.label, hit.score, hit.from_ner)
+    if hit.label == "PERSON":
+        if text[start:end].endswith(("'s", "’s")):
+            end -= 2
+        if "\n" in text[start:end]:  # NER runs a name into the next line of a form
+            end = text.index("\n", start)
+        title = _TITLE.match(text, start, end)
+        if title:
+            start = title.end()
+    return Hit(start, max(start, end), hit.label, hit.score, hit.from_ner)
 
 
 class PiiCheck:
@@ -345,6 +355,18 @@ def _token_kind(tok: str) -> str:
     return "stop"
 
 
+def _ends_sentence(text: str, tokens: list[tuple[int, int, str]], at: int) -> bool:
+    """Token `at` closes a sentence: it ends in ?/! or is a number ending in a full stop that
+    no unit, street word or number follows ("... 99081. Please" but "Rákóczi út 66. Apt. 268")."""
+    tok = text[tokens[at][0]:tokens[at][1]]
+    if tok[-1] in "?!":
+        return True
+    if tok[-1] != "." or tokens[at][2] != "num":
+        return False
+    after = next((t[2] for t in tokens[at + 1:] if t[2] != "sep"), "stop")
+    return after not in ("unit", "street", "num")
+
+
 def _addresses(text: str) -> list[Hit]:
     """Street addresses, which no recognizer here knows whole: a run of house numbers, street
     words, capitalised words, units, commas and single line breaks that holds a number and a
@@ -359,7 +381,8 @@ def _addresses(text: str) -> list[Hit]:
         while start > 0 and tokens[start - 1][2] in ("word", "street", "connector", "num"):
             start -= 1
         end = i
-        while end + 1 < len(tokens) and tokens[end + 1][2] != "stop":
+        while end + 1 < len(tokens) and tokens[end + 1][2] != "stop" \
+                and not _ends_sentence(text, tokens, end):
             if tokens[end + 1][2] == "sep" and end + 2 < len(tokens) and \
                     text[tokens[end][1]:tokens[end + 2][0]].count("\n") > 1:
                 break  # a blank line ends the address
@@ -369,8 +392,12 @@ def _addresses(text: str) -> list[Hit]:
         while start < end and tokens[start][2] == "connector":
             start += 1
         kinds = [t[2] for t in tokens[start:end + 1]]
-        if "num" in kinds and ("street" in kinds or "unit" in kinds):
+        numbered_street = re.search(r"num (?:word |connector )*word num", " ".join(kinds))
+        if "num" in kinds and ("street" in kinds or "unit" in kinds
+                               or numbered_street and "sep" in kinds):
             lo, hi = tokens[start][0], tokens[end][1]
+            if text[hi - 1] in "?!":
+                hi -= 1
             if text[hi - 1] == "." and not re.search(r"(?i)\b(?:st|apt|u|ave|rd|dr)\.$",
                                                      text[lo:hi]):
                 hi -= 1
