@@ -4,19 +4,39 @@ and numbered placeholders for text that leaves the host (restored in the answer)
 from __future__ import annotations
 
 import re
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import spacy
 import tldextract
-from presidio_analyzer import (AnalyzerEngine, EntityRecognizer, Pattern, PatternRecognizer,
-                               RecognizerRegistry, RecognizerResult)
-from presidio_analyzer.nlp_engine import NerModelConfiguration, NlpArtifacts, SpacyNlpEngine
-from presidio_analyzer.predefined_recognizers import (CreditCardRecognizer, DateRecognizer,
-                                                      EmailRecognizer, IbanRecognizer,
-                                                      IpRecognizer, PhoneRecognizer,
-                                                      SpacyRecognizer, UsSsnRecognizer)
+
+
+@contextmanager
+def _transformers_hidden() -> Iterator[None]:
+    """presidio_analyzer imports Hugging Face transformers for an NLP engine we never use, which
+    triples its import time (seconds per process); hide the package while presidio loads unless
+    something already imported it."""
+    if "transformers" in sys.modules:
+        yield
+        return
+    sys.modules["transformers"] = None  # type: ignore[assignment]  # import fails -> presidio skips
+    try:
+        yield
+    finally:
+        del sys.modules["transformers"]
+
+
+with _transformers_hidden():
+    from presidio_analyzer import (AnalyzerEngine, EntityRecognizer, Pattern, PatternRecognizer,
+                                   RecognizerRegistry, RecognizerResult)
+    from presidio_analyzer.nlp_engine import NerModelConfiguration, NlpArtifacts, SpacyNlpEngine
+    from presidio_analyzer.predefined_recognizers import (CreditCardRecognizer, DateRecognizer,
+                                                          EmailRecognizer, IbanRecognizer,
+                                                          IpRecognizer, PhoneRecognizer,
+                                                          SpacyRecognizer, UsSsnRecognizer)
 
 from services.trust.checks import Finding, Span, Text
 
