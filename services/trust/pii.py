@@ -235,6 +235,8 @@ def _trim(text: str, hit: Hit) -> Hit:
         start += 1
     while end > start and (text[end - 1].isspace() or text[end - 1] in ",;:!?\"'>)"):
         end -= 1
+    if hit.label == "LOCATION" and text.startswith(("the ", "The "), start) and hit.from_ner:
+        start += 4
     if hit.label == "PERSON":
         if text[start:end].endswith(("'s", "’s")):
             end -= 2
@@ -356,22 +358,34 @@ _MONTHS_DAYS = re.compile(r"(?i)\b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov
 
 
 def _specific_date(text: str) -> bool:
-    """A DATE_TIME that can identify someone names a day, a month or a year; "next week" and
-    "the first three months" do not, and a bare number is a year only when it looks like one."""
+    """A DATE_TIME that can identify someone names a day, a month or a year; durations ("8+
+    years", "the first three months"), decades ("the 60s") and "next week" do not, and a bare
+    number is a year only when it looks like one."""
     if not any(c.isdigit() for c in text):
         return bool(_MONTHS_DAYS.search(text))
     if text.isdigit():
         return len(text) == 4 and 1000 <= int(text) <= 2100
+    if _DECADE.fullmatch(text):
+        return False
+    if _DURATION.search(text):
+        return bool(_MONTHS_DAYS.search(text) or re.search(r"\b\d{4}\b", text))
     return True
 
 
+_DECADE = re.compile(r"(?i)(?:the )?'?(?:\d\d)?\d0'?s")
+_DURATION = re.compile(r"(?i)\b(?:years?|months?|weeks?|days?|hours?|decades?|centur(?:y|ies))\b")
+
+
+# Street words of the languages whose addresses we meet (whole words, then word endings).
 _STREET_WORD = re.compile(
     r"(?i)^(?:street|st\.?|str\.|road|rd\.?|avenue|ave\.?|av\.|avda\.|avenida|rue|via|vicolo|"
-    r"viale|corso|piazza|calle|c/|ul\.|u\.|utca|rua|praça|plaza|drive|dr\.|court|ct\.?|lane|"
-    r"ln\.?|way|place|pl\.|square|sq\.?|boulevard|blvd\.?|terrace|parkway|pass|crescent|close|"
-    r"trail|gateway|row|alley|highway|hwy|circle|loop|gardens|mews|hill|park|chemin|allée|"
-    r"platz|weg|vej|gata|katu|tie|laan|straat|plein|kapu)$|"
-    r"(?:stra(?:ss|ß)e|gasse|weg|vej|vägen|gatan|gata|katu|tie|straat|laan|veien|gade|platz)$")
+    r"viale|corso|piazza|piazzetta|strada|calle|carrer|paseo|camino|c/|ul\.|ulica|al\.|aleja|"
+    r"plac|u\.|utca|út|rkp\.|körút|tér|rua|praça|plaza|drive|dr\.|court|ct\.?|lane|ln\.?|way|"
+    r"place|pl\.|square|sq\.?|boulevard|blvd\.?|terrace|terrasse|parkway|pass|crescent|close|"
+    r"trail|gateway|row|alley|highway|hwy|circle|loop|gardens|mews|hill|park|chemin|impasse|"
+    r"quai|allée|allé|platz|ring|damm|weg|vej|vei|veien|gate|gade|stræde|torv|gata|gränd|väg|"
+    r"katu|tie|polku|laan|straat|plein|gracht|dijk|kapu|náměstí|třída)$|"
+    r"(?:stra(?:ss|ß)e|gasse|weg|vej|veien|vägen|gatan|gata|katu|tie|straat|laan|gade|platz)$")
 _UNIT_WORD = re.compile(r"(?i)^(?:apt\.?|apartment|suite|ste\.?|unit|flat|box|psc|floor|fl\.)$")
 _CONNECTOR = frozenset("de del la le les di da do dos das van der den des du nad am an im el "
                        "von y e of and".split())
@@ -381,8 +395,8 @@ _ADDRESS_TOKEN = re.compile(r"[^\s,]+|,|\n")
 def _token_kind(tok: str) -> str:
     if tok in (",", "\n"):
         return "sep"
-    bare = tok.rstrip(".")
-    if re.fullmatch(r"\d{1,6}(?:-\d{1,4})?[A-Za-z]?|\d{2,3} \d{2}", bare):
+    bare = tok.rstrip(".?!;:")
+    if re.fullmatch(r"\d{1,6}(?:-\d{1,4})?[A-Za-z]?", bare):
         return "num"
     if _UNIT_WORD.match(tok):
         return "unit"
@@ -390,8 +404,9 @@ def _token_kind(tok: str) -> str:
         return "street"
     if tok.lower() in _CONNECTOR:
         return "connector"
-    if tok[0].isupper() or (tok[0] == "(" and len(tok) > 1 and tok[1].isupper()):
-        return "word" if not tok.endswith(":") else "stop"
+    letter = next((c for c in tok if c.isalpha()), "")
+    if letter.isupper() and not tok[0].isdigit() and not tok.endswith(":"):
+        return "word"  # "Porto", "ΑΓΙΟΣ", "(Greek)", "∆ΟΜΕΤΙΟΣ"
     return "stop"
 
 
@@ -399,10 +414,12 @@ def _ends_sentence(text: str, tokens: list[tuple[int, int, str]], at: int) -> bo
     """Token `at` closes a sentence: it ends in ?/! or is a number ending in a full stop that
     no unit, street word or number follows ("... 99081. Please" but "Rákóczi út 66. Apt. 268")."""
     tok = text[tokens[at][0]:tokens[at][1]]
-    if tok[-1] in "?!":
+    if tok[-1] in "?!;":
         return True
     if tok[-1] != "." or tokens[at][2] != "num":
         return False
+    if at + 1 < len(tokens) and text[tokens[at + 1][0]] == "\n":
+        return False  # the next line of the address
     after = next((t[2] for t in tokens[at + 1:] if t[2] != "sep"), "stop")
     return after not in ("unit", "street", "num")
 
@@ -436,7 +453,7 @@ def _addresses(text: str) -> list[Hit]:
         if "num" in kinds and ("street" in kinds or "unit" in kinds
                                or numbered_street and "sep" in kinds):
             lo, hi = tokens[start][0], tokens[end][1]
-            if text[hi - 1] in "?!":
+            while text[hi - 1] in "?!;:":
                 hi -= 1
             if text[hi - 1] == "." and not re.search(r"(?i)\b(?:st|apt|u|ave|rd|dr)\.$",
                                                      text[lo:hi]):
