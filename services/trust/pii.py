@@ -306,21 +306,32 @@ def pseudonymize(texts: list[str], entities: Sequence[str] = ENTITIES,
                  detector: PiiDetector | None = None,
                  threshold: float = DEFAULT_THRESHOLD) -> tuple[list[str], list[Placeholder]]:
     """Replace PII in all texts with numbered placeholders; one original gets one placeholder in
-    every text (`<EMAIL_ADDRESS_1>`), so a model can still tell two people apart."""
+    every text (`<EMAIL_ADDRESS_1>`), so a model can still tell two people apart. A value found
+    in one text is masked wherever else it occurs, found there or not (context words differ)."""
     detector = detector or PiiDetector()
-    numbered: dict[tuple[str, str], str] = {}
+    found = detector.find_many(texts, entities, threshold)
+    numbered: dict[str, tuple[str, str]] = {}  # original -> (placeholder, label)
     per_label: dict[str, int] = {}
-    out = []
-    for text, hits in zip(texts, detector.find_many(texts, entities, threshold)):
-        spans = []
+    for text, hits in zip(texts, found):
         for hit in hits:
-            key = (hit.label, text[hit.start:hit.end])
-            if key not in numbered:
+            original = text[hit.start:hit.end]
+            if original not in numbered:
                 per_label[hit.label] = per_label.get(hit.label, 0) + 1
-                numbered[key] = f"<{hit.label}_{per_label[hit.label]}>"
-            spans.append(hit.span(numbered[key]))
-        out.append(redact(text, spans))
-    return out, [(ph, original, label) for (label, original), ph in numbered.items()]
+                numbered[original] = (f"<{hit.label}_{per_label[hit.label]}>", hit.label)
+    out = [redact(text, _occurrences(text, hits, numbered)) for text, hits in zip(texts, found)]
+    return out, [(ph, original, label) for original, (ph, label) in numbered.items()]
+
+
+def _occurrences(text: str, hits: list[Hit], numbered: dict[str, tuple[str, str]]) -> list[Span]:
+    """Spans for the hits of this text and every other whole-word occurrence of a known
+    original, longest originals first so that "Ann Lee" wins over "Ann"."""
+    spans = [hit.span(numbered[text[hit.start:hit.end]][0]) for hit in hits]
+    for original in sorted(numbered, key=len, reverse=True):
+        placeholder, label = numbered[original]
+        for m in re.finditer(r"(?<!\w)" + re.escape(original) + r"(?!\w)", text):
+            if all(m.end() <= s.start or m.start() >= s.end for s in spans):
+                spans.append(Span(m.start(), m.end(), label, placeholder))
+    return spans
 
 
 def restore(text: str, placeholders: Sequence[Placeholder]) -> str:
@@ -367,6 +378,8 @@ def _specific_date(text: str) -> bool:
         return len(text) == 4 and 1000 <= int(text) <= 2100
     if _DECADE.fullmatch(text):
         return False
+    if not any(c.isalpha() for c in text):  # digits only: a date shape or a year, not "95 12"
+        return bool(re.search(r"\d{1,4}[/.:-]\d{1,2}|\b\d{4}\b", text))
     if _DURATION.search(text):
         return bool(_MONTHS_DAYS.search(text) or re.search(r"\b\d{4}\b", text))
     return True

@@ -103,6 +103,17 @@ def test_pseudonymize_then_restore_round_trips(detector):
     assert [restore(m, placeholders) for m in masked] == texts
 
 
+def test_an_original_found_once_is_masked_everywhere(detector):
+    # The grouped digits are a phone number only next to a phone word; the second text has none,
+    # yet the same value must not leave the host there either.
+    texts = ["Please call me at 471 07 95 12 tomorrow.", "The code 471 07 95 12 did not work."]
+    assert detector.find(texts[1]) == []
+    masked, placeholders = pseudonymize(texts, detector=detector)
+    assert masked == ["Please call me at <PHONE_NUMBER_1> tomorrow.",
+                      "The code <PHONE_NUMBER_1> did not work."]
+    assert [restore(m, placeholders) for m in masked] == texts
+
+
 def test_restore_tolerates_what_a_model_does_to_placeholders(detector):
     _, placeholders = pseudonymize(["Mail dana.kowalski@example.org or lee.park@example.net "
                                     "about Margaret Thompson."], detector=detector)
