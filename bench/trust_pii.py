@@ -190,11 +190,7 @@ def presidio_default_sm():
     return predict
 
 
-def ours():
-    from services.trust import pii
-
-    detector = pii.PiiDetector()
-
+def ours(detector):
     def predict(text: str) -> list[Triple]:
         return [(h.start, h.end, h.label) for h in detector.find(text)]
     return predict
@@ -202,9 +198,33 @@ def ours():
 
 # --- the section -------------------------------------------------------------------------------
 
+QUESTIONS = "xstest_dev.jsonl"  # short questions as users type them, for the latency figure
+
+
+def question_latency(data_dir: Path, detector, quick: bool,
+                     fast: bool = False) -> tuple[list[float], list[float]]:
+    """Wall and CPU milliseconds of the check on each typical 1-3 sentence question."""
+    with open(Path(data_dir) / QUESTIONS) as f:
+        texts = [json.loads(line)["text"] for line in f][: 80 if quick else None]
+    for text in texts[:5]:  # warm caches, as a running daemon has them
+        detector.find(text)
+    wall, cpu = [], []
+    for text in texts:
+        started, cpu0 = time.perf_counter(), time.thread_time()
+        detector.find(text, fast=fast)
+        wall.append((time.perf_counter() - started) * 1000.0)
+        cpu.append((time.thread_time() - cpu0) * 1000.0)
+    return wall, cpu
+
+
 def evaluate(data_dir: Path, quick: bool) -> tuple[dict, list[tuple]]:
+    from services.trust.pii import PiiDetector
+
     records = load(Path(data_dir) / FILE, quick)
-    scores = {"ours": run(records, ours()), "regex": run(records, regex_baseline),
+    detector = PiiDetector()
+    q_wall, q_cpu = question_latency(data_dir, detector, quick)
+    fast_wall, fast_cpu = question_latency(data_dir, detector, quick, fast=True)
+    scores = {"ours": run(records, ours(detector)), "regex": run(records, regex_baseline),
               "presidio_sm": run(records, presidio_default_sm())}
     f1 = {name: s.micro().prf()[2] for name, s in scores.items()}
     mine = scores["ours"]
@@ -220,6 +240,13 @@ def evaluate(data_dir: Path, quick: bool) -> tuple[dict, list[tuple]]:
         "pii_masked_chars": round(mine.masked_chars / max(1, mine.gold_chars), 4),
         "pii_ms_p50": round(percentile(mine.ms, 50), 2),
         "pii_ms_p99": round(percentile(mine.ms, 99), 2),
+        "pii_question_ms_p50": round(percentile(q_wall, 50), 2),
+        "pii_question_ms_p99": round(percentile(q_wall, 99), 2),
+        "pii_question_cpu_ms_p50": round(percentile(q_cpu, 50), 2),
+        "pii_question_cpu_ms_p99": round(percentile(q_cpu, 99), 2),
+        "pii_question_fast_ms_p50": round(percentile(fast_wall, 50), 2),
+        "pii_question_fast_ms_p99": round(percentile(fast_wall, 99), 2),
+        "pii_question_fast_cpu_ms_p50": round(percentile(fast_cpu, 50), 2),
         "pii_cpu_ms_p50": round(percentile(mine.cpu_ms, 50), 2),
         "pii_cpu_ms_p99": round(percentile(mine.cpu_ms, 99), 2),
         "pii_per_entity": {kind: dict(zip(("p", "r", "f1"), (round(x, 4) for x in c.prf())),
@@ -244,6 +271,15 @@ def evaluate(data_dir: Path, quick: bool) -> tuple[dict, list[tuple]]:
             ("pii", "ms per text p50 / p99", f"{figures['pii_ms_p50']} / {figures['pii_ms_p99']}",
              f"{percentile(base['regex'].ms, 50):.2f} / {percentile(base['regex'].ms, 99):.2f}",
              "", "few ms"),
+            ("pii", "ms per question p50 / p99 (XSTest)",
+             f"{figures['pii_question_ms_p50']} / {figures['pii_question_ms_p99']}", "", "",
+             "few ms"),
+            ("pii", "CPU ms per question p50 / p99",
+             f"{figures['pii_question_cpu_ms_p50']} / {figures['pii_question_cpu_ms_p99']}", "",
+             "", "few ms"),
+            ("pii", "ms per question, fast path p50 / p99",
+             f"{figures['pii_question_fast_ms_p50']} / {figures['pii_question_fast_ms_p99']}",
+             "", "", "few ms"),
             ("pii", "CPU ms per text p50 / p99",
              f"{figures['pii_cpu_ms_p50']} / {figures['pii_cpu_ms_p99']}",
              f"{percentile(base['regex'].cpu_ms, 50):.2f} / {percentile(base['regex'].cpu_ms, 99):.2f}",

@@ -167,3 +167,11 @@ def test_the_check_never_touches_the_network(tmp_path):
 def test_every_default_entity_is_supported(detector):
     supported = set(detector.supported_entities())
     assert set(ENTITIES) <= supported
+
+
+def test_the_fast_path_still_finds_what_patterns_find(detector):
+    fast = PiiCheck(detector=detector, fast=True)
+    text = "how do i update the card 4111 1111 1111 1111 and mail dana.kowalski@example.org?"
+    labels = {s.label for s in fast.check(Text(text)).spans}
+    assert labels == {"CREDIT_CARD", "EMAIL_ADDRESS"}
+    assert {s.label for s in fast.check(Text(SAMPLES[6][0])).spans} == {"PERSON"}
