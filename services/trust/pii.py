@@ -77,11 +77,12 @@ class _NerOnlySpacyEngine(SpacyNlpEngine):
         artifacts = super()._doc_to_nlp_artifact(doc, language)
         # presidio matches context words against lemmas; without a lemmatizer use the words.
         artifacts.lemmas = [token.lower_ for token in doc]
-        artifacts.keywords = [w for w in artifacts.lemmas if w.strip() and not w in _STOP]
+        # Not spaCy's stop words, which hold context words such as "call" and "name".
+        artifacts.keywords = [w for w in artifacts.lemmas if w.strip() and w not in _FILLER]
         return artifacts
 
 
-_STOP = frozenset("a an the is are was of to in on at for and or my your me i".split())
+_FILLER = frozenset("a an the is are was of to in on at for and or my your me i".split())
 
 
 class _OfflineEmailRecognizer(EmailRecognizer):
