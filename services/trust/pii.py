@@ -135,9 +135,11 @@ def _custom_recognizers() -> list[EntityRecognizer]:
                  "reach", "text", "answering", "whatsapp", "messages", "contact"])
     timestamp = PatternRecognizer(
         supported_entity="DATE_TIME", name="TimestampRecognizer",
-        patterns=[Pattern("date and time", r"\b\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(?::\d{2})?\b", 0.8),
-                  Pattern("month day year", r"\b(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|"
-                                            r"Dec)[a-z]*\.? \d{1,2}(?:st|nd|rd|th)?,? \d{4}\b", 0.7)])
+        patterns=[Pattern("date and time",
+                          r"\b\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(?::\d{2})?\b", 0.8),
+                  Pattern("month day year",
+                          r"\b(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[a-z]*\.? "
+                          r"\d{1,2}(?:st|nd|rd|th)?,? \d{4}\b", 0.7)])
     titled = _CapitalisedRecognizer(
         supported_entity="PERSON", name="NamingPhraseRecognizer",
         patterns=[Pattern("title name", r"(?<=\b(?:Mr|Mrs|Ms|Miss|Dr|Prof|Sir|Mx)\.? )"
@@ -489,7 +491,8 @@ def _ends_sentence(text: str, tokens: list[tuple[int, int, str]], at: int) -> bo
 def _addresses(text: str) -> list[Hit]:
     """Street addresses, which no recognizer here knows whole: a run of house numbers, street
     words, capitalised words, units, commas and single line breaks that holds a number and a
-    street or unit word. The run starts on the line of its first number, street or unit word."""
+    street or unit word, or spans lines with "number Name Name number" ("5850 Jana Nerudy 894").
+    The run starts on the line of its first number, street or unit word."""
     tokens = [(m.start(), m.end(), _token_kind(m.group())) for m in _ADDRESS_TOKEN.finditer(text)]
     found, i = [], 0
     while i < len(tokens):
@@ -526,7 +529,8 @@ def _addresses(text: str) -> list[Hit]:
 
 
 def _postprocess(text: str, hits: list[Hit]) -> list[Hit]:
-    """Drop vague dates, let an assembled address replace the pieces NER saw in it, trim."""
+    """Drop vague dates; an assembled address replaces the pieces NER or a weak pattern saw in
+    it (a checked card, IBAN, email, IP or SSN inside it stays)."""
     hits = [h for h in hits if h.label != "DATE_TIME" or _specific_date(text[h.start:h.end])]
     addresses = _addresses(text)
     structured = ("EMAIL_ADDRESS", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN")
