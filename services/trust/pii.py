@@ -157,7 +157,9 @@ _NAME = (r"[^\W\d_][^\W\d_'’-]*(?:[-'’][^\W\d_]+)?"
 
 def _build_analyzer() -> AnalyzerEngine:
     recognizers = [_OfflineEmailRecognizer(), PhoneRecognizer(), CreditCardRecognizer(),
-                   IbanRecognizer(), IpRecognizer(), UsSsnRecognizer(), DateRecognizer(),
+                   # people type IBANs in lower case too; the checksum still decides
+                   IbanRecognizer(regex_flags=re.DOTALL | re.MULTILINE | re.IGNORECASE),
+                   IpRecognizer(), UsSsnRecognizer(), DateRecognizer(),
                    SpacyRecognizer(supported_entities=["PERSON", "LOCATION", "DATE_TIME"]),
                    *_custom_recognizers()]
     registry = RecognizerRegistry(recognizers=recognizers, supported_languages=["en"])

@@ -175,3 +175,10 @@ def test_the_fast_path_still_finds_what_patterns_find(detector):
     labels = {s.label for s in fast.check(Text(text)).spans}
     assert labels == {"CREDIT_CARD", "EMAIL_ADDRESS"}
     assert {s.label for s in fast.check(Text(SAMPLES[6][0])).spans} == {"PERSON"}
+
+
+def test_an_iban_typed_in_lower_case_is_found(check):
+    text = "my iban is gb82west12345698765432, thanks"
+    spans = check.check(Text(text)).spans
+    assert [(text[s.start:s.end], s.label) for s in spans] == [
+        ("gb82west12345698765432", "IBAN_CODE")]
