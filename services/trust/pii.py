@@ -211,12 +211,32 @@ class PiiDetector:
         """Hits per text. One spaCy batch for all of them: a question and the items of its
         working set cost about 40% less together than one by one. `fast` skips NER on texts
         with no digit and no capitalised word but sentence-initial stop words (two thirds of
-        typical questions, ~2 ms each); it misses names and places typed in lower case."""
+        typical questions, ~2 ms each); it misses names and places typed in lower case.
+        A text longer than spaCy takes is read in pieces cut at white space."""
+        owners, offsets, pieces = [], [], []
+        for n, text in enumerate(texts):
+            for offset, piece in _pieces(text):
+                owners.append(n)
+                offsets.append(offset)
+                pieces.append(piece)
+        found: list[list[Hit]] = [[] for _ in texts]
+        for n, offset, hits in zip(owners, offsets,
+                                   self._find_pieces(pieces, entities, threshold, fast)):
+            found[n] += [Hit(h.start + offset, h.end + offset, h.label, h.score, h.from_ner)
+                         for h in hits]
+        return found
+
+    def _find_pieces(self, texts: list[str], entities: Sequence[str], threshold: float,
+                     fast: bool) -> list[list[Hit]]:
         wanted = set(entities)
         engine = self._analyzer.nlp_engine
         todo = [i for i, t in enumerate(texts) if t.strip()]
         nlp = engine.nlp["en"]
-        tokens_only = {i for i in todo if fast and not _may_name_something(texts[i], nlp)}
+        # NER only where it can matter: an entity of its own is wanted, and (fast) the text
+        # could hold one
+        needs_ner = bool(wanted & set(_SPACY_TO_ENTITY.values()))
+        tokens_only = {i for i in todo
+                       if not needs_ner or fast and not _may_name_something(texts[i], nlp)}
         ner = [i for i in todo if i not in tokens_only]
         artifacts = {i: a for i, (_, a) in zip(ner, engine.process_batch(
             [_truecased(texts[i]) for i in ner], "en", batch_size=max(1, len(ner))))}
@@ -233,6 +253,21 @@ class PiiDetector:
             kept = (_trim(text, h) for h in _postprocess(text, hits) if h.label in wanted)
             found[i] = [h for h in _resolve_overlaps(kept) if h.end > h.start]
         return found
+
+
+PIECE_CHARS = 100_000  # spaCy refuses texts over 1,000,000 characters; its memory grows with them
+
+
+def _pieces(text: str) -> list[tuple[int, str]]:
+    """(offset, piece) of a text, each at most PIECE_CHARS long, cut at white space."""
+    out, at = [], 0
+    while len(text) - at > PIECE_CHARS:
+        cut = max(text.rfind(" ", at, at + PIECE_CHARS), text.rfind("\n", at, at + PIECE_CHARS))
+        cut = cut if cut > at else at + PIECE_CHARS
+        out.append((at, text[at:cut]))
+        at = cut
+    out.append((at, text[at:]))
+    return out
 
 
 _LETTERS = re.compile(r"[^\W\d_]+")

@@ -182,3 +182,10 @@ def test_an_iban_typed_in_lower_case_is_found(check):
     spans = check.check(Text(text)).spans
     assert [(text[s.start:s.end], s.label) for s in spans] == [
         ("gb82west12345698765432", "IBAN_CODE")]
+
+
+def test_a_text_longer_than_spacy_takes_is_read_in_pieces(detector):
+    filler = "nothing to see here " * 60_000  # 1.2 million characters
+    text = filler + "write to dana.kowalski@example.org " + filler
+    hits = detector.find(text, entities=["EMAIL_ADDRESS"])
+    assert [text[h.start:h.end] for h in hits] == ["dana.kowalski@example.org"]
