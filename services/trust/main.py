@@ -75,10 +75,11 @@ def build_checks(cfg: TrustConfig) -> CheckSet:
     if "pii" in families:
         notify_status("loading the PII recognizers")
         pii = _module("pii")
-        checks.pii = lambda entities, threshold: pii.PiiCheck(entities=list(entities),
-                                                              threshold=threshold)
-        checks.pseudonymize = pii.pseudonymize
-        checks.pii(("EMAIL_ADDRESS",), 0.5)  # load spaCy now, not on the first Ask
+        detector = pii.PiiDetector()  # spaCy and presidio load once, for every policy
+        checks.pii = lambda entities, threshold: pii.PiiCheck(
+            entities=list(entities), threshold=threshold, detector=detector)
+        checks.pseudonymize = lambda texts, entities: pii.pseudonymize(
+            texts, entities, detector=detector)
     if "grounding" in families:
         checks.grounding = _with_embedder(_module("grounding").GroundingCheck, embedder)
     if "constraints" in families:
