@@ -199,11 +199,11 @@ _VALUE = re.compile(
     r"(?P<cmp>" + _LOWER_WORDS + r"|" + _UPPER_WORDS + r"|between|from|of|is|are|was|=|≈|~|"
     r"about|around|approximately|roughly|near|nearly|close to|of about|of around|equal to|"
     r"equals|reaching|measured at|calculated at|computed as|at)?\s*"
-    r"(?P<a>(?<![\w.,])" + _NUM + r")(?:\s*(?P<ua>" + _UNIT_TOKEN + r"))?"
+    r"(?P<a>(?<![\w.,)])" + _NUM + r")(?:\s*(?P<ua>" + _UNIT_TOKEN + r"))?"
     r"(?:(?P<sep>" + _RANGE_SEP + r")(?P<b>" + _NUM + r")(?:\s*(?P<ub>" + _UNIT_TOKEN + r"))?)?",
     re.IGNORECASE)
 # "a 1.5 eV band gap": the value written before its phrase.
-_VALUE_BEFORE = re.compile(r"(?P<a>(?<![\w.,])" + _NUM + r")\s*(?P<ua>" + _UNIT_TOKEN + r")\s*"
+_VALUE_BEFORE = re.compile(r"(?P<a>(?<![\w.,)])" + _NUM + r")\s*(?P<ua>" + _UNIT_TOKEN + r")\s*"
                            r"(?:[A-Za-z-]+\s+)?$")
 _CLASS = re.compile(
     r"\b(?P<verb>is|are|was|were|be|being|becomes|behaves as|acts as|remains|classified as)\s+"
@@ -313,7 +313,7 @@ _CASE_SENSITIVE_LOWER = {p.lower() for p in _CASE_SENSITIVE}
 def _value_after(window: str) -> re.Match | None:
     """The first number after a phrase, if few words lie between ("a band gap of 1.2 eV")."""
     for candidate in _VALUE.finditer(window):
-        gap = window[:candidate.start()]
+        gap = _FORMULA.sub("X", window[:candidate.start()])  # "the gap of Ca(OH)2 is"
         if len(gap.split()) <= 4 and not re.search(r"[,;(]|\b(?:and|while|whereas)\b", gap):
             return candidate
         return None
