@@ -85,3 +85,23 @@ def evaluate(data_dir: Path, quick: bool, csv_path: Path | str | None = None,
     for kind, text in sorted(misses.items())[:8]:
         rows.append(("constraints", f"missed/false: {kind}", text[:70], "", "", ""))
     return figures, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run this section alone: `python -m bench.trust_constraints [--data-dir DIR] [--quick]`."""
+    import argparse
+
+    from bench.common import REPO, report
+
+    parser = argparse.ArgumentParser(prog="python -m bench.trust_constraints", description=__doc__)
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "trust"))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    figures, rows = evaluate(Path(args.data_dir), args.quick)
+    report("trust: constraints (generated materials claims)", rows,
+           ("task", "figure", "ours", "keyword baseline", "system-1 only", "goal"), figures)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

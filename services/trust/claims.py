@@ -183,7 +183,8 @@ _MP_ID = re.compile(r"\bmp-\d+\b")
 # A sentence ends at . ! ? ; before a space (so "1.5 eV" stays whole) or at a line break.
 _SENTENCE = re.compile(r"\S.*?(?:[.!?;](?=\s|$)|(?=\n)|$)", re.S)
 
-_NUM = r"[-−+]?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s?[×x]\s?10\^?[-−]?\d+|[eE][-−+]?\d+)?"
+_NUM = (r"[-−+]?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+        r"(?:\s?[×x]\s?10\^?[-−]?\d+|[eE][-−+]?\d+)?")
 # Prose after a number is no unit: "between 2 and 4 eV", "2 eV for GaAs".
 _PROSE = (r"(?!(?:and|or|to|for|in|at|on|of|with|than|the|an?|while|which|that|but|is|are|was|"
           r"were|per|from|when|whereas|as|by|so|it|its|this|these)\b)")
@@ -228,7 +229,8 @@ _NO_SUBJECT = "_"
 def _phrase_pattern() -> re.Pattern:
     phrases = sorted(((p, q.name) for q in QUANTITIES.values() for p in q.phrases),
                      key=lambda pq: -len(pq[0]))
-    alternatives = "|".join(r"(?P<q%d>%ss?)" % (i, re.escape(p)) for i, (p, _) in enumerate(phrases))
+    alternatives = "|".join(r"(?P<q%d>%ss?)" % (i, re.escape(p))
+                            for i, (p, _) in enumerate(phrases))
     _phrase_pattern.names = [name for _, name in phrases]  # type: ignore[attr-defined]
     return re.compile(r"(?<![\w-])(?:" + alternatives + r")(?![\w])", re.IGNORECASE)
 

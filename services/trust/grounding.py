@@ -4,9 +4,10 @@ covering the question, MiniLM similarity of answer, question and source sentence
 calibrated "unsupported" score; the answer's unsupported terms are named as spans.
 
 No NLI model can ship here, so the features are built so that neither an answer's length nor
-its plain word overlap decides: the question's own words and answer framing ("based on the
-information provided, the answer is") count as no claim, and the sources must be about the
-question, not merely contain the answer's words."""
+its plain word overlap decides: the question's own words count as no claim, an unsupported name
+or number weighs apart from an unsupported common word (framing such as "based on the
+information provided" is common words), the sources must be about the question, not merely
+contain the answer's words, and no weight may reward an answer for having more words."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ thence there thereafter thereby therefore therein thereupon these they thick thi
 though three through throughout thru thus to together too top toward towards twelve twenty two un
 under until up upon us very via was we well were what whatever when whence whenever where
 whereafter whereas whereby wherein whereupon wherever whether which while whither who whoever
-whole whom whose why will with within without would yet you your yours yourself yourselves""".split())
+whole whom whose why will with within without would yet you your yours yourself
+yourselves""".split())
 _NEGATIONS = frozenset({"not", "no", "never", "only", "none", "neither", "nor"})
 _WORD = re.compile(r"[A-Za-z0-9]+(?:[.'’\-][A-Za-z0-9]+)*")
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s*(?=[A-Z\"“])|\n+")
@@ -55,8 +57,8 @@ _YES_NO_QUESTION = re.compile(r"^\s*(?:are|is|was|were|did|do|does|has|have|had|
 _YES_NO_ANSWER = re.compile(r"^\s*(?:yes|no)\b", re.IGNORECASE)
 
 # The combiner's inputs, in the order the weights expect.
-FEATURES = ("n_novel", "frac_unsupported", "n_unsupported_entity",
-            "n_unsupported_other", "n_novel_entity", "n_novel_other", "question_coverage", "bare_yes_no",
+FEATURES = ("n_novel", "frac_unsupported", "n_unsupported_entity", "n_unsupported_other",
+            "n_novel_entity", "n_novel_other", "question_coverage", "bare_yes_no",
             "yes_no_question", "yes_no_mismatch", "negation", "negation_unsupported",
             "sim_answer", "sim_question", "sim_question_answer", "sim_qa_gain",
             "sim_answer_question")

@@ -94,13 +94,14 @@ def out_of_fold(X: np.ndarray, y: np.ndarray, groups: list[str]) -> np.ndarray:
     return scores
 
 
-def pairing_aurocs(scores: np.ndarray, categories: list[str]) -> dict[str, float]:
+def pairing_aurocs(scores: np.ndarray, categories: list[str],
+                   grounded: tuple[str, ...] = GROUNDED) -> dict[str, float]:
     """AUROC of the "unsupported" score for each {grounded kind} x {unsupported kind}."""
     from sklearn.metrics import roc_auc_score
 
     kinds = np.array(categories)
     out = {}
-    for good in GROUNDED:
+    for good in grounded:
         for bad in UNSUPPORTED:
             mask = (kinds == good) | (kinds == bad)
             if mask.any() and len(set(kinds[mask])) == 2:
