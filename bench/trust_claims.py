@@ -92,12 +92,17 @@ def _true_statements(rnd: random.Random, row: dict) -> list[tuple[str, str]]:
                                    f"{_density_phrase(rnd, density)}."))
     if gap is not None:
         if gap == 0:
-            out.append(("metal", f"{name} is a metal: its band gap is 0 eV."))
-        elif gap >= 3:
-            out.append(("insulator", f"{name} is an insulator with {_gap_phrase(rnd, gap)}."))
+            out.append(("metal", rnd.choice([f"{name} is a metal: its band gap is 0 eV.",
+                                             f"{name}, a metal, has no band gap (0 eV).",
+                                             f"{name} is metallic, with a band gap of 0 meV."])))
         else:
-            out.append(("semiconductor", f"{name} is a semiconductor with "
-                                         f"{_gap_phrase(rnd, gap)}."))
+            kind = "insulator" if gap >= 3 else "semiconductor"
+            article = "an" if kind == "insulator" else "a"
+            out.append((kind, rnd.choice([
+                f"{name} is {article} {kind} with {_gap_phrase(rnd, gap)}.",
+                f"With {_gap_phrase(rnd, gap)}, {name} is {article} {kind}.",
+                f"{name}, {article} {kind}, has {_gap_phrase(rnd, gap)}.",
+                f"{name} is not a metal: it has {_gap_phrase(rnd, gap)}."])))
     if energy is not None:
         unit = rnd.choice(["eV/atom", "meV/atom"])
         value = energy if unit == "eV/atom" else energy * 1000
@@ -118,51 +123,68 @@ def _true_statements(rnd: random.Random, row: dict) -> list[tuple[str, str]]:
 
 # --- violations --------------------------------------------------------------------------------
 
+# Several phrasings per kind, so the set tests the extraction, not one sentence shape.
+_GAP = ("{f} has a band gap of {v} eV.", "The computed band gap of {f} is {v} eV.",
+        "With a band gap of {v} eV, {f} is a candidate absorber.", "{f}: band gap {v} eV.")
+_METAL_GAP = ("{f} is a metal with a band gap of {v} eV.",
+              "{f}, a metal, has a band gap of {v} eV.",
+              "With a band gap of {v} eV, {f} is metallic.",
+              "{f} is metallic; its band gap is {v} eV.")
+_SEMI_NO_GAP = ("{f} is a semiconductor with a band gap of 0 eV.",
+                "{f} is an insulator, yet its band gap is 0 meV.",
+                "Although it has no band gap (0 eV), {f} is a semiconductor.")
+_DENSITY = ("{f} has a density of {v} {u}.", "The density of {f} is {v} {u}.",
+            "{f} is unusually dense, with a mass density of {v} {u}.")
+
+
 def _violations(rnd: random.Random, row: dict) -> list[tuple[str, str, str]]:
     """(kind, text, the rule it violates)."""
-    name = row["formula"]
+    f = row["formula"]
     gap, density = _num(row, "band_gap_eV"), _num(row, "density_g_cm3")
     energy = _num(row, "formation_energy_eV_atom")
     n, eps_inf = _num(row, "refractive_index"), _num(row, "dielectric_electronic")
     out = []
     if gap is not None:
         wrong = -max(gap, rnd.uniform(0.05, 1.5))
-        out.append(("negative_gap", f"{name} has a band gap of {wrong:.2f} eV.",
+        out.append(("negative_gap", rnd.choice(_GAP).format(f=f, v=f"{wrong:.2f}"),
                     "band_gap_range"))
-        out.append(("gap_out_of_range", f"{name} has a band gap of {rnd.uniform(16, 80):.1f} eV.",
+        out.append(("gap_out_of_range",
+                    rnd.choice(_GAP).format(f=f, v=f"{rnd.uniform(16, 80):.1f}"),
                     "band_gap_range"))
-        out.append(("wrong_unit_gap", f"{name} has a band gap of {max(gap, 0.5):.2f} g/cm3.",
+        out.append(("wrong_unit_gap", f"{f} has a band gap of {max(gap, 0.5):.2f} g/cm3.",
                     "band_gap_range"))
-    out.append(("metal_with_gap", f"{name} is a metal with a band gap of "
-                                  f"{rnd.uniform(0.5, 3.0):.1f} eV.", "metal_zero_gap"))
-    out.append(("semiconductor_no_gap", f"{name} is a semiconductor with a band gap of 0 eV.",
-                "gapped_nonmetal"))
+    out.append(("metal_with_gap",
+                rnd.choice(_METAL_GAP).format(f=f, v=f"{rnd.uniform(0.5, 3.0):.1f}"),
+                "metal_zero_gap"))
+    out.append(("semiconductor_no_gap", rnd.choice(_SEMI_NO_GAP).format(f=f), "gapped_nonmetal"))
     if density is not None:
         impossible = rnd.choice([density * rnd.uniform(5, 20), -density,
                                  rnd.uniform(26, 90)])
         impossible = impossible if impossible > 25 or impossible < 0 else 30.0
-        out.append(("impossible_density", f"{name} has a density of {impossible:.2f} g/cm3.",
+        out.append(("impossible_density",
+                    rnd.choice(_DENSITY).format(f=f, v=f"{impossible:.2f}", u="g/cm3"),
                     "density_range"))
         # The g/cm3 figure written in kg/m3 (a thousand times too light), or the kg/m3 figure
         # in g/cm3 where that would still pass (10.5 kg/m3 is 0.0105 g/cm3, in range).
-        text = (f"{name} has a density of {density:.2f} kg/m3." if density < 10 else
-                f"{name} has a density of {density * 1000:.0f} g/cm3.")
-        out.append(("wrong_unit_density", text, "density_range"))
+        value, unit = (f"{density:.2f}", "kg/m3") if density < 10 else \
+            (f"{density * 1000:.0f}", "g/cm3")
+        out.append(("wrong_unit_density", rnd.choice(_DENSITY).format(f=f, v=value, u=unit),
+                    "density_range"))
     if energy is not None:
         out.append(("formation_energy_out_of_range",
-                    f"The formation energy of {name} is {rnd.uniform(-60, -8):.1f} eV/atom.",
+                    f"The formation energy of {f} is {rnd.uniform(-60, -8):.1f} eV/atom.",
                     "formation_energy_range"))
     if n is not None:
         out.append(("refractive_index_below_one",
-                    f"{name} has a refractive index of {rnd.uniform(0.1, 0.95):.2f}.",
+                    f"{f} has a refractive index of {rnd.uniform(0.1, 0.95):.2f}.",
                     "refractive_index_range"))
     if n is not None and eps_inf is not None:
         out.append(("dielectric_relation",
-                    f"{name} has an electronic dielectric constant of {eps_inf:.2f} and a static "
+                    f"{f} has an electronic dielectric constant of {eps_inf:.2f} and a static "
                     f"dielectric constant of {eps_inf * rnd.uniform(0.3, 0.9):.2f}.",
                     "static_above_electronic"))
         out.append(("index_permittivity",
-                    f"{name} has a refractive index of {n * rnd.uniform(1.3, 2.0):.2f} and an "
+                    f"{f} has a refractive index of {n * rnd.uniform(1.3, 2.0):.2f} and an "
                     f"electronic dielectric constant of {eps_inf:.2f}.",
                     "index_matches_permittivity"))
     return out

@@ -207,12 +207,13 @@ _VALUE = re.compile(
 _VALUE_BEFORE = re.compile(r"(?P<a>(?<![\w.,)])" + _NUM + r")\s*(?P<ua>" + _UNIT_TOKEN + r")\s*"
                            r"(?:[A-Za-z-]+\s+)?$")
 _CLASS = re.compile(
-    r"\b(?P<verb>is|are|was|were|be|being|becomes|behaves as|acts as|remains|classified as)\s+"
+    r"(?:\b(?P<verb>is|are|was|were|be|being|becomes|behaves as|acts as|remains|classified as)"
+    r"|(?P<comma>,)(?=\s+an?\s))\s+"  # "Cu, a metal, ..."
     r"(?P<neg>not\s+|n't\s+|never\s+)?(?:an?\s+)?(?:(?:good|poor|wide-gap|narrow-gap|"
     r"wide[- ]band[- ]?gap|narrow[- ]band[- ]?gap|direct[- ]gap|indirect[- ]gap|direct|indirect|"
     r"typical|true|strong|weak|band|Mott|topological|magnetic|nonmagnetic|ferromagnetic|"
     r"antiferromagnetic|transparent|trivial)\s+)*"
-    r"(?P<non>non-?)?(?P<kind>metal|metallic|semiconductor|semiconducting|insulator|insulating)"
+    r"(?P<non>non-?)?(?P<kind>metallic|metal|semiconducting|semiconductor|insulating|insulator)"
     r"(?P<after>(?:[-\w]+)?)", re.IGNORECASE)
 # "metal" as a noun before another noun names a kind of compound, not a classification.
 _CLASS_NOUNS_AFTER = frozenset("""oxide oxides halide halides atom atoms ion ions cation cations
@@ -278,7 +279,10 @@ def _subject_at(position: int, subjects: list[tuple[int, str]], previous: str,
         if inside:
             return inside[-1]
     before = [name for offset, name in subjects if offset < position]
-    return before[-1] if before else previous
+    if before:
+        return before[-1]
+    # "With a gap of 2 eV, Cu is metallic": nothing named yet, so the sentence's compound.
+    return previous if previous != _NO_SUBJECT or not subjects else subjects[0][1]
 
 
 def _relation(cmp: str | None, ranged: bool) -> Relation:
@@ -316,7 +320,10 @@ def _value_after(window: str) -> re.Match | None:
     """The first number after a phrase, if few words lie between ("a band gap of 1.2 eV")."""
     for candidate in _VALUE.finditer(window):
         gap = _FORMULA.sub("X", window[:candidate.start()])  # "the gap of Ca(OH)2 is"
-        if len(gap.split()) <= 4 and not re.search(r"[,;(]|\b(?:and|while|whereas)\b", gap):
+        # An aside between phrase and number ("gap, unlike Si's, is") breaks the link; a bare
+        # opening parenthesis ("no band gap (0 eV)") does not.
+        if len(gap.split()) <= 4 and not re.search(r"[,;]|\((?=.*\w)|\b(?:and|while|whereas)\b",
+                                                   gap):
             return candidate
         return None
     return None
@@ -374,7 +381,8 @@ def _class_claims(sentence: str, base: int, subjects, previous: str) -> list[Cla
         claims.append(ClassClaim(
             subject=_subject_at(base + match.start(), subjects, previous),
             predicate=_KIND[match.group("kind").lower()], holds=not negated,
-            start=base + match.start("verb"), end=base + match.end("kind")))
+            start=base + match.start("verb" if match.group("verb") else "comma") +
+            (2 if match.group("comma") else 0), end=base + match.end("kind")))
     return claims
 
 

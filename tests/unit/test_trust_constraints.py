@@ -135,3 +135,19 @@ def test_the_path_prefix_is_the_callers():
     with pytest.raises(ValueError, match=r"^policy\.domain_rules\[0\]\.unit: "):
         parse_rules([{"name": "a", "quantity": "band_gap", "unit": "volts", "min": 0}],
                     where="policy.domain_rules")
+
+
+@pytest.mark.parametrize("answer", [
+    "Cu is metallic; its band gap is 1.6 eV.",          # "metallic" was read as "metal"+"lic"
+    "With a band gap of 2 eV, Cu is metallic.",          # the compound is named after the gap
+    "Cu, a metal, has a band gap of 2 eV.",              # an appositive classification
+])
+def test_a_gapped_metal_is_caught_in_other_phrasings(checker, answer):
+    finding = checker.check(answer)
+    assert finding.details["violated"] == ["metal_zero_gap"], finding.reason
+
+
+def test_a_value_in_parentheses_after_its_phrase_is_read(checker):
+    finding = checker.check("Although it has no band gap (0 eV), AlN is a semiconductor "
+                            "and its gap exceeds 2 eV.")
+    assert finding.details["claims"] == 3 and finding.score == 1.0, finding.reason
