@@ -1,18 +1,20 @@
 """The trust bench's constraint section: z3 verification of generated materials claims against
 the declared domain rules, beside a keyword baseline and system 1 (which has no such check).
 
-The materials table is data_dir/../personas/materials/materials_dev.csv, or $VFM_MATERIALS_CSV,
-or the `csv_path` argument."""
+The materials table is the `csv_path` argument, else $VFM_MATERIALS_CSV, else
+data_dir/../personas/materials/materials_dev.csv, else ../shared/data/personas/materials/ beside
+the repository."""
 
 from __future__ import annotations
 
 import os
 import re
 import time
+import sys
 from pathlib import Path
 
 from bench.common import percentile
-from bench.trust_claims import CONSISTENT, DOMAIN_RULES, VIOLATION, generate
+from bench.trust_claims import CONSISTENT, DEFAULT_CSV, DOMAIN_RULES, VIOLATION, generate
 from services.trust.constraints import ConstraintChecker, parse_rules
 
 GOALS = {"constraint_precision": ">= 0.95", "constraint_recall": ">= 0.95",
@@ -25,7 +27,8 @@ def materials_csv(data_dir: Path, csv_path: Path | str | None = None) -> Path:
         return Path(csv_path)
     if os.environ.get("VFM_MATERIALS_CSV"):
         return Path(os.environ["VFM_MATERIALS_CSV"])
-    return Path(data_dir).parent / "personas" / "materials" / "materials_dev.csv"
+    beside = Path(data_dir).parent / "personas" / "materials" / "materials_dev.csv"
+    return beside if beside.is_file() else DEFAULT_CSV
 
 
 def keyword_flags(text: str) -> bool:
@@ -97,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "trust"))
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    figures, rows = evaluate(Path(args.data_dir), args.quick)
+    try:
+        figures, rows = evaluate(Path(args.data_dir), args.quick)
+    except FileNotFoundError as missing:
+        print(f"{parser.prog}: {missing}", file=sys.stderr)
+        return 2
     report("trust: constraints (generated materials claims)", rows,
            ("task", "figure", "ours", "keyword baseline", "system-1 only", "goal"), figures)
     return 0

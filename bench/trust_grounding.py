@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "trust"))
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    figures, rows = evaluate(Path(args.data_dir), args.quick)
+    try:
+        figures, rows = evaluate(Path(args.data_dir), args.quick)
+    except FileNotFoundError as missing:
+        print(f"{parser.prog}: {missing}", file=sys.stderr)
+        return 2
     report("trust: grounding (HaluEval QA)", rows,
            ("task", "figure", "ours", "keyword baseline", "system-1 only", "goal"), figures)
     return 0

@@ -217,6 +217,7 @@ class GroundingCheck:
     def check(self, answer: str, sources: list[str], question: str = "") -> Finding:
         began = time.perf_counter()
         sources = [s for s in sources if s and s.strip()]
+        question = question.strip()
         if not answer.strip():
             return Finding(CHECK, 0.0, "empty answer", system=2)
         if not sources:
