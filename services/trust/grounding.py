@@ -56,6 +56,7 @@ _YES_NO_QUESTION = re.compile(r"^\s*(?:are|is|was|were|did|do|does|has|have|had|
                               r"would)\b", re.IGNORECASE)
 _YES_NO_ANSWER = re.compile(r"^\s*(?:yes|no)\b", re.IGNORECASE)
 
+MAX_SENTENCES = 32
 # The combiner's inputs, in the order the weights expect.
 FEATURES = ("n_novel", "frac_unsupported", "n_unsupported_entity", "n_unsupported_other",
             "n_novel_entity", "n_novel_other", "question_coverage", "bare_yes_no",
@@ -91,14 +92,26 @@ def sentences(text: str) -> list[str]:
     return [p for p in parts if p] or [text.strip() or " "]
 
 
+def source_sentences(sources: list[str], answer: str, question: str) -> list[str]:
+    """The sources' sentences the similarities look at: all of them up to MAX_SENTENCES, else
+    those sharing most words with the question and answer (a large working set costs one
+    embedding per kept sentence, not per sentence it holds)."""
+    every = list(dict.fromkeys(s for source in sources for s in sentences(source)))
+    if len(every) <= MAX_SENTENCES:
+        return every
+    wanted = {_key(m.group()) for m in _words(f"{question} {answer}")
+              if m.group().lower() not in _STOP}
+    shared = [len(wanted & {_key(m.group()) for m in _words(s)}) for s in every]
+    keep = sorted(range(len(every)), key=lambda i: -shared[i])[:MAX_SENTENCES]
+    return [every[i] for i in sorted(keep)]
+
+
 def texts_to_embed(answer: str, sources: list[str], question: str) -> list[str]:
     """Every text whose embedding the features need (batch them across many checks)."""
     texts = [answer]
     if question:
         texts += [question, f"{question} {answer}"]
-    for source in sources:
-        texts += sentences(source)
-    return texts
+    return texts + source_sentences(sources, answer, question)
 
 
 @dataclass
@@ -150,7 +163,7 @@ def features(answer: str, sources: list[str], question: str, vectors: dict[str, 
     f["negation"] = float(negated)
     f["negation_unsupported"] = float(negated and not any(
         m.group().lower() in _NEGATIONS for m in _words(context)))
-    source_matrix = np.stack([vectors[s] for src in sources for s in sentences(src)])
+    source_matrix = np.stack([vectors[s] for s in source_sentences(sources, answer, question)])
     answer_vec = vectors[answer]
     f["sim_answer"] = float((source_matrix @ answer_vec).max())
     if question:

@@ -89,3 +89,19 @@ def test_weights_for_other_features_are_refused(tmp_path):
     np.savez(path, **arrays)
     with pytest.raises(ValueError, match="train_grounding"):
         Combiner.load(path)
+
+
+def test_a_large_working_set_embeds_a_bounded_number_of_sentences(check):
+    from services.trust.grounding import MAX_SENTENCES
+
+    seen: list[int] = []
+
+    def counting(texts):
+        seen.append(len(texts))
+        return check._embed(texts)
+
+    filler = [f"Paragraph {i} is about the weather in a town with {i} bakeries." for i in range(120)]
+    large = GroundingCheck(counting, check.combiner, check._nlp)
+    finding = large.check("Delhi", filler + SOURCES, QUESTION)
+    assert seen and max(seen) <= MAX_SENTENCES + 3  # the answer, the question, both together
+    assert finding.score < check.combiner.threshold, finding.reason
