@@ -100,7 +100,8 @@ def test_a_large_working_set_embeds_a_bounded_number_of_sentences(check):
         seen.append(len(texts))
         return check._embed(texts)
 
-    filler = [f"Paragraph {i} is about the weather in a town with {i} bakeries." for i in range(120)]
+    filler = [f"Paragraph {i} is about the weather in a town with {i} bakeries."
+              for i in range(120)]
     large = GroundingCheck(counting, check.combiner, check._nlp)
     finding = large.check("Delhi", filler + SOURCES, QUESTION)
     assert seen and max(seen) <= MAX_SENTENCES + 3  # the answer, the question, both together
