@@ -93,6 +93,39 @@ class FirstTokenTrace:
         self._file.close()
 
 
+# Chat markup for models whose files carry no chat template (a GGUF converted without one):
+# the family's own turn format where it is known, a plain transcript otherwise, so every
+# local model can answer a chat instead of failing on its first request.
+_GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>"
+    "{{ 'model' if m['role'] == 'assistant' else 'user' }}\n{{ m['content'] | trim }}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+_PLAIN_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] | trim }}\n"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+FALLBACK_TEMPLATES = {"gemma3_text": (_GEMMA_TEMPLATE, "<end_of_turn>"),
+                      "gemma3": (_GEMMA_TEMPLATE, "<end_of_turn>"),
+                      "gemma2": (_GEMMA_TEMPLATE, "<end_of_turn>"),
+                      "gemma": (_GEMMA_TEMPLATE, "<end_of_turn>")}
+
+
+def ensure_chat_template(model, tokenizer) -> None:
+    """Give a tokenizer without a chat template its family's (or a plain one), and make the
+    family's end-of-turn token end a generation."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    template, end_of_turn = FALLBACK_TEMPLATES.get(model.config.model_type,
+                                                   (_PLAIN_TEMPLATE, ""))
+    tokenizer.chat_template = template
+    end_id = tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else None
+    if end_id is not None and end_id != tokenizer.unk_token_id:
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        model.generation_config.eos_token_id = [*eos, end_id]
+    log.info("%s has no chat template: using %s", model.config.model_type,
+             "its family's" if end_of_turn else "a plain transcript")
+
+
 class LocalTorchBackend:
     """One model, owned by one worker thread that runs jobs from a queue."""
 
@@ -144,6 +177,7 @@ class LocalTorchBackend:
         started = time.monotonic()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        ensure_chat_template(self.model, self.tokenizer)
         if _has_sliding_window(self.model.config):
             # Left-padding merges assume one full-attention cache per layer.
             self.max_batch = 1

@@ -146,3 +146,14 @@ def test_ttft_trace_says_where_the_first_token_time_went(tmp_path):
     assert first["group"] == 1 and not first["resumed"] and not first["interleaved"]
     assert 0 < first["prefill_ms"] <= first["engine_ms"]
     assert first["others_prefill_ms"] == 0 and first["step_ms"] >= 0
+
+
+def test_the_packaged_gemma_answers_a_chat_though_its_gguf_carries_no_template(service):
+    """The converted Gemma-3-270M has no chat template: its first chat failed with INTERNAL
+    (the trust agent's revisions go to it). It now uses Gemma's turn format and stops at
+    the end of its turn."""
+    pieces = run(service, [{"role": "system", "content": "Answer in one word."},
+                           {"role": "user", "content": "What colour is the sky?"}],
+                 model="gemma3-270m", max_new_tokens=24)
+    assert text(pieces).strip() and "<start_of_turn>" not in text(pieces)
+    assert pieces[-1].done and pieces[-1].finish_reason in ("stop", "length")
