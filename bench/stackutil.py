@@ -33,22 +33,35 @@ def model_service_serving(socket: Path) -> bool:
 
 
 class Stack:
-    def __init__(self, *kernel_args: str, modeld_args: tuple[str, ...] = ()):
+    """vfmd and vfm-modeld in a temp dir; with `trust`, vfm-trustd too and every Ask passes
+    through it (vfmd --trust on)."""
+
+    def __init__(self, *kernel_args: str, modeld_args: tuple[str, ...] = (),
+                 trust: bool = False):
         self.state: Path = temp_state_dir()
         os.chmod(self.state, 0o755)
         self.socket = self.state / "vfmd.sock"
+        self.trust = trust
         self.kernel = spawn_daemon(["-m", "kernel.main", "--state-dir", str(self.state),
-                                    "--log-level", "WARNING", *kernel_args],
+                                    "--log-level", "WARNING", "--trust",
+                                    "on" if trust else "off", *kernel_args],
                                    self.state / "vfmd.log")
         self.modeld = spawn_daemon(["-m", "services.model.main", "--state-dir", str(self.state),
                                     "--kernel-socket", str(self.socket), *modeld_args],
                                    self.state / "modeld.log")
-        wait_until(self.ready, 600, "vfm-modeld to serve")
+        self.trustd = spawn_daemon(["-m", "services.trust.main", "--state-dir", str(self.state),
+                                    "--kernel-socket", str(self.socket), "--log-level",
+                                    "WARNING"], self.state / "trustd.log") if trust else None
+        wait_until(self.ready, 600, "vfm-modeld" + (" and vfm-trustd" if trust else "") +
+                   " to serve")
 
     def ready(self) -> bool:
-        return model_service_serving(self.socket)
+        return services_serving(self.socket, ("vfm-modeld", "vfm-trustd") if self.trust
+                                else ("vfm-modeld",))
 
     def close(self) -> None:
+        if self.trustd is not None:
+            stop(self.trustd)
         stop(self.modeld)
         stop(self.kernel)
         cleanup(self.state)
