@@ -19,6 +19,7 @@ BENCHES = {
     "chaos": "bench.chaos",
     "noisy_neighbour": "bench.noisy_neighbour",
     "trust_claims": "bench.trust_claims",
+    "trust_latency": "bench.trust_latency",
 }
 
 

@@ -1,0 +1,127 @@
+"""Trust bench section: system 1's time per Ask and how many benign Asks go to system 2.
+
+vfm-trustd's own service (every check it loads by default, the default policy: level
+`standard`), in this process, on benign Asks: the support tickets (`instruction`, and its
+`response` as the answer) and XSTest's safe prompts (question only). One Ask's system-1
+time = ScreenInput on the question + CheckOutput on the whole answer, wall clock, one Ask
+at a time, as the kernel calls them (the gRPC hop, ~1 ms, is not counted here). Baseline in
+the same run: the tenant rules alone (`--checks rules`). `escalation_rate` = share of those
+Asks whose screen sends them to system 2 (an uncertain score or a high-stakes topic).
+Goals: p50 <= 10 ms, p99 <= 50 ms on 2 cores, escalation_rate <= 10%.
+
+    python -m bench trust_latency [--data-dir ../shared/data/trust] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import REPO, percentile, report
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "trust"
+GOALS = {"s1_p50_ms": ("<=", 10.0), "s1_p99_ms": ("<=", 50.0), "escalation_rate": ("<=", 0.10)}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def benign_asks(data_dir: Path, quick: bool) -> list[tuple[str, str]]:
+    """(question, answer) pairs; answer "" where the set has none."""
+    tickets = data_dir.parent / "personas" / "support" / "tickets_intent_dev.jsonl.gz"
+    asks = []
+    if tickets.exists():
+        asks += [(r["instruction"], r.get("response", "")) for r in _jsonl(tickets)]
+    xstest = data_dir / "xstest_dev.jsonl"
+    if xstest.exists():
+        asks += [(r["text"], "") for r in _jsonl(xstest) if r["label"] == "safe"]
+    if not asks:
+        raise SystemExit(f"error: no benign Asks under {data_dir} (xstest_dev.jsonl) or "
+                         f"{tickets}")
+    step = max(1, len(asks) // (120 if quick else 600))  # spread over both sources
+    return asks[::step]
+
+
+def _service(checks: str, store_dir: Path):
+    from services.trust.config import TrustConfig
+    from services.trust.main import build_checks
+    from services.trust.policy_store import PolicyStore
+    from services.trust.service import TrustService
+
+    return TrustService(PolicyStore(store_dir), build_checks(TrustConfig(store_dir,
+                                                                         checks=checks)))
+
+
+def measure(service, asks: list[tuple[str, str]]) -> dict:
+    from services.trust.service import Outcome, Scope
+
+    scope = Scope("bench")
+    service.screen_input(scope, "warm up", ())  # first-call costs (policy compile, caches)
+    times, escalated, refused = [], 0, 0
+    for question, answer in asks:
+        start = time.perf_counter()
+        screen = service.screen_input(scope, question, ())
+        if answer:
+            service.check_output(scope, answer, True, question)
+        times.append((time.perf_counter() - start) * 1000)
+        escalated += screen.escalate_to_system2
+        refused += screen.verdict.outcome in (Outcome.REFUSE, Outcome.ESCALATE)
+    return {"p50": percentile(times, 50), "p99": percentile(times, 99),
+            "escalation_rate": escalated / len(asks), "refusal_rate": refused / len(asks)}
+
+
+def evaluate(data_dir: Path, quick: bool) -> tuple[dict, list[tuple]]:
+    asks = benign_asks(data_dir, quick)
+    results = {}
+    for label, checks in (("ours", "learned,pii,grounding,constraints,embeddings"),
+                          ("rules", "rules")):
+        store = Path(tempfile.mkdtemp(prefix="vfmtl", dir="/tmp"))
+        service = _service(checks, store)
+        try:
+            results[label] = measure(service, asks)
+        finally:
+            service.close()
+            shutil.rmtree(store, ignore_errors=True)
+    ours, rules = results["ours"], results["rules"]
+    figures = {"s1_p50_ms": round(ours["p50"], 2), "s1_p99_ms": round(ours["p99"], 2),
+               "escalation_rate": round(ours["escalation_rate"], 4),
+               "benign_refusal_rate": round(ours["refusal_rate"], 4),
+               "latency_asks": len(asks)}
+    rows = [("latency", "system-1 p50 ms per Ask", f"{ours['p50']:.2f}", f"{rules['p50']:.2f}",
+             f"{ours['p50']:.2f}", "<= 10"),
+            ("latency", "system-1 p99 ms per Ask", f"{ours['p99']:.2f}", f"{rules['p99']:.2f}",
+             f"{ours['p99']:.2f}", "<= 50"),
+            ("latency", "benign Asks sent to system 2", f"{ours['escalation_rate']:.3f}",
+             f"{rules['escalation_rate']:.3f}", "-", "<= 0.10"),
+            ("latency", "benign Asks refused or escalated", f"{ours['refusal_rate']:.3f}",
+             f"{rules['refusal_rate']:.3f}", "-", "")]
+    return figures, rows
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench trust_latency", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--quick", action="store_true", help="120 Asks instead of 600")
+    args = parser.parse_args(argv)
+    if not args.data_dir.is_dir():
+        print(f"error: --data-dir {args.data_dir} is not a folder", file=sys.stderr)
+        return 2
+    figures, rows = evaluate(args.data_dir, args.quick)
+    figures["goals"] = {k: f"{op} {v}" for k, (op, v) in GOALS.items()}
+    report(f"trust latency: {figures['latency_asks']} benign Asks, one at a time",
+           rows, ("task", "figure", "ours", "rules only", "system 1 only", "goal"), figures)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
