@@ -18,6 +18,7 @@ BENCHES = {
     "soak": "bench.soak",
     "chaos": "bench.chaos",
     "noisy_neighbour": "bench.noisy_neighbour",
+    "trust": "bench.trust",
 }
 
 

@@ -21,30 +21,33 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WINDOW_WORDS = 32
 HASH_FEATURES = 2 ** 14
 HASH_NGRAMS = (3, 5)
-_SENTENCE = re.compile(r"(?<=[.!?])\s+|\s*\n+\s*|\s*\|\s*")
+_BLOCK = re.compile(r"\s*\n+\s*|\s*\|\s*")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _NON_ALNUM = re.compile(r"[\W_]+", re.UNICODE)
 
 
 def windows(text: str, max_words: int = WINDOW_WORDS) -> list[str]:
-    """The text cut at sentence and line ends into pieces of at most `max_words` words (a
-    sentence longer than that is cut by words): an instruction hidden in a long document is
-    judged in a window of its own size, not diluted by the whole document's mean."""
+    """The text cut into pieces of at most `max_words` words: lines (and `|`-separated fields)
+    are never joined, sentences of one line are packed together, a longer sentence is cut by
+    words. An instruction hidden in a long document is judged in a window of its own size,
+    not diluted by the whole document's mean."""
     pieces: list[str] = []
-    current: list[str] = []
-    for sentence in _SENTENCE.split(text):
-        words = sentence.split()
-        while len(words) > max_words:
-            if current:
+    for block in _BLOCK.split(text):
+        current: list[str] = []
+        for sentence in _SENTENCE.split(block):
+            words = sentence.split()
+            while len(words) > max_words:
+                if current:
+                    pieces.append(" ".join(current))
+                    current = []
+                pieces.append(" ".join(words[:max_words]))
+                words = words[max_words:]
+            if current and len(current) + len(words) > max_words:
                 pieces.append(" ".join(current))
                 current = []
-            pieces.append(" ".join(words[:max_words]))
-            words = words[max_words:]
-        if current and len(current) + len(words) > max_words:
+            current += words
+        if current:
             pieces.append(" ".join(current))
-            current = []
-        current += words
-    if current:
-        pieces.append(" ".join(current))
     return pieces or [text]
 
 

@@ -22,6 +22,9 @@ from services.trust.learned import LEAK_FEATURES, LinearHead, overlap_features, 
 
 SEED = 20261201
 BENIGN_LIMIT = 1500          # tickets / KB docs used as benign text (a deterministic sample)
+# Default operating points, chosen on training rows' out-of-fold scores (policies override):
+MODERATION_FPR = 0.03        # of the moderation set's safe texts flagged
+LOOKALIKE_FPR = 0.05         # of harmless look-alike requests (XSTest safe, templated) refused
 
 
 @dataclass
@@ -120,7 +123,7 @@ def threshold_at_fpr(scores: np.ndarray, y: np.ndarray, fpr: float) -> float:
     if len(neg) == 0:
         return 0.5
     allowed = int(np.floor(fpr * len(neg)))
-    return float(min(0.999, neg[allowed] + 1e-6)) if allowed < len(neg) else 0.0
+    return float(neg[allowed] + 1e-9) if allowed < len(neg) else float(neg[-1])
 
 
 def threshold_max_f1(scores: np.ndarray, y: np.ndarray) -> float:
@@ -268,7 +271,7 @@ def train(data_dir: Path, out: Path, embedder, benign_limit: int | None = BENIGN
     mod = s.task(moderation_examples(s), features)
     heads["moderation"], oof = fit_head(mod)
     is_mod = mod.sources == "moderation"
-    thresholds["moderation"] = threshold_max_f1(oof[is_mod], mod.y[is_mod])
+    thresholds["moderation"] = threshold_at_fpr(oof[is_mod], mod.y[is_mod], MODERATION_FPR)
     for cat in MODERATION_CATEGORIES:
         cat_task = s.task([Example(e.text, int(cat in e.extra["categories"]), "moderation", e.group)
                            for e in s.moderation], features)
@@ -278,7 +281,8 @@ def train(data_dir: Path, out: Path, embedder, benign_limit: int | None = BENIGN
     harm = s.task(harmful_examples(s), features)
     heads["harmful_request"], oof = fit_head(harm)
     lookalikes = np.isin(harm.sources, ["xstest", "synthetic"])
-    thresholds["harmful_request"] = threshold_at_fpr(oof[lookalikes], harm.y[lookalikes], 0.03)
+    thresholds["harmful_request"] = threshold_at_fpr(oof[lookalikes], harm.y[lookalikes],
+                                                     LOOKALIKE_FPR)
 
     inj = s.task(injection_examples(s), features)
     heads["injection"], oof = fit_head(inj)
