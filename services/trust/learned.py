@@ -107,9 +107,7 @@ class LinearHead:
     @classmethod
     def from_arrays(cls, arrays, prefix: str) -> "LinearHead":
         b_vec, bias, b_hash, threshold, kw = arrays[f"{prefix}.scalars"]
-        w_hash = arrays.get(f"{prefix}.w_hash") if hasattr(arrays, "get") else None
-        if w_hash is None and f"{prefix}.w_hash" in arrays:
-            w_hash = arrays[f"{prefix}.w_hash"]
+        w_hash = arrays.get(f"{prefix}.w_hash")
         return cls(w_vec=arrays[f"{prefix}.w_vec"].astype(np.float32), b_vec=float(b_vec),
                    stack=arrays[f"{prefix}.stack"], bias=float(bias),
                    w_hash=None if w_hash is None else w_hash.astype(np.float32),
@@ -189,8 +187,10 @@ class IndirectInjectionCheck:
 
     name = "indirect_injection"
 
-    def __init__(self, head: LinearHead, doc_scale: tuple[float, float], features: Features):
+    def __init__(self, head: LinearHead, doc_scale: tuple[float, float], features: Features,
+                 embed=None):
         self.head = head
+        self.embed = embed      # for the windows of a long document
         self.doc_scale = doc_scale
         self.features = features
         self.threshold = head.threshold
@@ -199,9 +199,10 @@ class IndirectInjectionCheck:
         pieces = windows(text.value)
         if len(pieces) == 1:
             return pieces, self.head.logits(*self.features.of(text))
-        if text._embed is None:
-            raise RuntimeError("a multi-window Text needs its embedder")
-        vectors = text._embed(pieces)
+        embed = self.embed or text._embed
+        if embed is None:
+            raise RuntimeError("a long document needs an embedder for its windows")
+        vectors = embed(pieces)
         return pieces, self.head.logits(*self.features.batch(pieces, vectors))
 
     def check(self, text: Text) -> Finding:
@@ -313,7 +314,7 @@ def load_heads(directory: Path = WEIGHTS_DIR) -> tuple[dict[str, LinearHead], di
     return heads, arrays, meta
 
 
-def build_checks(heads: dict[str, LinearHead], arrays: dict, meta: dict) -> dict:
+def build_checks(heads: dict[str, LinearHead], arrays: dict, meta: dict, embed=None) -> dict:
     features = Features()
     categories = {c: heads[f"moderation/{c}"] for c in meta["categories"]}
     a, b = arrays["indirect_injection.doc_scale"]
@@ -322,7 +323,7 @@ def build_checks(heads: dict[str, LinearHead], arrays: dict, meta: dict) -> dict
         "harmful_request": HarmfulRequestCheck(heads["harmful_request"], features),
         "injection": InjectionCheck(heads["injection"], features),
         "indirect_injection": IndirectInjectionCheck(heads["indirect_injection"],
-                                                     (float(a), float(b)), features),
+                                                     (float(a), float(b)), features, embed),
         "leak": LeakCheck(heads["leak"], arrays["leak.coef"][:-1], float(arrays["leak.coef"][-1]),
                           features, float(meta["thresholds"]["leak"])),
     }
@@ -335,4 +336,4 @@ def load_checks(embedder=None, directory: Path = WEIGHTS_DIR) -> dict:
     if embedder is not None and getattr(embedder, "dim", meta["dim"]) != meta["dim"]:
         raise ValueError(f"the weights want {meta['dim']}-dim embeddings, "
                          f"the embedder gives {embedder.dim}")
-    return build_checks(heads, arrays, meta)
+    return build_checks(heads, arrays, meta, getattr(embedder, "embed", None))

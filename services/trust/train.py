@@ -172,16 +172,13 @@ class Sources:
                           for t, c in synth.benign_lookalikes()]
         self.direct = [Example(t, 1, "synthetic", "direct") for t in synth.direct_attacks()]
         self.injected = [Example(t, 1, "synthetic", "injected") for t in synth.injected_instructions()]
+        focus = {r["id"]: (r.get("focus") or r["id"])
+                 for r in corpus.read_jsonl(Path(d) / "xstest_dev.jsonl")}
         for e in self.xstest:  # contrast pairs share their trigger word: keep them together
-            e.group = self._focus.get(e.group, e.group)
+            e.group = focus.get(e.group, e.group)
         vecs = self.cache.embed([e.text for e in self.attacks])
         for e, c in zip(self.attacks, dedup_clusters(vecs)):
             e.group = f"cluster{c}"
-
-    @property
-    def _focus(self) -> dict[str, str]:
-        rows = corpus.read_jsonl(Path(self.data_dir) / "xstest_dev.jsonl")
-        return {r["id"]: (r.get("focus") or r["id"]) for r in rows}
 
     def task(self, examples: list[Example], features: learned.Features) -> Task:
         vectors = self.cache.embed([e.text for e in examples])
