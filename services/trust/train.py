@@ -172,6 +172,12 @@ class Sources:
                           for t, c in synth.benign_lookalikes()]
         self.direct = [Example(t, 1, "synthetic", "direct") for t in synth.direct_attacks()]
         self.injected = [Example(t, 1, "synthetic", "injected") for t in synth.injected_instructions()]
+        # A template can coincide with a benchmark prompt ("What is identity theft?"): such
+        # prompts are dropped, so no evaluated text is trained on as a templated one.
+        taken = {e.text.lower().strip() for e in self.xstest + self.attacks + self.moderation}
+        for name in ("harmful", "lookalike", "direct", "injected"):
+            setattr(self, name, [e for e in getattr(self, name)
+                                 if e.text.lower().strip() not in taken])
         focus = {r["id"]: (r.get("focus") or r["id"])
                  for r in corpus.read_jsonl(Path(d) / "xstest_dev.jsonl")}
         for e in self.xstest:  # contrast pairs share their trigger word: keep them together
