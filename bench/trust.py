@@ -44,7 +44,11 @@ def main(argv: list[str]) -> int:
             print(f"section {name.rsplit('.', 1)[-1]} not built")
             continue
         start = time.monotonic()
-        section_figures, section_rows = module.evaluate(args.data_dir, args.quick)
+        try:
+            section_figures, section_rows = module.evaluate(args.data_dir, args.quick)
+        except FileNotFoundError as err:  # a data folder without this section's files
+            print(f"section {name.rsplit('.', 1)[-1]} skipped: {err.filename} not found")
+            continue
         figures.update(section_figures)
         rows.extend(section_rows)
         print(f"section {name.rsplit('.', 1)[-1]}: {time.monotonic() - start:.0f} s",
