@@ -20,6 +20,7 @@ BENCHES = {
     "noisy_neighbour": "bench.noisy_neighbour",
     "trust_claims": "bench.trust_claims",
     "trust_latency": "bench.trust_latency",
+    "trust": "bench.trust",
 }
 
 

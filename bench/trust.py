@@ -1,0 +1,62 @@
+"""`python -m bench trust [--data-dir DIR] [--quick]`: every section of the trust benchmark
+(learned checks, PII, grounding, constraints) in one table, each figure beside the keyword
+baseline and system 1 alone measured in the same run, then all figures as one JSON line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+from bench.common import REPO, report
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "trust"
+# Fixed order; each module has evaluate(data_dir: Path, quick: bool) -> (figures, rows).
+SECTIONS = ("bench.trust_classify", "bench.trust_pii", "bench.trust_grounding",
+            "bench.trust_constraints", "bench.trust_latency")
+HEADER = ("task", "figure", "ours", "keyword baseline", "system 1 only", "goal")
+
+
+def load_section(name: str):
+    """The section's module, or None when this tree does not have it yet. Looked up as a file
+    of this checkout: the editable install's finder would otherwise import another
+    checkout's copy. An import error inside a present section is a bug and propagates."""
+    if not (REPO / (name.replace(".", "/") + ".py")).exists():
+        return None
+    return importlib.import_module(name)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench trust", description=__doc__)
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--quick", action="store_true", help="fewer folds and benign texts")
+    args = parser.parse_args(argv)
+    if not args.data_dir.is_dir():
+        print(f"error: --data-dir {args.data_dir} is not a folder", file=sys.stderr)
+        return 2
+    figures: dict = {}
+    rows: list[tuple] = []
+    for name in SECTIONS:
+        module = load_section(name)
+        if module is None:
+            print(f"section {name.rsplit('.', 1)[-1]} not built")
+            continue
+        start = time.monotonic()
+        try:
+            section_figures, section_rows = module.evaluate(args.data_dir, args.quick)
+        except FileNotFoundError as err:  # a data folder without this section's files
+            print(f"section {name.rsplit('.', 1)[-1]} skipped: {err.filename} not found")
+            continue
+        figures.update(section_figures)
+        rows.extend(section_rows)
+        print(f"section {name.rsplit('.', 1)[-1]}: {time.monotonic() - start:.0f} s",
+              file=sys.stderr)
+    report(f"trust checks on {args.data_dir}" + (" (quick)" if args.quick else ""),
+           rows, HEADER, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,339 @@
+"""The learned system-1 checks: small calibrated heads on the shared MiniLM embedding, stacked
+with hashed character n-grams and keyword counts (moderation, harmful requests, direct and
+indirect prompt injection, system-prompt and secret leaks in outputs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from services.trust import keywords
+from services.trust.checks import Finding, Text
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WINDOW_WORDS = 32
+HASH_FEATURES = 2 ** 14
+HASH_NGRAMS = (3, 5)
+_BLOCK = re.compile(r"\s*\n+\s*|\s*\|\s*")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+_NON_ALNUM = re.compile(r"[\W_]+", re.UNICODE)
+
+
+def windows(text: str, max_words: int = WINDOW_WORDS) -> list[str]:
+    """The text cut into pieces of at most `max_words` words: lines (and `|`-separated fields)
+    are never joined, sentences of one line are packed together, a longer sentence is cut by
+    words. An instruction hidden in a long document is judged in a window of its own size,
+    not diluted by the whole document's mean."""
+    pieces: list[str] = []
+    for block in _BLOCK.split(text):
+        current: list[str] = []
+        for sentence in _SENTENCE.split(block):
+            words = sentence.split()
+            while len(words) > max_words:
+                if current:
+                    pieces.append(" ".join(current))
+                    current = []
+                pieces.append(" ".join(words[:max_words]))
+                words = words[max_words:]
+            if current and len(current) + len(words) > max_words:
+                pieces.append(" ".join(current))
+                current = []
+            current += words
+        if current:
+            pieces.append(" ".join(current))
+    return pieces or [text]
+
+
+def hasher():
+    """Character n-grams hashed into a fixed space: no vocabulary to ship, same on every run."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+    return HashingVectorizer(analyzer="char_wb", ngram_range=HASH_NGRAMS,
+                             n_features=HASH_FEATURES, alternate_sign=False, binary=True,
+                             norm="l2", lowercase=True)
+
+
+def keyword_features(texts: list[str]) -> np.ndarray:
+    return np.log1p(np.array([keywords.counts(t) for t in texts], dtype=np.float32))
+
+
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -40, 40)))
+
+
+@dataclass
+class LinearHead:
+    """score = sigmoid(stack · [embedding logit, n-gram logit, keyword counts] + bias): two
+    linear models whose out-of-fold logits a third one (the Platt calibration) combines."""
+
+    w_vec: np.ndarray
+    b_vec: float
+    stack: np.ndarray
+    bias: float
+    w_hash: np.ndarray | None = None
+    b_hash: float = 0.0
+    keywords: bool = False
+    threshold: float = 0.5
+
+    def parts(self, vec: np.ndarray, grams, kw: np.ndarray) -> np.ndarray:
+        """The stacker's inputs for a batch: rows of [z_vec, (z_hash), (keyword counts...)]."""
+        cols = [np.asarray(vec, dtype=np.float32) @ self.w_vec.astype(np.float32) + self.b_vec]
+        if self.w_hash is not None:
+            cols.append(np.asarray(grams @ self.w_hash.astype(np.float32)).ravel() + self.b_hash)
+        out = np.column_stack(cols)
+        return np.hstack([out, kw]) if self.keywords else out
+
+    def logits(self, vec, grams, kw) -> np.ndarray:
+        return self.parts(vec, grams, kw) @ self.stack + self.bias
+
+    def scores(self, vec, grams, kw) -> np.ndarray:
+        return sigmoid(self.logits(vec, grams, kw))
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        out = {f"{prefix}.w_vec": self.w_vec.astype(np.float16),
+               f"{prefix}.scalars": np.array([self.b_vec, self.bias, self.b_hash, self.threshold,
+                                              float(self.keywords)], dtype=np.float64),
+               f"{prefix}.stack": self.stack.astype(np.float64)}
+        if self.w_hash is not None:
+            out[f"{prefix}.w_hash"] = self.w_hash.astype(np.float16)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays, prefix: str) -> "LinearHead":
+        b_vec, bias, b_hash, threshold, kw = arrays[f"{prefix}.scalars"]
+        w_hash = arrays.get(f"{prefix}.w_hash")
+        return cls(w_vec=arrays[f"{prefix}.w_vec"].astype(np.float32), b_vec=float(b_vec),
+                   stack=arrays[f"{prefix}.stack"], bias=float(bias),
+                   w_hash=None if w_hash is None else w_hash.astype(np.float32),
+                   b_hash=float(b_hash), keywords=bool(kw), threshold=float(threshold))
+
+
+class Features:
+    """What the heads read from one text, computed once and shared by every learned check."""
+
+    def __init__(self):
+        self._hasher = hasher()
+        self._memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def of(self, text: Text):
+        got = self._memo.get(text)
+        if got is None:
+            got = (text.embedding[None, :], self._hasher.transform([text.value]),
+                   keyword_features([text.value]))
+            self._memo[text] = got
+        return got
+
+    def batch(self, texts: list[str], vectors: np.ndarray):
+        return vectors, self._hasher.transform(texts), keyword_features(texts)
+
+
+class _HeadCheck:
+    name = ""
+    reason = ""
+
+    def __init__(self, head: LinearHead, features: Features):
+        self.head = head
+        self.features = features
+        self.threshold = head.threshold
+
+    def check(self, text: Text) -> Finding:
+        feats = self.features.of(text)  # the embedding is the caller's cost, not the check's
+        start = time.perf_counter()
+        score = float(self.head.scores(*feats)[0])
+        return Finding(self.name, score, self.reason if score >= self.threshold else "",
+                       elapsed_ms=(time.perf_counter() - start) * 1000)
+
+
+class HarmfulRequestCheck(_HeadCheck):
+    name = "harmful_request"
+    reason = "asks for help with serious harm"
+
+
+class InjectionCheck(_HeadCheck):
+    name = "injection"
+    reason = "tries to override or extract the instructions"
+
+
+class ModerationCheck(_HeadCheck):
+    """Harmful content, with a calibrated score per OpenAI moderation category."""
+
+    name = "moderation"
+    reason = "harmful content"
+
+    def __init__(self, head: LinearHead, categories: dict[str, LinearHead], features: Features):
+        super().__init__(head, features)
+        self.categories = categories
+
+    def check(self, text: Text) -> Finding:
+        feats = self.features.of(text)
+        start = time.perf_counter()
+        score = float(self.head.scores(*feats)[0])
+        per = {c: round(float(h.scores(*feats)[0]), 4) for c, h in self.categories.items()}
+        top = max(per, key=per.get) if per else ""
+        reason = f"harmful content ({top})" if score >= self.threshold and top else ""
+        return Finding(self.name, score, reason, details={"categories": per},
+                       elapsed_ms=(time.perf_counter() - start) * 1000)
+
+
+class IndirectInjectionCheck:
+    """Instructions hidden in a retrieved document: the document's windows are scored and the
+    worst one decides (a short chunk is one window and reuses the shared embedding)."""
+
+    name = "indirect_injection"
+
+    def __init__(self, head: LinearHead, doc_scale: tuple[float, float], features: Features,
+                 embed=None):
+        self.head = head
+        self.embed = embed      # for the windows of a long document
+        self.doc_scale = doc_scale
+        self.features = features
+        self.threshold = head.threshold
+
+    def window_logits(self, text: Text) -> tuple[list[str], np.ndarray]:
+        pieces = windows(text.value)
+        if len(pieces) == 1:
+            return pieces, self.head.logits(*self.features.of(text))
+        embed = self.embed or text._embed
+        if embed is None:
+            raise RuntimeError("a long document needs an embedder for its windows")
+        vectors = embed(pieces)
+        return pieces, self.head.logits(*self.features.batch(pieces, vectors))
+
+    def check(self, text: Text) -> Finding:
+        pieces, logits = self.window_logits(text)
+        start = time.perf_counter()
+        worst = int(np.argmax(logits))
+        a, b = self.doc_scale
+        score = float(sigmoid(a * logits[worst] + b))
+        reason = (f"instruction in the document: {pieces[worst][:80]!r}"
+                  if score >= self.threshold else "")
+        return Finding(self.name, score, reason, details={"window": worst, "windows": len(pieces)},
+                       elapsed_ms=(time.perf_counter() - start) * 1000)
+
+
+# Leaks: how much of each protected text the output gives away, plus a head on the output.
+LEAK_FEATURES = ("verbatim", "normalised", "reversed", "longest_run", "trigrams", "words",
+                 "output_in_protected", "secret_length")
+
+
+def _norm(s: str) -> str:
+    return _NON_ALNUM.sub("", s.lower())
+
+
+def _grams(s: str, n: int = 3) -> set[str]:
+    return {s[i:i + n] for i in range(max(0, len(s) - n + 1))} or ({s} if s else set())
+
+
+def _longest_run(a: str, b: str) -> int:
+    """Longest common substring of a (short secret) and b (the output), in characters."""
+    best = 0
+    for i in range(len(a)):
+        for j in range(i + best + 1, len(a) + 1):
+            if a[i:j] in b:
+                best = j - i
+            else:
+                break
+    return best
+
+
+def overlap_features(output: str, protected: str) -> list[float]:
+    out_low, sec_low = output.lower(), protected.lower().strip()
+    out_n, sec_n = _norm(output), _norm(protected)
+    if not sec_n:
+        return [0.0] * len(LEAK_FEATURES)
+    sec_grams, out_grams = _grams(sec_n), _grams(out_n)
+    words = [w for w in re.findall(r"\w+", sec_low) if len(w) > 1]
+    out_words = set(re.findall(r"\w+", out_low))
+    return [float(bool(sec_low) and sec_low in out_low),
+            float(sec_n in out_n),
+            float(sec_n[::-1] in out_n),
+            _longest_run(sec_n[:200], out_n) / len(sec_n[:200]),
+            len(sec_grams & out_grams) / len(sec_grams),
+            (sum(w in out_words for w in words) / len(words)) if words else 0.0,
+            (len(out_grams & sec_grams) / len(out_grams)) if out_grams else 0.0,
+            math.log1p(len(sec_n))]
+
+
+class LeakCheck:
+    """An output that reveals the system prompt or a protected secret."""
+
+    name = "leak"
+
+    def __init__(self, head: LinearHead, coef: np.ndarray, bias: float, features: Features,
+                 threshold: float = 0.5):
+        self.head = head        # does the output read like revealed instructions?
+        self.coef = coef        # over [head logit, overlap features of the worst protected text]
+        self.bias = bias
+        self.features = features
+        self.threshold = threshold
+
+    def score_parts(self, head_logit: float, overlaps: list[float]) -> float:
+        return float(sigmoid(np.dot(self.coef, [head_logit, *overlaps]) + self.bias))
+
+    def check_output(self, output: Text, protected: list[str]) -> Finding:
+        feats = self.features.of(output)
+        start = time.perf_counter()
+        head_logit = float(self.head.logits(*feats)[0])
+        best, which = self.score_parts(head_logit, [0.0] * len(LEAK_FEATURES)), -1
+        for i, secret in enumerate(protected):
+            score = self.score_parts(head_logit, overlap_features(output.value, secret))
+            if score > best:
+                best, which = score, i
+        reason = ""
+        if best >= self.threshold:
+            reason = (f"reveals protected text #{which + 1}" if which >= 0
+                      else "reads like revealed instructions")
+        return Finding(self.name, best, reason, details={"protected": which},
+                       elapsed_ms=(time.perf_counter() - start) * 1000)
+
+    def check(self, text: Text) -> Finding:
+        return self.check_output(text, [])
+
+
+def save(directory: Path, heads: dict[str, LinearHead], extra: dict[str, np.ndarray],
+         meta: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = dict(extra)
+    for name, head in heads.items():
+        arrays.update(head.arrays(name))
+    np.savez_compressed(directory / "heads.npz", **arrays)
+    (directory / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+
+def load_heads(directory: Path = WEIGHTS_DIR) -> tuple[dict[str, LinearHead], dict, dict]:
+    with np.load(directory / "heads.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads((directory / "meta.json").read_text())
+    heads = {name: LinearHead.from_arrays(arrays, name) for name in meta["heads"]}
+    return heads, arrays, meta
+
+
+def build_checks(heads: dict[str, LinearHead], arrays: dict, meta: dict, embed=None) -> dict:
+    features = Features()
+    categories = {c: heads[f"moderation/{c}"] for c in meta["categories"]}
+    a, b = arrays["indirect_injection.doc_scale"]
+    return {
+        "moderation": ModerationCheck(heads["moderation"], categories, features),
+        "harmful_request": HarmfulRequestCheck(heads["harmful_request"], features),
+        "injection": InjectionCheck(heads["injection"], features),
+        "indirect_injection": IndirectInjectionCheck(heads["indirect_injection"],
+                                                     (float(a), float(b)), features, embed),
+        "leak": LeakCheck(heads["leak"], arrays["leak.coef"][:-1], float(arrays["leak.coef"][-1]),
+                          features, float(meta["thresholds"]["leak"])),
+    }
+
+
+def load_checks(embedder=None, directory: Path = WEIGHTS_DIR) -> dict:
+    """The learned checks with the shipped weights. `embedder` is the one the Texts are made
+    with; the checks read `Text.embedding` and only embed windows of long documents."""
+    heads, arrays, meta = load_heads(directory)
+    if embedder is not None and getattr(embedder, "dim", meta["dim"]) != meta["dim"]:
+        raise ValueError(f"the weights want {meta['dim']}-dim embeddings, "
+                         f"the embedder gives {embedder.dim}")
+    return build_checks(heads, arrays, meta, getattr(embedder, "embed", None))
