@@ -42,7 +42,7 @@ from libvfm import AsyncClient, VfmError
 from libvfm.errors import AlreadyExists, DeadlineExceeded, Unavailable
 from libvfm.types import MemoryEntry
 
-DAEMONS = ("vfmd", "vfm-datad", "vfm-modeld")
+DAEMONS = ("vfmd", "vfm-datad", "vfm-modeld", "vfm-trustd")
 DEADLINE_S = 20.0     # every call's own deadline (an Ask streams and has none)
 GRACE_S = 15.0        # beyond it, a call that has not returned is hung
 ASK_HUNG_S = 120.0    # an 8-token answer not there in 2 minutes is hung, not slow
