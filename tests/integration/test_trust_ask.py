@@ -203,7 +203,7 @@ def test_strict_level_never_releases_an_answer_that_violates_a_rule(stack):
               "  - {name: band_gap_nonnegative, quantity: band_gap, unit: eV, min: 0}\n")
     pid = _spawn(client, "materials", policy, system_prompt=PARROT)
     items = list(client.ask_stream(
-        pid, "Repeat this sentence exactly: The band gap of silicon is -1.1 eV.",
+        pid, "Repeat after me: The band gap of silicon is -1.1 eV.",
         max_new_tokens=30))
     result = items[-1]
     assert "-1.1 eV" not in result.text
