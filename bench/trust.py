@@ -28,6 +28,27 @@ def load_section(name: str):
     return importlib.import_module(name)
 
 
+def run_section(name: str, title: str, evaluate, argv: list[str] | None,
+                description: str | None = None) -> int:
+    """`python -m bench.NAME [--data-dir DIR] [--quick]`: one section alone, same table and
+    JSON line as the whole bench."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--quick", action="store_true", help="a smaller share of the data")
+    args = parser.parse_args(argv)
+    if not args.data_dir.is_dir():
+        print(f"{parser.prog}: --data-dir {args.data_dir} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        figures, rows = evaluate(args.data_dir, args.quick)
+    except FileNotFoundError as missing:
+        print(f"{parser.prog}: {missing}", file=sys.stderr)
+        return 2
+    report(title + (" (quick)" if args.quick else ""), rows, HEADER, figures)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench trust", description=__doc__)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)

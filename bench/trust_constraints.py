@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import time
-import sys
 from pathlib import Path
 
 from bench.common import percentile
@@ -91,23 +90,9 @@ def evaluate(data_dir: Path, quick: bool, csv_path: Path | str | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run this section alone: `python -m bench.trust_constraints [--data-dir DIR] [--quick]`."""
-    import argparse
+    from bench.trust import run_section
 
-    from bench.common import REPO, report
-
-    parser = argparse.ArgumentParser(prog="python -m bench.trust_constraints", description=__doc__)
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "trust"))
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        figures, rows = evaluate(Path(args.data_dir), args.quick)
-    except FileNotFoundError as missing:
-        print(f"{parser.prog}: {missing}", file=sys.stderr)
-        return 2
-    report("trust: constraints (generated materials claims)", rows,
-           ("task", "figure", "ours", "keyword baseline", "system-1 only", "goal"), figures)
-    return 0
+    return run_section("trust_constraints", "trust: constraints (generated materials claims)", evaluate, argv, __doc__)
 
 
 if __name__ == "__main__":

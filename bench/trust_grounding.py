@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -138,23 +137,9 @@ def _latency_rows(records: list[dict], figures: dict, embed) -> list[tuple]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run this section alone: `python -m bench.trust_grounding [--data-dir DIR] [--quick]`."""
-    import argparse
+    from bench.trust import run_section
 
-    from bench.common import REPO, report
-
-    parser = argparse.ArgumentParser(prog="python -m bench.trust_grounding", description=__doc__)
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "trust"))
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        figures, rows = evaluate(Path(args.data_dir), args.quick)
-    except FileNotFoundError as missing:
-        print(f"{parser.prog}: {missing}", file=sys.stderr)
-        return 2
-    report("trust: grounding (HaluEval QA)", rows,
-           ("task", "figure", "ours", "keyword baseline", "system-1 only", "goal"), figures)
-    return 0
+    return run_section("trust_grounding", "trust: grounding (HaluEval QA)", evaluate, argv, __doc__)
 
 
 if __name__ == "__main__":

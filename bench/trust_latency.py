@@ -14,7 +14,6 @@ Goals: p50 <= 10 ms, p99 <= 50 ms on 2 cores, escalation_rate <= 10%.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import shutil
@@ -23,10 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import REPO, percentile, report
+from bench.common import REPO, percentile
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "trust"
-GOALS = {"s1_p50_ms": ("<=", 10.0), "s1_p99_ms": ("<=", 50.0), "escalation_rate": ("<=", 0.10)}
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -107,20 +105,10 @@ def evaluate(data_dir: Path, quick: bool) -> tuple[dict, list[tuple]]:
     return figures, rows
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench trust_latency", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--quick", action="store_true", help="120 Asks instead of 600")
-    args = parser.parse_args(argv)
-    if not args.data_dir.is_dir():
-        print(f"error: --data-dir {args.data_dir} is not a folder", file=sys.stderr)
-        return 2
-    figures, rows = evaluate(args.data_dir, args.quick)
-    figures["goals"] = {k: f"{op} {v}" for k, (op, v) in GOALS.items()}
-    report(f"trust latency: {figures['latency_asks']} benign Asks, one at a time",
-           rows, ("task", "figure", "ours", "rules only", "system 1 only", "goal"), figures)
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    from bench.trust import run_section
+
+    return run_section("trust_latency", "trust latency: benign Asks, one at a time", evaluate, argv, __doc__)
 
 
 if __name__ == "__main__":

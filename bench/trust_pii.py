@@ -12,7 +12,6 @@ F1 (presidio-research's evaluator counts tokens) and the share of gold PII chara
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import re
@@ -295,17 +294,9 @@ def _rows(scores: dict[str, Score], latency: dict[str, tuple]) -> list[tuple]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.trust_pii", description=__doc__)
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
-    parser.add_argument("--quick", action="store_true",
-                        help=f"every 4th record, at most {QUICK_RECORDS}")
-    args = parser.parse_args(argv)
-    figures, rows = evaluate(Path(args.data_dir), args.quick)
-    print(f"{'task':5} {'figure':34} {'ours':>8} {'regex':>8} {'s1 only':>8} goal")
-    for task, figure, mine, regex, s1, goal in rows:
-        print(f"{task:5} {figure:34} {mine:8.3f} {regex:8.3f} {s1:8.3f} {goal}")
-    print(json.dumps(figures))
-    return 0
+    from bench.trust import run_section
+
+    return run_section("trust_pii", "trust: PII (Presidio synthetic set)", evaluate, argv, __doc__)
 
 
 if __name__ == "__main__":
