@@ -1,5 +1,5 @@
 """`python -m bench trust [--data-dir DIR] [--quick]`: every section of the trust benchmark
-(learned checks, PII, grounding, constraints) in one table, each figure beside the keyword
+(learned checks, PII, grounding, constraints, latency) in one table, each figure beside the keyword
 baseline and system 1 alone measured in the same run, then all figures as one JSON line."""
 
 from __future__ import annotations
@@ -19,51 +19,45 @@ SECTIONS = ("bench.trust_classify", "bench.trust_pii", "bench.trust_grounding",
 HEADER = ("task", "figure", "ours", "keyword baseline", "system 1 only", "goal")
 
 
-def load_section(name: str):
-    """The section's module, or None when this tree does not have it yet. Looked up as a file
-    of this checkout: the editable install's finder would otherwise import another
-    checkout's copy. An import error inside a present section is a bug and propagates."""
-    if not (REPO / (name.replace(".", "/") + ".py")).exists():
+def _args(prog: str, description: str | None, quick_help: str,
+          argv: list[str] | None) -> argparse.Namespace | None:
+    """--data-dir and --quick; None (after one line on stderr) when the folder is missing."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    args = parser.parse_args(argv)
+    if not args.data_dir.is_dir():
+        print(f"{prog}: --data-dir {args.data_dir} is not a folder", file=sys.stderr)
         return None
-    return importlib.import_module(name)
+    return args
 
 
 def run_section(name: str, title: str, evaluate, argv: list[str] | None,
                 description: str | None = None) -> int:
     """`python -m bench.NAME [--data-dir DIR] [--quick]`: one section alone, same table and
     JSON line as the whole bench."""
-    parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--quick", action="store_true", help="a smaller share of the data")
-    args = parser.parse_args(argv)
-    if not args.data_dir.is_dir():
-        print(f"{parser.prog}: --data-dir {args.data_dir} is not a folder", file=sys.stderr)
+    prog = f"python -m bench.{name}"
+    args = _args(prog, description, "a smaller share of the data", argv)
+    if args is None:
         return 2
     try:
         figures, rows = evaluate(args.data_dir, args.quick)
     except FileNotFoundError as missing:
-        print(f"{parser.prog}: {missing}", file=sys.stderr)
+        print(f"{prog}: {missing}", file=sys.stderr)
         return 2
     report(title + (" (quick)" if args.quick else ""), rows, HEADER, figures)
     return 0
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench trust", description=__doc__)
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--quick", action="store_true", help="fewer folds and benign texts")
-    args = parser.parse_args(argv)
-    if not args.data_dir.is_dir():
-        print(f"error: --data-dir {args.data_dir} is not a folder", file=sys.stderr)
+    args = _args("python -m bench trust", __doc__, "fewer folds and benign texts", argv)
+    if args is None:
         return 2
     figures: dict = {}
     rows: list[tuple] = []
     for name in SECTIONS:
-        module = load_section(name)
-        if module is None:
-            print(f"section {name.rsplit('.', 1)[-1]} not built")
-            continue
+        module = importlib.import_module(name)
         start = time.monotonic()
         try:
             section_figures, section_rows = module.evaluate(args.data_dir, args.quick)

@@ -22,9 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import REPO, percentile
+from bench.common import percentile
 
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "trust"
 
 
 def _jsonl(path: Path) -> list[dict]:

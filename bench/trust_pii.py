@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from bench.common import REPO, percentile
+from bench.common import percentile
 
-DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "trust"
 FILE = "pii_dev.jsonl.gz"
 GOAL_F1 = 0.85
 GOLD_TO_OURS = {"PERSON": "PERSON", "GPE": "LOCATION", "STREET_ADDRESS": "LOCATION",
