@@ -47,6 +47,10 @@ class KernelConfig:
     # policy seen decides (on_unavailable), else the Ask is refused. "off": no trust checks
     # (a stack run without vfm-trustd, knowingly).
     trust: str = "on"
+    # vfmd's CPU priority (a Unix nice value). Below 0 the kernel's syscalls and its token
+    # relay go before user load when the cores are busy, as an OS kernel's work does; that
+    # needs root or CAP_SYS_NICE, and without it vfmd keeps the priority it was started with.
+    nice: int = -5
     # Tests only, so no flag ($VFM_SLOW_COMMIT_MS): the store's writer sleeps this long in
     # every commit, as on a slow disk.
     slow_commit_ms: float = 0.0
@@ -56,6 +60,8 @@ class KernelConfig:
             raise ValueError(f"trust must be on or off, got {self.trust!r}")
         if self.policy not in ("fair", "fifo"):
             raise ValueError(f"policy must be fair or fifo, got {self.policy!r}")
+        if not -20 <= self.nice <= 19:
+            raise ValueError(f"--nice must be -20..19, got {self.nice}")
         if self.max_slots < 0:
             raise ValueError("--max-slots must be >= 0")
         if not 0 < self.health_interval_s <= 3600:
@@ -126,6 +132,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trust", choices=("on", "off"),
                         help="check every Ask with vfm-trustd (default on: without it, asks "
                         "are refused unless the last policy seen allows them); off = no checks")
+    parser.add_argument("--nice", type=int, metavar="N",
+                        help="vfmd's CPU priority as a nice value (default -5: syscalls and "
+                        "the token relay before user load; below 0 needs root or "
+                        "CAP_SYS_NICE, else vfmd keeps the priority it started with)")
     return parser.parse_args(argv)
 
 

@@ -100,8 +100,22 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
         cfg.socket.unlink(missing_ok=True)
 
 
+def prioritize(cfg: kconfig.KernelConfig) -> None:
+    """Take the configured CPU priority before any thread starts (Linux keeps a nice value
+    per thread and a new thread inherits its creator's), or say why not."""
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, 0)
+        if current != cfg.nice:
+            os.setpriority(os.PRIO_PROCESS, 0, cfg.nice)
+    except PermissionError:
+        log.info("vfmd keeps CPU priority %d: nice %d needs root or CAP_SYS_NICE",
+                 current, cfg.nice)
+    except OSError as exc:
+        log.warning("vfmd keeps its CPU priority: %s", exc)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_configured("vfmd", kconfig.load, serve, argv)
+    return run_configured("vfmd", kconfig.load, serve, argv, prepare=prioritize)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ def test_later_sources_win_and_values_get_their_types(tmp_path):
 @pytest.mark.parametrize("load, argv, env, message", [
     (kconfig.load, [], {"VFM_MAX_SLOTS": "many"}, r"bad max_slots from \$VFM_MAX_SLOTS"),
     (kconfig.load, ["--max-slots", "-1"], {}, "--max-slots must be >= 0"),
+    (kconfig.load, ["--nice", "-21"], {}, "--nice must be -20..19, got -21"),
     (kconfig.load, [], {"VFM_TENANT_WEIGHTS": "alice"}, "bad tenant weight"),
     (kconfig.load, ["--tls-cert", "/x.pem"], {}, "go together"),
     (mconfig.load, ["--max-batch", "0"], {}, "--max-batch must be between 1 and 256"),
@@ -55,3 +56,21 @@ def test_service_defaults_follow_the_state_dir(tmp_path):
     data = dconfig.load([], {"VFM_STATE_DIR": str(tmp_path), "VFM_DATAD_THREADS": "2"})
     assert data.data_dir == tmp_path and data.socket == tmp_path / "datad.sock"
     assert data.threads == 2
+
+
+def test_vfmd_takes_its_cpu_priority_for_every_thread_it_starts():
+    """prioritize() runs before vfmd starts any thread; a thread started after it inherits
+    the nice value (Linux keeps one per thread). Run in a child so this process keeps its own."""
+    import subprocess
+    import sys
+
+    code = ("import os, threading\n"
+            "from kernel import config, main\n"
+            "main.prioritize(config.KernelConfig(state_dir='.', nice=7))\n"
+            "seen = []\n"
+            "t = threading.Thread(target=lambda: seen.append(os.getpriority(os.PRIO_PROCESS, 0)))\n"
+            "t.start(); t.join()\n"
+            "print(os.getpriority(os.PRIO_PROCESS, 0), seen[0])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.split() == ["7", "7"]
