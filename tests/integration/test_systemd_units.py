@@ -135,6 +135,14 @@ def test_kernel_keeps_its_data_in_the_state_directory(rendered):
     assert argv[argv.index("--data-dir") + 1] == "/var/lib/vfmos"
 
 
+def test_kernel_unit_gives_vfmd_its_default_cpu_priority(rendered):
+    """The vfmos user cannot lower its own nice value: the unit does it for vfmd."""
+    from kernel.config import KernelConfig
+
+    unit = parse_unit(rendered / "vfmd.service")
+    assert int(last(unit, "Service", "Nice")) == KernelConfig(state_dir=Path(".")).nice
+
+
 @pytest.mark.parametrize("name", [s for s in SERVICES if s != "vfmd.service"])
 def test_service_follows_the_kernel_but_survives_its_restart(rendered, name):
     unit = parse_unit(rendered / name)
