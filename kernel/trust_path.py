@@ -22,34 +22,17 @@ from kernel.ports import (OUTCOMES, AuditSink, CheckResult, EscalationOpener, Ou
 from vfmos_runtime.errors import DeadlineExceeded, Unavailable
 from vfmos_runtime.protocol import TRUST_SERVICE
 from vfmos_runtime.types import Usage
+from vfmos_runtime.windows import window_end
 
 log = logging.getLogger("vfmd.trust")
 
-# A window ends at a sentence's end; a run without one is cut after a plain lowercase word
-# once this many characters wait (so a name, a number or an address is never split).
-WINDOW_CHARS = 120
 REFUSAL_REPLY = "I can't help with that."
 HOLDING_REPLY = "Your request needs a person's review; you will get an answer soon."
-_SENTENCE_END = re.compile(r"[.!?;:](?=\s)|\n")
-_PLAIN_WORD = re.compile(r"(?<!\S)[a-z][a-z']*,?(?=\s)")
 
 
 def strongest(*outcomes: str) -> str:
     """The outcome that weighs most (refuse > escalate > revise > redact > allow)."""
     return max(outcomes, key=lambda o: OUTCOMES.index(o) if o in OUTCOMES else 0)
-
-
-def window_end(raw: str, start: int, first: bool) -> int:
-    """Where the next window of `raw` ends (> start), or `start` when none is complete yet.
-    The first window may end after any plain word, so the first words reach the client
-    without waiting for a whole sentence."""
-    end = start
-    for match in _SENTENCE_END.finditer(raw, start):
-        end = match.end()
-    if first or len(raw) - end >= WINDOW_CHARS:
-        for match in _PLAIN_WORD.finditer(raw, end):
-            end = match.end()
-    return end
 
 
 def restore(text: str, placeholders: Sequence[Placeholder]) -> str:
@@ -397,6 +380,10 @@ class OutputGuard:
             if end <= checked_raw and not finished:
                 await self._wake.wait()
                 continue
+            # The whitespace after the boundary goes too: it shows vfm-trustd the last word
+            # is complete, so the window is released now, not with the next one.
+            if end < len(raw) and raw[end].isspace():
+                end += 1
             text = self._session.restore(raw[:end])
             decision = await self._session.check_output(text, finished, checked)
             if decision.cut or decision.verdict.outcome in ("refuse", "escalate"):

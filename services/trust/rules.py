@@ -280,6 +280,7 @@ class OverlapLeakCheck:
     Score: the run over `full_run` words (1.0 at or above it), 1.0 for a secret."""
 
     name = "leak_overlap"
+    reads_embedding = False  # words only: it judges an answer's first few words too
 
     def __init__(self, full_run: int = 12, min_run: int = 3):
         self.full_run, self.min_run = full_run, min_run

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -13,6 +12,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from services.trust import keywords
 from services.trust.checks import Check, Finding, Span, Text
 from services.trust.policy import MAX_DOCUMENT_BYTES, Policy, effective, parse_document
 from services.trust.policy_store import PolicyStore
@@ -20,6 +20,7 @@ from services.trust.rules import (APPEND, ESCALATE, REDACT, REFUSE, REVISE, SYST
                                   TenantRules, apply_spans)
 from vfmos_runtime.errors import InvalidArgument, Unavailable
 from vfmos_runtime.protocol import MAX_TENANT
+from vfmos_runtime.windows import window_end
 
 log = logging.getLogger("vfm-trustd.service")
 
@@ -51,7 +52,7 @@ RULE_OUTCOMES = {REFUSE: Outcome.REFUSE, REDACT: Outcome.REDACT, ESCALATE: Outco
 QUESTION_CHECKS = ("moderation", "harmful_request", "injection")
 ITEM_CHECKS = ("indirect_injection", "injection")   # the first one present screens items
 OUTPUT_CHECKS = ("moderation",)
-_SENTENCE_END = re.compile(r"[.!?:;\n](?=\s)|\n")
+FIRST_WINDOW_CHARS = 40  # a first window this short is judged by its words alone
 
 
 @dataclass(frozen=True)
@@ -300,11 +301,20 @@ class TrustService:
         if p.level == "off":
             return OutputCheck(self._verdict(cp, [], started), text, False)
         out = Text(text, self.checks.embed)
-        results = [self._learned(cp, name, check, out, "output")
-                   for name in OUTPUT_CHECKS if (check := self.checks.text.get(name))]
+        # The first words of an answer (nothing released yet, a short window, no keyword
+        # of the baseline in it) are too few for the encoder's checks to judge: the checks
+        # that read words (PII, overlap with protected texts, the tenant's rules) decide
+        # them, and the encoder reads them with the next window, which rechecks from the
+        # start. That takes the encoder's time off the first token.
+        words_only = (released == 0 and not final and len(text) <= FIRST_WINDOW_CHARS
+                      and not any(keywords.counts(text)))
+        results = [] if words_only else [
+            self._learned(cp, name, check, out, "output")
+            for name in OUTPUT_CHECKS if (check := self.checks.text.get(name))]
         if protected:
             results += [self._leak(cp, name, check, out, protected)
-                        for name, check in self.checks.leaks.items()]
+                        for name, check in self.checks.leaks.items()
+                        if not (words_only and getattr(check, "reads_embedding", True))]
         if cp.pii is not None:
             results.append(self._pii_result(cp, out, "output"))
         results += [self._rule(cp, f, "output")
@@ -332,9 +342,8 @@ class TrustService:
             stop = len(text)
         elif p.level == "strict":
             stop = released
-        else:
-            ends = [m.end() for m in _SENTENCE_END.finditer(text)]
-            stop = ends[-1] if ends else 0
+        else:  # the kernel's own window rule, so each window it sends goes out at once
+            stop = window_end(text, 0, first=released == 0)
         for span in spans:
             if span.start < stop < span.end:
                 stop = span.start

@@ -88,10 +88,15 @@ def test_high_stakes_and_the_uncertain_band_route_to_system_2_only_at_standard(s
 
 
 def test_streamed_output_is_released_by_sentence_redacted_and_with_its_disclaimer(service):
-    partial = service.check_output(BOB, "Your ticket INT-1234 is open. Take one dose of", False)
+    # the first window goes out to its last complete plain word: the first words come at once
+    first = service.check_output(BOB, "Your ticket INT-1234 is open. Take one dose of", False)
+    assert first.text == "Your ticket [TICKET] is open. Take one dose" and not first.cut
+    assert first.verdict.outcome == Outcome.REDACT
+    assert first.verdict.redacted_text == first.text
+    # later windows by sentence
+    partial = service.check_output(BOB, "Your ticket INT-1234 is open. Take one dose of Advil",
+                                   False, released=29)
     assert partial.text == "Your ticket [TICKET] is open." and not partial.cut
-    assert partial.verdict.outcome == Outcome.REDACT
-    assert partial.verdict.redacted_text == partial.text
     final = service.check_output(BOB, "Your ticket INT-1234 is open. Take one dose daily.",
                                  True, released=29)
     assert final.text == ("Your ticket [TICKET] is open. Take one dose daily.\n\n"
@@ -182,3 +187,31 @@ def test_bad_input_is_invalid_argument_naming_the_field(service, call, field):
     with pytest.raises(InvalidArgument) as caught:
         call(service)
     assert caught.value.message.startswith(field)
+
+
+class CountingCheck:
+    """A moderation check that scores nothing and counts the texts it read."""
+
+    name = "moderation"
+
+    def __init__(self):
+        self.read: list[str] = []
+
+    def check(self, text: Text) -> Finding:
+        self.read.append(text.value)
+        return Finding("moderation", 0.0)
+
+
+def test_an_answers_first_words_are_judged_by_their_words_and_the_encoder_reads_them_next(tmp_path):
+    counted = CountingCheck()
+    svc = TrustService(PolicyStore(tmp_path), CheckSet(
+        text={"moderation": counted}, leaks={"leak_overlap": OverlapLeakCheck()}))
+    first = svc.check_output(BOB, "In ", False, protected=[PROMPT])
+    assert first.text == "In" and counted.read == []
+    assert [c.check for c in first.verdict.checks] == ["leak_overlap"]
+    svc.check_output(BOB, "In the night, ", False, released=3)   # the next window: from 0
+    assert counted.read == ["In the night, "]
+    svc.check_output(BOB, "You idiot ", False)          # a baseline keyword: the encoder too
+    svc.check_output(BOB, "Yes ", True)                 # a final answer: every check
+    assert counted.read[1:] == ["You idiot ", "Yes "]
+    svc.close()

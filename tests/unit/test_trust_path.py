@@ -21,7 +21,8 @@ from kernel.ports import (CandidatesReply, CheckResult, GenerateCall, GenPiece, 
                           TrustPolicy, TrustSpan, Verdict, Verification)
 from kernel.store import KernelStore
 from kernel.table import ProcessTable
-from kernel.trust_path import TrustGate, restore, window_end
+from kernel.trust_path import TrustGate, restore
+from vfmos_runtime.windows import window_end
 from vfmos_runtime.errors import Unavailable
 from vfmos_runtime.types import ProcessSpec
 
@@ -476,6 +477,11 @@ def test_window_ends_at_sentences_and_plain_words():
     assert window_end("call John Smith", 0, first=True) == len("call")
     assert window_end("call 555 123", 0, first=True) == len("call")
     assert window_end("no end yet", 0, first=False) == 0
+    # an answer's first word may be an opener, once the whitespace after it has come
+    assert window_end("In the", 0, first=True) == len("In")
+    assert window_end("The", 0, first=True) == 0            # may yet be "Theodore"
+    assert window_end("John Smith", 0, first=True) == 0     # a capitalised word may be a name
+    assert window_end("In the", 0, first=False) == 0        # openers only begin an answer
 
 
 def test_restore_tolerates_missing_brackets():
