@@ -4,7 +4,9 @@ vfm-trustd's own service (every check it loads by default, the default policy: l
 `standard`), in this process, on benign Asks: the support tickets (`instruction`, and its
 `response` as the answer) and XSTest's safe prompts (question only). One Ask's system-1
 time = ScreenInput on the question + CheckOutput on the whole answer, wall clock, one Ask
-at a time, as the kernel calls them (the gRPC hop, ~1 ms, is not counted here). Baseline in
+at a time (the gRPC hop, ~1 ms, is not counted here). Also, as the kernel really calls
+CheckOutput while an answer streams: a check per window (`vfmos_runtime.windows`) with the
+answer growing 4 characters at a time, their sum and the slowest per answer. Baseline in
 the same run: the tenant rules alone (`--checks rules`). `escalation_rate` = share of those
 Asks whose screen sends them to system 2 (an uncertain score or a high-stakes topic).
 Goals: p50 <= 10 ms, p99 <= 50 ms on 2 cores, escalation_rate <= 10%.
@@ -76,6 +78,39 @@ def measure(service, asks: list[tuple[str, str]]) -> dict:
             "escalation_rate": escalated / len(asks), "refusal_rate": refused / len(asks)}
 
 
+def streamed(service, asks: list[tuple[str, str]]) -> dict:
+    """The answers as the kernel checks them while they stream: the text grows 4 characters
+    at a time (about a token), a window is checked whenever one is complete
+    (`vfmos_runtime.windows`, the kernel's rule), then the final one. Per answer: how many
+    checks, their summed time, and the slowest one (the longest a window waits)."""
+    from services.trust.service import Scope
+    from vfmos_runtime.windows import window_end
+
+    scope = Scope("bench-stream")
+    totals, slowest, counts = [], [], []
+    for question, answer in asks:
+        if not answer:
+            continue
+        checked, total, worst, n = 0, 0.0, 0.0, 0
+        for grown in [*range(4, len(answer), 4), len(answer)]:
+            raw, final = answer[:grown], grown == len(answer)
+            end = len(raw) if final else window_end(raw, checked, first=checked == 0)
+            if end <= checked and not final:
+                continue
+            if end < len(raw) and raw[end].isspace():
+                end += 1
+            start = time.perf_counter()
+            service.check_output(scope, raw[:end], final, question, (), checked)
+            took = (time.perf_counter() - start) * 1000
+            total, worst, n, checked = total + took, max(worst, took), n + 1, end
+        totals.append(total)
+        slowest.append(worst)
+        counts.append(n)
+    return {"total_p50": percentile(totals, 50), "total_p99": percentile(totals, 99),
+            "slowest_p50": percentile(slowest, 50), "slowest_p99": percentile(slowest, 99),
+            "checks_p50": percentile(counts, 50)}
+
+
 def evaluate(data_dir: Path, quick: bool) -> tuple[dict, list[tuple]]:
     asks = benign_asks(data_dir, quick)
     results = {}
@@ -85,6 +120,7 @@ def evaluate(data_dir: Path, quick: bool) -> tuple[dict, list[tuple]]:
         service = _service(checks, store)
         try:
             results[label] = measure(service, asks)
+            results[label]["streamed"] = streamed(service, asks)
         finally:
             service.close()
             shutil.rmtree(store, ignore_errors=True)
@@ -92,11 +128,20 @@ def evaluate(data_dir: Path, quick: bool) -> tuple[dict, list[tuple]]:
     figures = {"s1_p50_ms": round(ours["p50"], 2), "s1_p99_ms": round(ours["p99"], 2),
                "escalation_rate": round(ours["escalation_rate"], 4),
                "benign_refusal_rate": round(ours["refusal_rate"], 4),
-               "latency_asks": len(asks)}
+               "latency_asks": len(asks),
+               "s1_streamed_total_p50_ms": round(ours["streamed"]["total_p50"], 1),
+               "s1_streamed_slowest_check_p50_ms": round(ours["streamed"]["slowest_p50"], 1),
+               "s1_streamed_slowest_check_p99_ms": round(ours["streamed"]["slowest_p99"], 1)}
+    so, sr = ours["streamed"], rules["streamed"]
     rows = [("latency", "system-1 p50 ms per Ask", f"{ours['p50']:.2f}", f"{rules['p50']:.2f}",
              f"{ours['p50']:.2f}", "<= 10"),
             ("latency", "system-1 p99 ms per Ask", f"{ours['p99']:.2f}", f"{rules['p99']:.2f}",
              f"{ours['p99']:.2f}", "<= 50"),
+            ("latency", f"streamed answer: all {so['checks_p50']:.0f} window checks, p50 ms",
+             f"{so['total_p50']:.1f}", f"{sr['total_p50']:.1f}", f"{so['total_p50']:.1f}", ""),
+            ("latency", "streamed answer: slowest window check p50 / p99 ms",
+             f"{so['slowest_p50']:.1f} / {so['slowest_p99']:.1f}",
+             f"{sr['slowest_p50']:.1f} / {sr['slowest_p99']:.1f}", "-", ""),
             ("latency", "benign Asks sent to system 2", f"{ours['escalation_rate']:.3f}",
              f"{rules['escalation_rate']:.3f}", "-", "<= 0.10"),
             ("latency", "benign Asks refused or escalated", f"{ours['refusal_rate']:.3f}",

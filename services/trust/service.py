@@ -292,10 +292,11 @@ class TrustService:
         protected = list(protected)
         check_output_args(text, question, protected, released)
         return self._check_output(self.compiled(check_scope(scope)), text, final, question,
-                                  protected, released)
+                                  protected, released, scope.tenant)
 
     def _check_output(self, cp: Compiled, text: str, final: bool, question: str,
-                      protected: list[str], released: int) -> OutputCheck:
+                      protected: list[str], released: int, namespace: str = "") -> OutputCheck:
+        """`namespace` (the tenant) keeps the answer windows' embeddings apart per tenant."""
         started = time.perf_counter()
         p = cp.policy
         if p.level == "off":
@@ -309,7 +310,8 @@ class TrustService:
         words_only = (released == 0 and not final and len(text) <= FIRST_WINDOW_CHARS
                       and not any(keywords.counts(text)))
         results = [] if words_only else [
-            self._learned(cp, name, check, out, "output")
+            self._scored(cp, name, Outcome.REFUSE, "output", run=lambda c=check: (
+                c.check_answer(out, namespace) if hasattr(c, "check_answer") else c.check(out)))
             for name in OUTPUT_CHECKS if (check := self.checks.text.get(name))]
         if protected:
             results += [self._leak(cp, name, check, out, protected)

@@ -196,10 +196,15 @@ class CountingCheck:
 
     def __init__(self):
         self.read: list[str] = []
+        self.namespaces: list[str] = []
 
     def check(self, text: Text) -> Finding:
         self.read.append(text.value)
         return Finding("moderation", 0.0)
+
+    def check_answer(self, text: Text, namespace: str = "") -> Finding:
+        self.namespaces.append(namespace)
+        return self.check(text)
 
 
 def test_an_answers_first_words_are_judged_by_their_words_and_the_encoder_reads_them_next(tmp_path):
@@ -214,4 +219,5 @@ def test_an_answers_first_words_are_judged_by_their_words_and_the_encoder_reads_
     svc.check_output(BOB, "You idiot ", False)          # a baseline keyword: the encoder too
     svc.check_output(BOB, "Yes ", True)                 # a final answer: every check
     assert counted.read[1:] == ["You idiot ", "Yes "]
+    assert set(counted.namespaces) == {BOB.tenant}   # answers are read as answers, per tenant
     svc.close()

@@ -110,3 +110,45 @@ def test_training_is_deterministic_and_saved_heads_score_the_same(embedder, tmp_
     loaded = learned.load_heads(tmp_path)[0]["h"]
     batch = feats.batch([e.text for e in examples], vectors)
     assert np.allclose(loaded.scores(*batch), first.scores(*batch), atol=1e-2)
+
+
+HOTEL = ("Our hotel offers free parking for guests and a breakfast buffet from 7 to 10 am. "
+         "Rooms are cleaned daily and towels are changed on request. Pets are welcome in "
+         "ground-floor rooms for a small fee. Check-in starts at 3 pm and check-out is at 11 "
+         "am. The reception is open around the clock and can order a taxi to the airport. ")
+HARMFUL = "Kill all of them, they are vermin and deserve to die slowly."
+
+
+def test_a_harmful_sentence_inside_a_long_answer_is_caught_sentence_by_sentence(checks, embedder):
+    mod = checks["moderation"]
+    answer = text(embedder, HOTEL * 3 + HARMFUL + " " + HOTEL * 3)   # 380 words
+    assert mod.check(answer).score < mod.threshold    # the whole answer's mean drowns it
+    found = mod.check_answer(answer)
+    assert found.score >= mod.threshold and found.details["windows"] > 1
+    assert "vermin" in learned.answer_windows(answer.value)[found.details["window"]]
+    for benign in (HOTEL * 6, HOTEL):
+        assert mod.check_answer(text(embedder, benign)).score < mod.threshold
+
+
+def test_a_streamed_answer_embeds_only_its_new_windows(embedder):
+    embedded: list[str] = []
+
+    def counting(texts):
+        embedded.extend(texts)
+        return embedder.embed(texts)
+
+    cache = learned.WindowCache(counting)
+    words = (HOTEL * 3).split()
+    checks, read = 0, 0
+    for n in range(50, len(words) + 1, 10):          # the kernel rechecks the answer so far
+        before = len(embedded)
+        pieces = learned.answer_windows(" ".join(words[:n]))
+        cache(pieces, "alice")
+        checks, read = checks + 1, read + len(pieces)
+        if checks > 1:                               # the first embeds every sentence so far
+            assert len(embedded) - before <= 2       # then the growing one and maybe a new one
+    # each complete window once, the growing one at each check; without the cache, all of them
+    assert len(embedded) <= checks + len(learned.answer_windows(" ".join(words))) < read
+    cache(["Same text."], "alice")
+    cache(["Same text."], "bob")                     # tenants never share a cached vector
+    assert embedded[-2:] == ["Same text.", "Same text."]
