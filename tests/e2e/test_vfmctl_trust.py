@@ -118,23 +118,35 @@ def test_every_trust_command_has_help():
 
 # --- with vfm-trustd (built by another part of issue 11; skipped where it is not) ----------
 
-@pytest.fixture
-def with_trustd(seeded):
+def _trustd(state, *args: str):
     from libvfm import Client
     from tests.conftest import Daemon, wait_for
     from tests.integration.test_trust_syscalls import _answers
-    state = seeded[0]
     trustd = Daemon(["-m", "services.trust.main", "--state-dir", str(state),
-                     "--kernel-socket", str(state / "vfmd.sock")],
+                     "--kernel-socket", str(state / "vfmd.sock"), *args],
                     state / "logs" / "vfm-trustd.log").start()
     with Client(state / "vfmd.sock") as client:
         wait_for(lambda: _answers(client), 180, "vfm-trustd to answer", log=trustd.log)
-    yield state
+    return trustd
+
+
+@pytest.fixture
+def with_trustd(seeded):
+    trustd = _trustd(seeded[0])
+    yield seeded[0]
     trustd.stop()
 
 
-def test_policy_apply_show_and_a_bad_policy_named_by_line(with_trustd, tmp_path):
-    state = with_trustd
+@pytest.fixture
+def with_policy_trustd(seeded):
+    """vfm-trustd with the tenant rules only (no models to load): policies are its concern."""
+    trustd = _trustd(seeded[0], "--checks", "rules")
+    yield seeded[0]
+    trustd.stop()
+
+
+def test_policy_apply_show_and_a_bad_policy_named_by_line(with_policy_trustd, tmp_path):
+    state = with_policy_trustd
     good, bad = tmp_path / "policy.yaml", tmp_path / "bad.yaml"
     good.write_text("level: standard\n")
     bad.write_text("level: standard\nthresholds:\n  moderation: 1.4\n")
