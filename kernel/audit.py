@@ -34,7 +34,9 @@ from vfmos_runtime.storage import U64, pack, unpack
 
 log = logging.getLogger("vfmd.audit")
 
-KINDS = ("ask", "policy", "escalation")
+KINDS = ("ask", "policy", "escalation", "audit")
+# The tenant of the trail's records about itself (kind "audit"): administrators see them.
+TRAIL_TENANT = "vfmd"
 GENESIS = "0" * 64              # the prev_hash of the first record
 HEAD_FILE = "audit.head"
 _HEAD_KEY = b"head"
@@ -292,6 +294,35 @@ class AuditLog:
                 return found, found[-1]["seq"]
             found.append(record)
         return found, 0
+
+    def catch_up_head_file(self) -> int:
+        """At start. After an unclean stop the head file may name an earlier record than the
+        store does: vfmd stopped between a commit and the file's rename, and `verify` would
+        report records the file does not cover, after every crash. When the file names a
+        record of the chain (its seq and hash) and the chain verifies up to the store's
+        head, the trail says so in a record of its own (kind "audit", tenant "vfmd", the
+        seqs the file and the store named), whose append brings the file up to date: the
+        alarm ends, the event stays in the chain for an auditor to see. Returns that
+        record's seq; 0 when there was nothing to do or the file or chain is wrong (missing,
+        unreadable, ahead, naming another record: `verify` goes on reporting it)."""
+        store_head, file_head = self._store.head(), self._store.file_head()
+        if store_head is None or file_head is None or not 0 < file_head.seq < store_head.seq:
+            return 0
+        named = next(iter(self._store.rows(file_head.seq - 1)), None)
+        if named is None or unpack(named[1]).get("hash") != file_head.hash:
+            return 0
+        if not verify_chain(self._store.rows(), store_head, store_head).ok:
+            return 0
+        seq = self.append({
+            "kind": "audit", "tenant": TRAIL_TENANT, "pid": 0, "verdict": "caught_up",
+            "reasons": [f"the {HEAD_FILE} file named seq {file_head.seq} but the chain went on "
+                        f"to seq {store_head.seq}: vfmd had stopped before writing the file; "
+                        f"records {file_head.seq + 1}..{store_head.seq} were not covered by it"],
+            "file_seq": file_head.seq, "store_seq": store_head.seq})
+        log.warning("the audit head file was behind the chain (seq %d < %d), as after an "
+                    "unclean stop: brought up to date, and recorded as seq %d",
+                    file_head.seq, store_head.seq, seq)
+        return seq
 
     def verify(self) -> Verification:
         """Check the whole chain against both heads (blocking: a read of every record)."""

@@ -45,6 +45,7 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
                             before_commit=(lambda: time.sleep(delay_s)) if delay_s else None)
         outbox_store = OutboxStore(store)  # its table is opened before any write is queued
         audit = AuditLog(AuditStore(store, cfg.data_dir / HEAD_FILE))
+        audit.catch_up_head_file()  # the file behind the chain after an unclean stop
         escalations = EscalationBook(store, audit)
     except (lmdb.Error, OSError) as exc:
         raise DaemonStartError(f"cannot open the kernel store in {cfg.data_dir}: {exc}") from exc

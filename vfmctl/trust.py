@@ -235,7 +235,7 @@ def add_commands(add: Callable, client_for: Callable, pid_of: Callable,
     p.add_argument("--since", help="records from this time on: ISO 8601, or an age (2h, 7d)")
     p.add_argument("--verdict", default="", help="only records with this verdict "
                    "(allow, redact, refuse, escalate, ...)")
-    p.add_argument("--kind", default="", choices=("ask", "policy", "escalation"),
+    p.add_argument("--kind", default="", choices=("ask", "policy", "escalation", "audit"),
                    help="only records of this kind")
 
     p = add("escalations", lambda a: cmd_escalations(a, client_for),

@@ -19,7 +19,7 @@ from libvfm import Client
 from libvfm.errors import FailedPrecondition, InvalidArgument, NotFound
 from tests.conftest import Daemon, start_kernel, wait_for
 from tests.integration.test_tenant_isolation import _free_port
-from vfmos_runtime.storage import U64, unpack
+from vfmos_runtime.storage import U64, pack, unpack
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos.kernel.v1 import kernel_pb2_grpc
 
@@ -125,6 +125,25 @@ def test_verify_names_a_record_changed_while_the_kernel_was_down(stack, state_di
         assert (full.ok, full.first_bad_seq) == (False, 4) and "modified" in full.reason
         mine = stack["bob"].verify_audit()
         assert (mine.ok, mine.first_bad_seq, mine.reason) == (False, 4, "")
+    finally:
+        kernel.stop()
+
+
+def test_a_kernel_started_after_a_crash_catches_its_head_file_up_and_says_so(stack, state_dir):
+    stack["kernel"].stop()
+    env = lmdb.open(str(state_dir / "kernel.lmdb"), max_dbs=16, subdir=True)
+    with env.begin() as txn:  # the file as a kill between a commit and its rename leaves it
+        named = unpack(txn.get(U64.pack(5), db=env.open_db(b"audit", txn=txn)))
+    env.close()
+    (state_dir / HEAD_FILE).write_bytes(pack([5, named["hash"]]))
+    kernel = start_kernel(state_dir, "--listen", f"127.0.0.1:{stack['port']}")
+    try:
+        with Client(state_dir / "vfmd.sock") as admin:
+            assert admin.verify_audit().ok
+            [record] = admin.audit(kind="audit")
+        assert (record.tenant, record.verdict) == ("vfmd", "caught_up")
+        assert record.attributes["file_seq"] == "5" and record.attributes["store_seq"] != "5"
+        assert stack["alice"].audit(kind="audit") == []   # the trail's own, not a tenant's
     finally:
         kernel.stop()
 

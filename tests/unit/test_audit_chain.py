@@ -251,3 +251,48 @@ def test_a_record_with_missing_or_null_fields_still_reads_on_the_wire():
                         "reasons": None, "exchange": "x1"})
     assert (msg.seq, msg.tokens_in, msg.cost, len(msg.checks), msg.attributes["exchange"]) == (
         3, 0, 0.0, 1, "x1")
+
+
+def _behind(path, seq):
+    """The head file as a crash between a commit and the file's rename leaves it."""
+    store = KernelStore(path)
+    named = next(iter(AuditStore(store, path / HEAD_FILE).rows(seq - 1)))
+    store.close()
+    (path / HEAD_FILE).write_bytes(pack([seq, unpack(named[1])["hash"]]))
+
+
+def test_a_head_file_left_behind_by_a_crash_is_caught_up_and_the_trail_says_so(chain):
+    _behind(chain, 8)
+    result = _verify(chain)
+    assert not result.ok and HEAD_FILE in result.reason   # what verify said after a crash
+    store, audit = _open(chain)                              # the next start of vfmd
+    seq = audit.catch_up_head_file()
+    store.close()
+    assert seq == 11
+    result = _verify(chain)
+    assert (result.ok, result.records) == (True, 11)
+    store, audit = _open(chain)
+    [record] = audit.list(None, kind="audit")[0]
+    store.close()
+    assert (record["tenant"], record["file_seq"], record["store_seq"]) == ("vfmd", 8, 10)
+    assert "records 9..10 were not covered" in record["reasons"][0]
+
+
+@pytest.mark.parametrize("damage", ["wrong hash", "modified record", "file ahead"])
+def test_a_head_file_that_is_not_just_behind_stays_an_alarm(chain, damage):
+    if damage == "wrong hash":
+        (chain / HEAD_FILE).write_bytes(pack([8, "f" * 64]))
+    elif damage == "modified record":
+        _behind(chain, 8)
+
+        def change(txn, db, _):
+            record = unpack(txn.get(_key(9), db=db))
+            record["tokens_out"] = 999
+            txn.put(_key(9), canonical(record), db=db)
+        _tamper(chain, change)
+    else:
+        (chain / HEAD_FILE).write_bytes(pack([12, "f" * 64]))
+    store, audit = _open(chain)
+    assert audit.catch_up_head_file() == 0
+    store.close()
+    assert not _verify(chain).ok
