@@ -258,8 +258,12 @@ class AskRunner:
             answer.show(ending.reply)
             return ending.finish, ending
         query.context = render(items)
+        if trust.model_question is not None:  # a redact rule on the input: the model sees it so
+            query.model_prompt = trust.model_question
         if self._backend(model) == "openai":
-            masked = await trust.pseudonymize(record.spec.system_prompt, query.prompt, items)
+            masked = await trust.pseudonymize(
+                record.spec.system_prompt,
+                query.prompt if query.model_prompt is None else query.model_prompt, items)
             if masked is not None:
                 query.system_prompt, query.model_prompt, masked_items = masked
                 query.context = render(masked_items)

@@ -138,6 +138,7 @@ class TrustSession:
         self.question = question
         self.system_prompt = system_prompt
         self.protected: list[str] = [system_prompt] if system_prompt else []
+        self.model_question: str | None = None  # the question redacted by the policy
         self.policy: TrustPolicy | None = None
         self.verdict = Verdict(system=0)
         self.placeholders: list[Placeholder] = []
@@ -224,6 +225,8 @@ class TrustSession:
         if screening is None:
             return items, None
         self._add(screening.verdict, "question")
+        if screening.verdict.outcome == "redact" and screening.verdict.redacted_text:
+            self.model_question = screening.verdict.redacted_text
         kept, decisions = [], {iv.index: iv for iv in screening.items}
         for n, item in enumerate(items):
             decided = decisions.get(n)

@@ -261,6 +261,9 @@ class TrustService:
         results += [self._rule(cp, f, "question") for f in cp.rules.screen_question(q)]
         verdicts = self._screen_items(cp, items)
         verdict = self._verdict(cp, results, started)
+        if verdict.outcome == Outcome.REDACT:  # what the model may see of the question
+            verdict.redacted_text = self._redacted(question, [
+                span for r in results if r.outcome == Outcome.REDACT for span in r.spans])
         s2 = verdict.outcome in (Outcome.ALLOW, Outcome.REDACT) and \
             self._wants_system2(p, results)
         if s2:

@@ -221,3 +221,12 @@ def test_an_answers_first_words_are_judged_by_their_words_and_the_encoder_reads_
     assert counted.read[1:] == ["You idiot ", "Yes "]
     assert set(counted.namespaces) == {BOB.tenant}   # answers are read as answers, per tenant
     svc.close()
+
+
+def test_a_redact_rule_on_input_gives_the_question_the_model_may_see(service):
+    service.put_policy(BOB, POLICY.replace("    on: output\n", "    on: both\n"), "bob.yaml")
+    screen = service.screen_input(BOB, "Is INT-1234 fixed? And INT-9876?")
+    assert screen.verdict.outcome == Outcome.REDACT
+    assert screen.verdict.redacted_text == "Is [TICKET] fixed? And [TICKET]?"
+    plain = service.screen_input(BOB, "Is my ticket fixed?")
+    assert plain.verdict.outcome == Outcome.ALLOW and plain.verdict.redacted_text == ""

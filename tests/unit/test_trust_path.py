@@ -29,6 +29,7 @@ from vfmos_runtime.types import ProcessSpec
 ALICE = Caller("alice", 1000, False, "unix")
 EMAIL = "bob@example.com"
 EMAIL_RE = re.compile(r"[\w.]+@[\w.]+\w")
+TICKET_RE = re.compile(r"INT-\d{4}")
 SYSTEM = "You are the support bot of ACME. The discount code is ZEBRA-7731."
 
 
@@ -124,6 +125,11 @@ class MemTrust:
                                      ["refund above 500 goes to a human"], 1, 1.0, 3,
                                      level=level, holding_reply="A person will look at it.",
                                      escalation_rule="refund_above_500"))
+        if TICKET_RE.search(question):  # a tenant regex that redacts ticket numbers on input
+            return Screening(Verdict("redact", [CheckResult("rules", 1.0, 1.0, "redact",
+                                                            "regex 'ticket' matches")],
+                                     [], 1, 1.0, 3, level=level,
+                                     redacted_text=TICKET_RE.sub("[TICKET]", question)))
         decided = [ItemVerdict(n, i.id, dropped=True, reason="injected instructions",
                                checks=(CheckResult("injection", 0.99, 0.5, "refuse"),))
                    for n, i in enumerate(items) if "ignore previous instructions" in i.text]
@@ -482,6 +488,13 @@ def test_window_ends_at_sentences_and_plain_words():
     assert window_end("The", 0, first=True) == 0            # may yet be "Theodore"
     assert window_end("John Smith", 0, first=True) == 0     # a capitalised word may be a name
     assert window_end("In the", 0, first=False) == 0        # openers only begin an answer
+
+
+def test_a_question_redacted_by_the_policy_reaches_the_model_redacted(kernel):
+    k = kernel("Your ticket is open.")
+    pieces, done = asyncio.run(k.ask(k.spawn(), "Is INT-1234 fixed yet?"))
+    assert "INT-1234" not in k.model.prompts() and "Is [TICKET] fixed yet?" in k.model.prompts()
+    assert "".join(pieces) == "Your ticket is open." and done.verdict.outcome == "redact"
 
 
 def test_restore_tolerates_missing_brackets():
