@@ -38,10 +38,12 @@ class Text:
     """A text under check. Its embedding is computed once, on first use, and shared by every
     check that asks for it."""
 
-    def __init__(self, value: str, embed: Callable[[list[str]], np.ndarray] | None = None):
+    def __init__(self, value: str, embed: Callable[[list[str]], np.ndarray] | None = None,
+                 namespace: str = ""):
         self.value = value
         self._embed = embed
         self._vector: np.ndarray | None = None
+        self.namespace = namespace  # whose text (the tenant): what a check keeps stays apart
 
     @property
     def embedding(self) -> np.ndarray:

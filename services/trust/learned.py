@@ -237,13 +237,13 @@ class ModerationCheck(_HeadCheck):
     def check(self, text: Text) -> Finding:
         return self._decide(self.features.of(text), 0, {})
 
-    def check_answer(self, text: Text, namespace: str = "") -> Finding:
+    def check_answer(self, text: Text) -> Finding:
         """A model's answer, which may run past what the encoder reads: scored whole when it
         is one window, else window by window (`answer_windows`) and the worst decides."""
         pieces = answer_windows(text.value)
         if len(pieces) == 1 or self.windows is None:
             return self.check(text)
-        feats = self.features.batch(pieces, self.windows(pieces, namespace))
+        feats = self.features.batch(pieces, self.windows(pieces, text.namespace))
         worst = int(np.argmax(self.head.logits(*feats)))
         return self._decide(feats, worst, {"window": worst, "windows": len(pieces)})
 
@@ -267,6 +267,8 @@ class IndirectInjectionCheck:
                  embed=None):
         self.head = head
         self.embed = embed      # for the windows of a long document
+        # A tenant's knowledge chunks come back in Ask after Ask: their windows are kept.
+        self.windows = WindowCache(embed) if embed is not None else None
         self.doc_scale = doc_scale
         self.features = features
         self.threshold = head.threshold
@@ -275,10 +277,12 @@ class IndirectInjectionCheck:
         pieces = windows(text.value)
         if len(pieces) == 1:
             return pieces, self.head.logits(*self.features.of(text))
-        embed = self.embed or text._embed
-        if embed is None:
+        if self.windows is not None:
+            vectors = self.windows(pieces, text.namespace)
+        elif text._embed is not None:
+            vectors = text._embed(pieces)
+        else:
             raise RuntimeError("a long document needs an embedder for its windows")
-        vectors = embed(pieces)
         return pieces, self.head.logits(*self.features.batch(pieces, vectors))
 
     def check(self, text: Text) -> Finding:

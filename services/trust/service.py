@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from services.trust import keywords
+from services.trust.learned import WindowCache, windows
 from services.trust.checks import Check, Finding, Span, Text
 from services.trust.policy import MAX_DOCUMENT_BYTES, Policy, effective, parse_document
 from services.trust.policy_store import PolicyStore
@@ -53,6 +54,7 @@ QUESTION_CHECKS = ("moderation", "harmful_request", "injection")
 ITEM_CHECKS = ("indirect_injection", "injection")   # the first one present screens items
 OUTPUT_CHECKS = ("moderation",)
 FIRST_WINDOW_CHARS = 40  # a first window this short is judged by its words alone
+ITEM_VECTORS = 4096      # working-set items whose embeddings are kept (about 6 MB)
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,9 @@ class TrustService:
         self._lock = threading.Lock()
         self._scopes: dict[tuple[str, int], Compiled] = {}
         self._pii: dict[tuple, Check] = {}
+        # A process's working set comes back Ask after Ask (pinned entries, recent turns,
+        # the same knowledge chunks): their embeddings are kept, per tenant.
+        self._item_vectors = WindowCache(checks.embed, ITEM_VECTORS) if checks.embed else None
 
     # ---- policies -----------------------------------------------------------------------
     def put_policy(self, scope: Scope, document: str, filename: str = "",
@@ -244,9 +249,10 @@ class TrustService:
         items = list(items)
         check_question(question)
         check_items(items)
-        return self._screen(self.compiled(check_scope(scope)), question, items)
+        return self._screen(self.compiled(check_scope(scope)), question, items, scope.tenant)
 
-    def _screen(self, cp: Compiled, question: str, items: list[Item]) -> InputScreen:
+    def _screen(self, cp: Compiled, question: str, items: list[Item],
+                namespace: str = "") -> InputScreen:
         started = time.perf_counter()
         p = cp.policy
         if p.level == "off":
@@ -259,7 +265,7 @@ class TrustService:
         if cp.pii is not None:
             results.append(self._pii_result(cp, q, "question"))
         results += [self._rule(cp, f, "question") for f in cp.rules.screen_question(q)]
-        verdicts = self._screen_items(cp, items)
+        verdicts = self._screen_items(cp, items, namespace)
         verdict = self._verdict(cp, results, started)
         if verdict.outcome == Outcome.REDACT:  # what the model may see of the question
             verdict.redacted_text = self._redacted(question, [
@@ -270,14 +276,19 @@ class TrustService:
             verdict.reasons.append("sent to system 2: " + self._why_system2(p, results))
         return InputScreen(verdict, verdicts, s2)
 
-    def _screen_items(self, cp: Compiled, items: list[Item]) -> list[ItemVerdict]:
+    def _screen_items(self, cp: Compiled, items: list[Item],
+                      namespace: str = "") -> list[ItemVerdict]:
         if not items:
             return []
         name = next((n for n in ITEM_CHECKS if n in self.checks.text), "")
-        texts = [Text(it.text, self.checks.embed) for it in items]
-        if name and self.checks.embed is not None:
-            for text, vector in zip(texts, self.checks.embed([it.text for it in items])):
-                text.preset(vector)   # one batch for the whole working set
+        texts = [Text(it.text, self.checks.embed, namespace) for it in items]
+        # One batch for what is not kept yet. A document of several windows is judged by its
+        # windows (which indirect_injection embeds and keeps itself): its whole is not embedded.
+        whole = [t for t in texts if name != "indirect_injection" or len(windows(t.value)) == 1]
+        if name and whole and self._item_vectors is not None:
+            for text, vector in zip(whole, self._item_vectors([t.value for t in whole],
+                                                              namespace)):
+                text.preset(vector)
         out = []
         for i, (item, text) in enumerate(zip(items, texts)):
             target = f"item:{i}"
@@ -304,7 +315,7 @@ class TrustService:
         p = cp.policy
         if p.level == "off":
             return OutputCheck(self._verdict(cp, [], started), text, False)
-        out = Text(text, self.checks.embed)
+        out = Text(text, self.checks.embed, namespace)
         # The first words of an answer (nothing released yet, a short window, no keyword
         # of the baseline in it) are too few for the encoder's checks to judge: the checks
         # that read words (PII, overlap with protected texts, the tenant's rules) decide
@@ -314,7 +325,7 @@ class TrustService:
                       and not any(keywords.counts(text)))
         results = [] if words_only else [
             self._scored(cp, name, Outcome.REFUSE, "output", run=lambda c=check: (
-                c.check_answer(out, namespace) if hasattr(c, "check_answer") else c.check(out)))
+                c.check_answer(out) if hasattr(c, "check_answer") else c.check(out)))
             for name in OUTPUT_CHECKS if (check := self.checks.text.get(name))]
         if protected:
             results += [self._leak(cp, name, check, out, protected)

@@ -202,8 +202,8 @@ class CountingCheck:
         self.read.append(text.value)
         return Finding("moderation", 0.0)
 
-    def check_answer(self, text: Text, namespace: str = "") -> Finding:
-        self.namespaces.append(namespace)
+    def check_answer(self, text: Text) -> Finding:
+        self.namespaces.append(text.namespace)
         return self.check(text)
 
 
@@ -230,3 +230,35 @@ def test_a_redact_rule_on_input_gives_the_question_the_model_may_see(service):
     assert screen.verdict.redacted_text == "Is [TICKET] fixed? And [TICKET]?"
     plain = service.screen_input(BOB, "Is my ticket fixed?")
     assert plain.verdict.outcome == Outcome.ALLOW and plain.verdict.redacted_text == ""
+
+
+class EmbeddingCheck:
+    """An injection check that reads the embedding (a zero score)."""
+
+    name = "injection"
+
+    def check(self, text: Text) -> Finding:
+        assert text.embedding.shape == (4,)
+        return Finding("injection", 0.0)
+
+
+def test_a_working_set_that_comes_back_is_not_embedded_again_and_tenants_keep_their_own(tmp_path):
+    import numpy as np
+
+    embedded: list[str] = []
+
+    def embed(texts):
+        embedded.extend(texts)
+        return np.ones((len(texts), 4), dtype=np.float32)
+
+    svc = TrustService(PolicyStore(tmp_path), CheckSet(text={"injection": EmbeddingCheck()},
+                                                       embed=embed))
+    items = [Item("memory", "mem:1", "We talked about tomatoes."),
+             Item("knowledge", "kb/1", "Tomatoes need sun.")]
+    svc.screen_input(BOB, "What do tomatoes need?", items)
+    first = list(embedded)
+    svc.screen_input(BOB, "And how much water?", [*items, Item("memory", "mem:2", "Sun, lots.")])
+    assert embedded[len(first):] == ["And how much water?", "Sun, lots."]  # only what is new
+    svc.screen_input(ALICE, "What do tomatoes need?", items)
+    assert embedded[-2:] == [i.text for i in items]                     # another tenant's
+    svc.close()

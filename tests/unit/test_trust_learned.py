@@ -152,3 +152,25 @@ def test_a_streamed_answer_embeds_only_its_new_windows(embedder):
     cache(["Same text."], "alice")
     cache(["Same text."], "bob")                     # tenants never share a cached vector
     assert embedded[-2:] == ["Same text.", "Same text."]
+
+
+def test_a_documents_windows_are_embedded_once_per_tenant(embedder):
+    seen: list[str] = []
+
+    class Counting:
+        dim = embedder.dim
+
+        def embed(self, texts):
+            seen.extend(texts)
+            return embedder.embed(texts)
+
+    counting = Counting()
+    check = learned.load_checks(counting)["indirect_injection"]
+    doc = DOCUMENT.format(inject=INJECTION)
+    first = check.check(Text(doc, counting.embed, "alice"))
+    n = len(seen)
+    assert n == len(learned.windows(doc)) > 1 and first.score >= check.threshold
+    again = check.check(Text(doc, counting.embed, "alice"))   # the next Ask's working set
+    assert len(seen) == n and again.score == first.score
+    check.check(Text(doc, counting.embed, "bob"))
+    assert len(seen) == 2 * n
