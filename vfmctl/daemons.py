@@ -119,10 +119,22 @@ def stop_pid(pid: int, timeout_s: float = STOP_TIMEOUT_S) -> bool:
     return True
 
 
-def _last_line(*paths: Path) -> str:
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _last_line(*paths: Path, since: dict[Path, int] | None = None) -> str:
+    """The last line of the first file that has one, read from byte `since[path]` on (what
+    this start wrote, not the previous run's "stopping"), at most the last 64 KB of it."""
     for path in paths:
         try:
-            lines = path.read_text(errors="replace").strip().splitlines()
+            with open(path, "rb") as f:
+                start = (since or {}).get(path, 0)
+                f.seek(max(start, f.seek(0, os.SEEK_END) - 65536))
+                lines = f.read().decode(errors="replace").strip().splitlines()
         except OSError:
             continue
         if lines:
@@ -134,8 +146,10 @@ def _exits(state_dir: Path, daemon: Daemon) -> int:
     return int(supervision(state_dir).get("daemons", {}).get(daemon.name, {}).get("exits", 0))
 
 
-def _wait(what: str, check, timeout_s: float, daemon: Daemon, state_dir: Path, say) -> None:
-    """Until `check()`; fails as soon as the daemon exits (the supervisor counts exits)."""
+def _wait(what: str, check, timeout_s: float, daemon: Daemon, state_dir: Path, say,
+          since: dict[Path, int] | None = None) -> None:
+    """Until `check()`; fails as soon as the daemon exits (the supervisor counts exits).
+    Log lines are shown from `since` (each file's size before this start) on."""
     deadline = time.monotonic() + timeout_s
     exits, last = _exits(state_dir, daemon), ""
     while time.monotonic() < deadline:
@@ -144,8 +158,8 @@ def _wait(what: str, check, timeout_s: float, daemon: Daemon, state_dir: Path, s
         if _exits(state_dir, daemon) > exits or supervisor_pid(state_dir) is None:
             err, log = err_file(state_dir, daemon), log_file(state_dir, daemon)
             raise UpError(f"{daemon.name} exited while {what}; see {log} and {err.name}: "
-                          f"{_last_line(err, log)}")
-        line = _last_line(log_file(state_dir, daemon))
+                          f"{_last_line(err, log, since=since)}")
+        line = _last_line(log_file(state_dir, daemon), since=since)
         if line and line != last:
             say(f"  {daemon.name}: {line}")
             last = line
@@ -182,6 +196,8 @@ def up(state_dir: Path, say, timeout_s: float = 600.0, kernel_args: list[str] | 
         args[daemon.name] = ["--kernel-socket", str(sock),
                              *(service_args or {}).get(daemon.name, [])]
     started = [d.name for d in ALL if running_pid(state_dir, d) is None]
+    since = {path: _size(path) for d in ALL
+             for path in (log_file(state_dir, d), err_file(state_dir, d))}
     ours = supervisor_pid(state_dir) is None
     if ours:
         _start_supervisor(state_dir, args)
@@ -189,12 +205,12 @@ def up(state_dir: Path, say, timeout_s: float = 600.0, kernel_args: list[str] | 
     try:
         if KERNEL.name in started:
             say(f"starting vfmd (state in {state_dir})")
-        _wait("starting", lambda: _pings(client), 30.0, KERNEL, state_dir, say)
+        _wait("starting", lambda: _pings(client), 30.0, KERNEL, state_dir, say, since)
         for daemon in SERVICES:
             if daemon.name in started:
                 say(f"starting {daemon.name}: {daemon.ready_hint}")
             _wait("starting", lambda d=daemon: _serving(client, d.name), timeout_s,
-                  daemon, state_dir, say)
+                  daemon, state_dir, say, since)
     except (UpError, KeyboardInterrupt):
         if ours:
             down(state_dir, lambda _line: None)

@@ -4,6 +4,7 @@ and numbered placeholders for text that leaves the host (restored in the answer)
 from __future__ import annotations
 
 import re
+import logging
 import sys
 import time
 from contextlib import contextmanager
@@ -28,6 +29,10 @@ def _transformers_hidden() -> Iterator[None]:
     finally:
         del sys.modules["transformers"]
 
+
+# presidio logs every recognizer it loads at INFO: noise in a daemon's log, and the lines
+# `vfmctl up` shows while vfm-trustd starts.
+logging.getLogger("presidio-analyzer").setLevel(logging.WARNING)
 
 with _transformers_hidden():
     from presidio_analyzer import (AnalyzerEngine, EntityRecognizer, Pattern, PatternRecognizer,
