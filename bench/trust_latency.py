@@ -6,7 +6,9 @@ vfm-trustd's own service (every check it loads by default, the default policy: l
 time = ScreenInput on the question + CheckOutput on the whole answer, wall clock, one Ask
 at a time (the gRPC hop, ~1 ms, is not counted here). Also, as the kernel really calls
 CheckOutput while an answer streams: a check per window (`vfmos_runtime.windows`) with the
-answer growing 4 characters at a time, their sum and the slowest per answer. Baseline in
+answer growing 4 characters at a time, their sum and the slowest per answer. And
+ScreenInput with 8 materials abstracts as the working set, new and then again with the
+next question (a process's knowledge comes back Ask after Ask). Baseline in
 the same run: the tenant rules alone (`--checks rules`). `escalation_rate` = share of those
 Asks whose screen sends them to system 2 (an uncertain score or a high-stakes topic).
 Goals: p50 <= 10 ms, p99 <= 50 ms on 2 cores, escalation_rate <= 10%.
@@ -111,6 +113,27 @@ def streamed(service, asks: list[tuple[str, str]]) -> dict:
             "checks_p50": percentile(counts, 50)}
 
 
+def working_set(service, data_dir: Path, sets: int) -> dict | None:
+    """ScreenInput with a knowledge working set: 8 materials abstracts as the items, then
+    the same 8 with the next question (a process's knowledge comes back Ask after Ask);
+    `sets` different sets. None without the abstracts."""
+    from services.trust.service import Item, Scope
+
+    path = data_dir.parent / "personas" / "materials" / "abstracts_dev.jsonl.gz"
+    if not path.exists():
+        return None
+    abstracts = [r["abstract"] for r in _jsonl(path)][:8 * sets]
+    scope, cold, again = Scope("bench-working-set"), [], []
+    for n in range(0, len(abstracts) - 7, 8):
+        items = [Item("knowledge", f"kb/{n + i}", a) for i, a in enumerate(abstracts[n:n + 8])]
+        for question, times in (("Which compound has the widest band gap?", cold),
+                                ("And which of them is the most stable?", again)):
+            start = time.perf_counter()
+            service.screen_input(scope, question, items)
+            times.append((time.perf_counter() - start) * 1000)
+    return {"cold_p50": percentile(cold, 50), "again_p50": percentile(again, 50)}
+
+
 def evaluate(data_dir: Path, quick: bool) -> tuple[dict, list[tuple]]:
     asks = benign_asks(data_dir, quick)
     results = {}
@@ -121,6 +144,7 @@ def evaluate(data_dir: Path, quick: bool) -> tuple[dict, list[tuple]]:
         try:
             results[label] = measure(service, asks)
             results[label]["streamed"] = streamed(service, asks)
+            results[label]["working_set"] = working_set(service, data_dir, 3 if quick else 6)
         finally:
             service.close()
             shutil.rmtree(store, ignore_errors=True)
@@ -133,6 +157,10 @@ def evaluate(data_dir: Path, quick: bool) -> tuple[dict, list[tuple]]:
                "s1_streamed_slowest_check_p50_ms": round(ours["streamed"]["slowest_p50"], 1),
                "s1_streamed_slowest_check_p99_ms": round(ours["streamed"]["slowest_p99"], 1)}
     so, sr = ours["streamed"], rules["streamed"]
+    wo, wr = ours["working_set"], rules["working_set"]
+    if wo is not None:
+        figures["screen_working_set_cold_p50_ms"] = round(wo["cold_p50"], 1)
+        figures["screen_working_set_again_p50_ms"] = round(wo["again_p50"], 1)
     rows = [("latency", "system-1 p50 ms per Ask", f"{ours['p50']:.2f}", f"{rules['p50']:.2f}",
              f"{ours['p50']:.2f}", "<= 10"),
             ("latency", "system-1 p99 ms per Ask", f"{ours['p99']:.2f}", f"{rules['p99']:.2f}",
@@ -142,6 +170,9 @@ def evaluate(data_dir: Path, quick: bool) -> tuple[dict, list[tuple]]:
             ("latency", "streamed answer: slowest window check p50 / p99 ms",
              f"{so['slowest_p50']:.1f} / {so['slowest_p99']:.1f}",
              f"{sr['slowest_p50']:.1f} / {sr['slowest_p99']:.1f}", "-", ""),
+            *([("latency", "screen with 8 abstracts as knowledge: new / again, p50 ms",
+                f"{wo['cold_p50']:.0f} / {wo['again_p50']:.0f}",
+                f"{wr['cold_p50']:.0f} / {wr['again_p50']:.0f}", "-", "")] if wo else []),
             ("latency", "benign Asks sent to system 2", f"{ours['escalation_rate']:.3f}",
              f"{rules['escalation_rate']:.3f}", "-", "<= 0.10"),
             ("latency", "benign Asks refused or escalated", f"{ours['refusal_rate']:.3f}",
