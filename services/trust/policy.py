@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import regex
 import yaml
 
 from vfmos_runtime.errors import InvalidArgument
@@ -330,7 +331,8 @@ class _Schema:
             return None
         try:
             re.compile(value)
-        except re.error as exc:
+            regex.compile(value, regex.VERSION0)  # what the rules run it with
+        except (re.error, regex.error) as exc:
             self.e.add(path, f"is not a valid regular expression: {exc}")
             return None
         return value

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import regex
 
 from services.trust.checks import Finding, Span, Text
 from services.trust.policy import DisclaimerRule, EscalationRule, Policy, RegexRule, TopicRule
@@ -23,6 +24,41 @@ they this to us was we were what when where which who why will with you your abo
 questions question asking ask talk talking discuss discussing request requests""".split())
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9'-]*")
+# How long one tenant pattern may run on one text. A pattern that backtracks without end
+# on some text ("(a|aa)+$" on forty a's and a "!": minutes with `re`) must not hold a worker
+# thread of the service every tenant shares.
+PATTERN_TIMEOUT_S = 0.05
+
+
+class PatternTimeout(Exception):
+    """A tenant pattern ran out of its time on a text; `rule` names it."""
+
+    def __init__(self, rule: str):
+        super().__init__(rule)
+        self.rule = rule
+
+
+class TenantPattern:
+    """A tenant's regular expression (Python `re` syntax: the `regex` package's VERSION0),
+    run with a time limit of PATTERN_TIMEOUT_S per text."""
+
+    def __init__(self, pattern: str, rule: str, ignore_case: bool = False):
+        self.pattern = pattern
+        self.rule = rule
+        self._compiled = regex.compile(
+            pattern, regex.VERSION0 | (regex.IGNORECASE if ignore_case else 0))
+
+    def search(self, text: str):
+        try:
+            return self._compiled.search(text, timeout=PATTERN_TIMEOUT_S)
+        except TimeoutError:
+            raise PatternTimeout(self.rule) from None
+
+    def finditer(self, text: str) -> list:
+        try:
+            return list(self._compiled.finditer(text, timeout=PATTERN_TIMEOUT_S))
+        except TimeoutError:
+            raise PatternTimeout(self.rule) from None
 
 
 def stem(word: str) -> str:
@@ -144,14 +180,18 @@ class TenantRules:
         vectors = embed([t.description for t in policy.denied_topics]) \
             if embed is not None and policy.denied_topics else None
         self.topics = [
-            _Topic(t, tuple(re.compile(p, re.IGNORECASE) for p in t.patterns),
+            _Topic(t, tuple(TenantPattern(p, f"denied_topics.{t.name}", True)
+                            for p in t.patterns),
                    tuple(content_stems(t.description)),
                    None if vectors is None else vectors[i])
             for i, t in enumerate(policy.denied_topics)]
-        self.regexes = [(r, re.compile(r.pattern)) for r in policy.regexes]
-        self.disclaimers = [(d, re.compile(d.when, re.IGNORECASE)) for d in policy.disclaimers]
-        self.escalations = [(e, re.compile(e.pattern, re.IGNORECASE) if e.pattern else None,
-                             tuple(stems(e.topic))) for e in policy.escalations]
+        self.regexes = [(r, TenantPattern(r.pattern, f"regexes.{r.name}"))
+                        for r in policy.regexes]
+        self.disclaimers = [(d, TenantPattern(d.when, f"required_disclaimers.{d.name}", True))
+                            for d in policy.disclaimers]
+        self.escalations = [(e, TenantPattern(e.pattern, f"escalation_rules.{e.name}", True)
+                             if e.pattern else None, tuple(stems(e.topic)))
+                            for e in policy.escalations]
         self.high_stakes = [(t, tuple(stems(t))) for t in policy.high_stakes_topics]
 
     @property

@@ -17,8 +17,8 @@ from services.trust.learned import WindowCache, windows
 from services.trust.checks import Check, Finding, Span, Text
 from services.trust.policy import MAX_DOCUMENT_BYTES, Policy, effective, parse_document
 from services.trust.policy_store import PolicyStore
-from services.trust.rules import (APPEND, ESCALATE, REDACT, REFUSE, REVISE, SYSTEM2,
-                                  TenantRules, apply_spans)
+from services.trust.rules import (APPEND, ESCALATE, PATTERN_TIMEOUT_S, REDACT, REFUSE, REVISE,
+                                  SYSTEM2, PatternTimeout, TenantRules, apply_spans)
 from vfmos_runtime.errors import InvalidArgument, Unavailable
 from vfmos_runtime.protocol import MAX_TENANT
 from vfmos_runtime.windows import window_end
@@ -264,7 +264,7 @@ class TrustService:
                    for name in QUESTION_CHECKS if (check := self.checks.text.get(name))]
         if cp.pii is not None:
             results.append(self._pii_result(cp, q, "question"))
-        results += [self._rule(cp, f, "question") for f in cp.rules.screen_question(q)]
+        results += self._rules(cp, "question", lambda: cp.rules.screen_question(q))
         verdicts = self._screen_items(cp, items, namespace)
         verdict = self._verdict(cp, results, started)
         if verdict.outcome == Outcome.REDACT:  # what the model may see of the question
@@ -294,7 +294,7 @@ class TrustService:
             target = f"item:{i}"
             results = [self._learned(cp, name, self.checks.text[name], text, target,
                                      key="indirect_injection")] if name else []
-            results += [self._rule(cp, f, target) for f in cp.rules.screen_item(item.text)]
+            results += self._rules(cp, target, lambda t=item.text: cp.rules.screen_item(t))
             bad = [r for r in results if r.outcome in (Outcome.REFUSE, Outcome.ESCALATE)]
             out.append(ItemVerdict(i, item.id, bool(bad), results,
                                    "; ".join(r.reason for r in bad)))
@@ -333,8 +333,8 @@ class TrustService:
                         if not (words_only and getattr(check, "reads_embedding", True))]
         if cp.pii is not None:
             results.append(self._pii_result(cp, out, "output"))
-        results += [self._rule(cp, f, "output")
-                    for f in cp.rules.check_output(text, final, question)]
+        results += self._rules(cp, "output",
+                               lambda: cp.rules.check_output(text, final, question))
         verdict = self._verdict(cp, results, started)
         releasable, cut = self._releasable(p, text, final, released, results, verdict)
         if verdict.outcome == Outcome.REDACT:
@@ -489,6 +489,21 @@ class TrustService:
                            finding.spans, max(system, finding.system),
                            finding.elapsed_ms or (time.perf_counter() - started) * 1e3,
                            target, key, finding.details)
+
+    def _rules(self, cp: Compiled, target: str, run) -> list[CheckResult]:
+        """The tenant's rules on one text. A pattern that runs out of its time there decides
+        as the policy's on_unavailable says, like a check that fails."""
+        try:
+            return [self._rule(cp, f, target) for f in run()]
+        except PatternTimeout as slow:
+            refuse = cp.policy.on_unavailable == "refuse"
+            log.warning("rule %s ran over %.0f ms on a text", slow.rule,
+                        PATTERN_TIMEOUT_S * 1000)
+            return [CheckResult(
+                "rules", 0.0, 1.0, Outcome.REFUSE if refuse else Outcome.ALLOW,
+                f"rule {slow.rule}: its pattern ran over {PATTERN_TIMEOUT_S * 1000:.0f} ms "
+                f"on this text; {'refused' if refuse else 'allowed unverified'} "
+                "(on_unavailable)", target=target)]
 
     def _rule(self, cp: Compiled, finding: Finding, target: str) -> CheckResult:
         action = finding.details.get("action", "")

@@ -262,3 +262,23 @@ def test_a_working_set_that_comes_back_is_not_embedded_again_and_tenants_keep_th
     svc.screen_input(ALICE, "What do tomatoes need?", items)
     assert embedded[-2:] == [i.text for i in items]                     # another tenant's
     svc.close()
+
+
+@pytest.mark.parametrize("on_unavailable, outcome", [("refuse", Outcome.REFUSE),
+                                                     ("allow", Outcome.ALLOW)])
+def test_a_tenant_pattern_that_backtracks_without_end_is_cut_off(tmp_path, on_unavailable, outcome):
+    import time
+
+    svc = TrustService(PolicyStore(tmp_path), CheckSet())
+    svc.put_policy(BOB, f"on_unavailable: {on_unavailable}\nregexes:\n"
+                        "  - {name: runaway, pattern: '(a|aa)+$', action: refuse}\n")
+    started = time.monotonic()
+    screen = svc.screen_input(BOB, "a" * 40 + "!")       # minutes for Python's own re
+    out = svc.check_output(BOB, "a" * 40 + "!", True)
+    assert time.monotonic() - started < 5
+    for verdict in (screen.verdict, out.verdict):
+        assert verdict.outcome == outcome
+        assert any("regexes.runaway" in c.reason and "on_unavailable" in c.reason
+                   for c in verdict.checks)
+    assert svc.screen_input(BOB, "aaaa").verdict.outcome == Outcome.REFUSE  # it still matches
+    svc.close()
