@@ -86,7 +86,7 @@ class Verdict:
     holding_reply: str = ""   # policy tests: what the caller would get instead
 
     def summary(self) -> str:
-        """One line for people: "allowed · s1 4 ms · pii: redacted 1 email"."""
+        """One line for people: "allowed · s1 75 ms · pii: redacted 1 email"."""
         parts = [_DONE.get(self.outcome, self.outcome or "unchecked")]
         if self.unverified:
             parts.append("unverified")

@@ -162,7 +162,7 @@ def cmd_ask(args) -> int:
              f"{u.model}{f'; preempted {u.preemptions}x' if u.preemptions else ''}]")
         for d in result.degraded:  # e.g. [memory unavailable: vfm-datad not reachable]
             _say(f"[{d.kind.replace('-', ' ')}: {d.reason}]")
-        if result.verdict is not None:  # e.g. [allowed · s1 4 ms · pii: redacted 1 email]
+        if result.verdict is not None:  # e.g. [allowed · s1 75 ms · pii: redacted 1 email]
             _say(f"[{result.verdict.summary()}]")
     return 0
 
