@@ -83,10 +83,10 @@ def answer_windows(text: str) -> list[str]:
 
 
 class WindowCache:
-    """Embeddings of answers' windows, kept by (namespace, text) up to `size` of them: every
-    check of a streamed answer reads the answer so far, and only its new or still-growing
-    window is embedded again. The namespace (the tenant) keeps one tenant's answers from
-    warming another's (a cache hit shows in the check's time)."""
+    """Embeddings of texts that come back (an answer's sentences at each check of the answer
+    so far, a working set's items and document windows Ask after Ask), kept by (namespace,
+    text), the least recently used dropped past `size`. The namespace (the tenant) keeps
+    one tenant's texts from warming another's (a cache hit shows in the check's time)."""
 
     def __init__(self, embed, size: int = 2048):
         self.embed = embed
@@ -229,31 +229,35 @@ class ModerationCheck(_HeadCheck):
     reason = "harmful content"
 
     def __init__(self, head: LinearHead, categories: dict[str, LinearHead], features: Features,
-                 windows: WindowCache | None = None):
+                 cache: WindowCache | None = None):
         super().__init__(head, features)
         self.categories = categories
-        self.windows = windows
+        self.cache = cache      # the sentences of answers, embedded once
 
     def check(self, text: Text) -> Finding:
-        return self._decide(self.features.of(text), 0, {})
+        return self._worst(self.features.of(text))
 
     def check_answer(self, text: Text) -> Finding:
         """A model's answer, which may run past what the encoder reads: scored whole when it
         is one window, else window by window (`answer_windows`) and the worst decides."""
         pieces = answer_windows(text.value)
-        if len(pieces) == 1 or self.windows is None:
+        if len(pieces) == 1 or self.cache is None:
             return self.check(text)
-        feats = self.features.batch(pieces, self.windows(pieces, text.namespace))
-        worst = int(np.argmax(self.head.logits(*feats)))
-        return self._decide(feats, worst, {"window": worst, "windows": len(pieces)})
+        return self._worst(self.features.batch(pieces, self.cache(pieces, text.namespace)),
+                           len(pieces))
 
-    def _decide(self, feats, row: int, details: dict) -> Finding:
+    def _worst(self, feats, windows: int = 1) -> Finding:
+        """The finding of the worst row of `feats` (one row: the text whole)."""
         start = time.perf_counter()
-        score = float(self.head.scores(*feats)[row])
+        scores = self.head.scores(*feats)
+        row = int(np.argmax(scores))
         per = {c: round(float(h.scores(*feats)[row]), 4) for c, h in self.categories.items()}
         top = max(per, key=per.get) if per else ""
+        score = float(scores[row])
         reason = f"harmful content ({top})" if score >= self.threshold and top else ""
-        return Finding(self.name, score, reason, details={"categories": per, **details},
+        details = {"categories": per, **({"window": row, "windows": windows}
+                                         if windows > 1 else {})}
+        return Finding(self.name, score, reason, details=details,
                        elapsed_ms=(time.perf_counter() - start) * 1000)
 
 
@@ -268,7 +272,7 @@ class IndirectInjectionCheck:
         self.head = head
         self.embed = embed      # for the windows of a long document
         # A tenant's knowledge chunks come back in Ask after Ask: their windows are kept.
-        self.windows = WindowCache(embed) if embed is not None else None
+        self.cache = WindowCache(embed) if embed is not None else None
         self.doc_scale = doc_scale
         self.features = features
         self.threshold = head.threshold
@@ -277,8 +281,8 @@ class IndirectInjectionCheck:
         pieces = windows(text.value)
         if len(pieces) == 1:
             return pieces, self.head.logits(*self.features.of(text))
-        if self.windows is not None:
-            vectors = self.windows(pieces, text.namespace)
+        if self.cache is not None:
+            vectors = self.cache(pieces, text.namespace)
         elif text._embed is not None:
             vectors = text._embed(pieces)
         else:
