@@ -76,6 +76,23 @@ def server(tmp_path_factory):
         proc.wait()
 
 
+def forward(handler: http.server.BaseHTTPRequestHandler, upstream: str, body: bytes,
+            on_line=None) -> None:
+    """POST `body` to `upstream` + the handler's path and stream the reply back line by line
+    (an SSE stream goes through as it comes); `on_line(line)` sees each line."""
+    request = urllib.request.Request(upstream + handler.path, data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as reply:
+        handler.send_response(reply.status)
+        handler.send_header("Content-Type", reply.headers["Content-Type"])
+        handler.end_headers()
+        for line in reply:
+            if on_line is not None:
+                on_line(line)
+            handler.wfile.write(line)
+            handler.wfile.flush()
+
+
 class _Gateway(http.server.BaseHTTPRequestHandler):
     """What stands in front of a hosted server: checks the bearer key and, like some
     servers, refuses fields it does not know; passes the stream through unchanged."""
@@ -91,15 +108,7 @@ class _Gateway(http.server.BaseHTTPRequestHandler):
         unknown = [name for name in self.refuse if name in json.loads(body)]
         if unknown:
             return self._reply(400, {"error": {"message": f"Unrecognized field: {unknown[0]}"}})
-        request = urllib.request.Request(self.upstream + self.path, data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request) as upstream:
-            self.send_response(upstream.status)
-            self.send_header("Content-Type", upstream.headers["Content-Type"])
-            self.end_headers()
-            for line in upstream:
-                self.wfile.write(line)
-                self.wfile.flush()
+        forward(self, self.upstream, body)
 
     def _reply(self, code: int, data: dict) -> None:
         raw = json.dumps(data).encode()

@@ -27,7 +27,7 @@ from tests.conftest import REPO, Daemon, start_kernel, wait_for
 needs_trustd = pytest.mark.skipif(not (REPO / "services" / "trust" / "main.py").exists(),
                                   reason="vfm-trustd not built in this branch")
 
-from tests.integration.test_openai_backend import server  # noqa: E402,F401  (a fixture)
+from tests.integration.test_openai_backend import forward, server  # noqa: E402,F401 (fixture)
 
 EMAIL = "bob@example.com"
 PARROT = "You repeat what the user says, word for word."
@@ -50,19 +50,10 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
     received: list[str] = []
 
     def do_POST(self):
-        import urllib.request
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.sent.append(body.decode())
-        request = urllib.request.Request(self.upstream + self.path, data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request) as upstream:
-            self.send_response(upstream.status)
-            self.send_header("Content-Type", upstream.headers["Content-Type"])
-            self.end_headers()
-            for line in upstream:
-                self.received.append(line.decode(errors="replace"))
-                self.wfile.write(line)
-                self.wfile.flush()
+        forward(self, self.upstream, body,
+                lambda line: self.received.append(line.decode(errors="replace")))
 
     def log_message(self, *args) -> None:
         pass
