@@ -59,6 +59,12 @@ _SPACY_TO_ENTITY = {"PERSON": "PERSON", "PER": "PERSON", "GPE": "LOCATION", "LOC
                     "FAC": "LOCATION", "DATE": "DATE_TIME", "TIME": "DATE_TIME"}
 
 
+# The learned tagger's types (the presidio-research generator's) as presidio entities; the others
+# (ORGANIZATION, TITLE, NRP, AGE, DOMAIN_NAME, and what patterns find surer) are not kept.
+_LEARNED_TO_ENTITY = {"PERSON": "PERSON", "GPE": "LOCATION", "STREET_ADDRESS": "LOCATION",
+                      "ZIP_CODE": "LOCATION", "DATE_TIME": "DATE_TIME"}
+
+
 class _NerOnlySpacyEngine(SpacyNlpEngine):
     """presidio's spaCy engine loading the pinned package by name, NER only, no download path."""
 
@@ -160,13 +166,15 @@ _NAME = (r"[^\W\d_][^\W\d_'’-]*(?:[-'’][^\W\d_]+)?"
          r"(?: (?:[^\W\d_][^\W\d_'’-]+|[A-Z]\.?(?!\w))){0,2}")
 
 
-def _build_analyzer() -> AnalyzerEngine:
+def _build_analyzer(statistical: bool) -> AnalyzerEngine:
+    """presidio's pattern recognizers and ours; `statistical` adds spaCy's NER results."""
     recognizers = [_OfflineEmailRecognizer(), PhoneRecognizer(), CreditCardRecognizer(),
                    # people type IBANs in lower case too; the checksum still decides
                    IbanRecognizer(regex_flags=re.DOTALL | re.MULTILINE | re.IGNORECASE),
-                   IpRecognizer(), UsSsnRecognizer(), DateRecognizer(),
-                   SpacyRecognizer(supported_entities=["PERSON", "LOCATION", "DATE_TIME"]),
-                   *_custom_recognizers()]
+                   IpRecognizer(), UsSsnRecognizer(), DateRecognizer(), *_custom_recognizers()]
+    if statistical:
+        recognizers.append(SpacyRecognizer(supported_entities=["PERSON", "LOCATION",
+                                                               "DATE_TIME"]))
     registry = RecognizerRegistry(recognizers=recognizers, supported_languages=["en"])
     return AnalyzerEngine(registry=registry, nlp_engine=_NerOnlySpacyEngine(),
                           supported_languages=["en"])
@@ -201,11 +209,23 @@ class PiiDetector:
     """The analyzer, loaded once (spaCy and presidio take seconds to load) and shared by every
     PiiCheck and pseudonymizer of one process."""
 
-    def __init__(self):
-        self._analyzer = _build_analyzer()
+    def __init__(self, ner: str = "learned"):
+        """`ner`: "learned" (the shipped tagger, services.trust.ner) finds names, places,
+        addresses and dates; "spacy" (the pinned small pipeline, and the address assembler
+        below) is what the PII check used before, kept as the bench's baseline."""
+        if ner not in ("learned", "spacy"):
+            raise ValueError(f"ner must be learned or spacy, got {ner!r}")
+        self.ner = ner
+        self._analyzer = _build_analyzer(statistical=ner == "spacy")
+        self._patterned = frozenset(self._analyzer.get_supported_entities(language="en"))
+        self._tagger = None
+        if ner == "learned":
+            from services.trust.ner import LearnedNer
+            self._tagger = LearnedNer()
 
     def supported_entities(self) -> list[str]:
-        return sorted(self._analyzer.get_supported_entities(language="en"))
+        learned = set(_LEARNED_TO_ENTITY.values()) if self._tagger is not None else set()
+        return sorted(set(self._analyzer.get_supported_entities(language="en")) | learned)
 
     def find(self, text: str, entities: Sequence[str] = ENTITIES,
              threshold: float = DEFAULT_THRESHOLD, fast: bool = False) -> list[Hit]:
@@ -243,19 +263,34 @@ class PiiDetector:
         tokens_only = {i for i in todo
                        if not needs_ner or fast and not _may_name_something(texts[i], nlp)}
         ner = [i for i in todo if i not in tokens_only]
+        learned: dict[int, list[Hit]] = {}
+        if self._tagger is not None:  # spaCy only tokenizes (presidio's context words)
+            tokens_only.update(ner)
+            learned = {i: [Hit(e.start, e.end, _LEARNED_TO_ENTITY[e.type], e.score, True)
+                           for e in entities_found if e.type in _LEARNED_TO_ENTITY]
+                       for i, entities_found in zip(ner, self._tagger.find_many(
+                           [texts[i] for i in ner]))}
+            ner = []
         artifacts = {i: a for i, (_, a) in zip(ner, engine.process_batch(
             [_truecased(texts[i]) for i in ner], "en", batch_size=max(1, len(ner))))}
         artifacts.update({i: engine._doc_to_nlp_artifact(nlp.make_doc(texts[i]), "en")
                           for i in tokens_only})
         found: list[list[Hit]] = [[] for _ in texts]
+        patterned = [e for e in entities if e in self._patterned]  # presidio refuses others
         for i in todo:
             text = texts[i]
             results: list[RecognizerResult] = self._analyzer.analyze(
-                text=text, language="en", entities=list(entities), score_threshold=threshold,
-                nlp_artifacts=artifacts[i])
+                text=text, language="en", entities=patterned, score_threshold=threshold,
+                nlp_artifacts=artifacts[i]) if patterned else []
             hits = [Hit(r.start, r.end, r.entity_type, float(r.score),
                         from_ner=_recognizer(r) == "SpacyRecognizer") for r in results]
-            kept = (_trim(text, h) for h in _postprocess(text, hits) if h.label in wanted)
+            if self._tagger is None:
+                hits = _postprocess(text, hits)
+            else:
+                hits += _in_context(text, [h for h in learned.get(i, ()) if h.score >= threshold])
+                hits = [h for h in hits if h.label != "DATE_TIME"
+                        or _specific_date(text[h.start:h.end])]
+            kept = (_trim(text, h, self._tagger is not None) for h in hits if h.label in wanted)
             found[i] = [h for h in _resolve_overlaps(kept) if h.end > h.start]
         return found
 
@@ -310,18 +345,49 @@ def _may_name_something(text: str, nlp) -> bool:
 _TITLE = re.compile(r"(?:Mr|Mrs|Ms|Miss|Dr|Prof|Sir|Mx|Madam|Mme|Herr|Frau)\b\.?\s*")
 
 
+def _in_context(text: str, hits: list[Hit]) -> list[Hit]:
+    """The tagger's hits less a bare number called a place with no other part of an address
+    beside it and no postcode word before it: a list's "4.", a code's "95", an order number
+    (a house number or postcode of a form line has its street or town next to it)."""
+    places = [h for h in hits if h.label == "LOCATION"]
+
+    def placed(hit: Hit) -> bool:
+        if not _BARE_NUMBER.fullmatch(text[hit.start:hit.end]):
+            return True
+        if _POSTCODE_WORD.search(text, max(0, hit.start - 24), hit.start):
+            return True
+        return any(o is not hit and (0 <= hit.start - o.end <= 3 or 0 <= o.start - hit.end <= 3)
+                   and not text[min(hit.end, o.end):max(hit.start, o.start)].strip(" ,\n")
+                   for o in places)
+    return [h for h in hits if h.label != "LOCATION" or placed(h)]
+
+
+_BARE_NUMBER = re.compile(r"[\d\s.-]+")
+_POSTCODE_WORD = re.compile(r"(?i)\b(?:zip|postal|post|postcode|plz|cep|pin)\b")
+_SENTENCE_END = re.compile(r"\s*$|[ \t]+[^\W\d_a-z]")  # end of text, or a capital on the same line
+_ABBREVIATION = re.compile(r"(?i)\b(?:st|apt|u|ave|rd|dr|str|rkp|ul|al)\.$")
+
+
 def _recognizer(result: RecognizerResult) -> str:
     return (result.recognition_metadata or {}).get(RecognizerResult.RECOGNIZER_NAME_KEY, "")
 
 
-def _trim(text: str, hit: Hit) -> Hit:
-    """Strip surrounding whitespace and trailing punctuation a recognizer swallowed."""
+def _trim(text: str, hit: Hit, learned: bool = False) -> Hit:
+    """Strip surrounding whitespace and trailing punctuation a recognizer swallowed: spaCy's
+    leading "the" of a place, the learned tagger's full stop that ends the sentence (not the
+    one of "u. 12." or "Apt." inside an address)."""
     start, end = hit.start, hit.end
-    while start < end and not text[start].isalnum() and text[start] not in "+(":
+    tagged = learned and hit.from_ner  # a name, place or date, never a "(08)" or "+41" phone
+    while start < end and not text[start].isalnum() and (tagged or text[start] not in "+("):
         start += 1
-    while end > start and (text[end - 1].isspace() or text[end - 1] in ",;:!?\"'>)"):
+    while end > start and (text[end - 1].isspace() or text[end - 1] in ",;:!?\"'>)"
+                           or tagged and text[end - 1] in "/-("):
         end -= 1
-    if hit.label == "LOCATION" and text.startswith(("the ", "The "), start) and hit.from_ner:
+    if tagged and end > start + 1 and text[end - 1] == "." and _SENTENCE_END.match(text, end) \
+            and not _ABBREVIATION.search(text, start, end):
+        end -= 1
+    if hit.label == "LOCATION" and text.startswith(("the ", "The "), start) and hit.from_ner \
+            and not learned:  # spaCy's
         start += 4
     if hit.label == "PERSON":
         if text[start:end].endswith(("'s", "’s")):
@@ -464,7 +530,9 @@ _MONTHS_DAYS = re.compile(r"(?i)\b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov
 def _specific_date(text: str) -> bool:
     """A DATE_TIME that can identify someone names a day, a month or a year; durations ("8+
     years", "the first three months"), decades ("the 60s") and "next week" do not, and a bare
-    number is a year only when it looks like one."""
+    number is a year only when it looks like one; "24/7" is a schedule, not a date."""
+    if _ROUND_THE_CLOCK.fullmatch(text.strip()):
+        return False
     if not any(c.isdigit() for c in text):
         return bool(_MONTHS_DAYS.search(text))
     if text.isdigit():
@@ -478,6 +546,7 @@ def _specific_date(text: str) -> bool:
     return True
 
 
+_ROUND_THE_CLOCK = re.compile(r"24\s*[/x]\s*7|24/7/365")
 _DECADE = re.compile(r"(?i)(?:the )?'?(?:\d\d)?\d0'?s")
 _DURATION = re.compile(r"(?i)\b(?:years?|months?|weeks?|days?|hours?|decades?|centur(?:y|ies))\b")
 

@@ -262,7 +262,7 @@ class TrustService:
         q = Text(question, self.checks.embed)
         results = [self._learned(cp, name, check, q, "question")
                    for name in QUESTION_CHECKS if (check := self.checks.text.get(name))]
-        if cp.pii is not None:
+        if cp.pii is not None and p.pii_action == "refuse":  # else the asker's own: no act
             results.append(self._pii_result(cp, q, "question"))
         results += self._rules(cp, "question", lambda: cp.rules.screen_question(q))
         verdicts = self._screen_items(cp, items, namespace)
@@ -456,10 +456,8 @@ class TrustService:
 
     def _pii_result(self, cp: Compiled, text: Text, target: str) -> CheckResult:
         """PII in the answer is redacted or refused as the policy says; in the question it
-        is the asker's own, so only `action: refuse` acts on it."""
-        p = cp.policy
-        action = Outcome.REFUSE if p.pii_action == "refuse" else \
-            Outcome.REDACT if target == "output" else Outcome.ALLOW
+        is the asker's own, so it is checked only when the policy refuses it."""
+        action = Outcome.REFUSE if cp.policy.pii_action == "refuse" else Outcome.REDACT
         result = self._scored(cp, "pii", action, target, run=lambda: cp.pii.check(text))
         if result.outcome == Outcome.REDACT and not result.spans:
             result.outcome = Outcome.ALLOW
