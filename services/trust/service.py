@@ -331,8 +331,8 @@ class TrustService:
             results += [self._leak(cp, name, check, out, protected)
                         for name, check in self.checks.leaks.items()
                         if not (words_only and getattr(check, "reads_embedding", True))]
-        if cp.pii is not None:
-            results.append(self._pii_result(cp, out, "output"))
+        if cp.pii is not None:  # the first words: the tagger only if they may name someone
+            results.append(self._pii_result(cp, out, "output", fast=words_only or None))
         results += self._rules(cp, "output",
                                lambda: cp.rules.check_output(text, final, question))
         verdict = self._verdict(cp, results, started)
@@ -454,11 +454,12 @@ class TrustService:
         return self._scored(cp, name, Outcome.REFUSE, "output",
                             run=lambda: check.check_output(out, protected))
 
-    def _pii_result(self, cp: Compiled, text: Text, target: str) -> CheckResult:
+    def _pii_result(self, cp: Compiled, text: Text, target: str,
+                    fast: bool | None = None) -> CheckResult:
         """PII in the answer is redacted or refused as the policy says; in the question it
         is the asker's own, so it is checked only when the policy refuses it."""
         action = Outcome.REFUSE if cp.policy.pii_action == "refuse" else Outcome.REDACT
-        result = self._scored(cp, "pii", action, target, run=lambda: cp.pii.check(text))
+        result = self._scored(cp, "pii", action, target, run=lambda: cp.pii.check(text, fast))
         if result.outcome == Outcome.REDACT and not result.spans:
             result.outcome = Outcome.ALLOW
         return result

@@ -89,8 +89,9 @@ def test_every_score_is_a_probability_and_moderation_names_its_categories(checks
 
 
 def test_the_shipped_weights_are_small_and_load_without_the_data():
-    size = sum(p.stat().st_size for p in learned.WEIGHTS_DIR.iterdir())
-    assert size < 512 * 1024
+    files = {p.name: p.stat().st_size for p in learned.WEIGHTS_DIR.iterdir()}
+    assert sum(size for name, size in files.items() if name != "ner.npz") < 512 * 1024
+    assert sum(files.values()) < 1024 * 1024  # with the PII tagger's LoRA adapters
     heads, _, meta = learned.load_heads()
     assert {"moderation", "harmful_request", "injection", "indirect_injection", "leak"} <= set(heads)
     assert set(meta["thresholds"]) >= {"moderation", "harmful_request", "injection"}
