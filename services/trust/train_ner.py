@@ -8,7 +8,8 @@ sentence with its entities swapped for other training values of the same type an
 no personal data (support tickets and answers, KB FAQs, materials abstracts), and fits LoRA
 adapters on the packaged MiniLM plus a tag head. Writes services/trust/weights/ner.npz (about
 660 KB: float16 adapters and head, and a JSON meta with the hashes of every trained text).
-Fixed seeds (data order, swaps, dropout). About a minute an epoch on 2 cores (8 epochs)."""
+Fixed seeds (data order, swaps, dropout): a rerun on the same data with the same --threads
+writes the same bytes. About a minute an epoch on 2 cores (8 epochs)."""
 
 from __future__ import annotations
 
