@@ -191,7 +191,8 @@ class Verdict:
 
 @dataclass(frozen=True)
 class ScreenItem:
-    """A text that would enter the working set: kind "knowledge", "memory" or "other"."""
+    """A text that would enter the working set: kind "knowledge", "memory", "other" or "turn"
+    (the process's own conversation, or what its owner pinned: see trust_path.screen_item)."""
 
     kind: str
     id: str

@@ -58,6 +58,23 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+CONVERSATION = ("user", "assistant")  # speakers of the process's own turns
+
+
+def screen_item(item: Item, n: int) -> ScreenItem:
+    """How vfm-trustd is to read a working-set item: a knowledge chunk, or a memory entry of
+    another speaker (a tool's output, a remembered document), as a third party's text
+    (indirect injection); the process's own turns and what its owner pinned as the asker's
+    words (direct injection), without the "speaker: " the prompt gives them."""
+    ident = item.source_ids[0] if item.source_ids else f"{item.kind}:{n}"
+    if item.kind == "knowledge":
+        return ScreenItem("knowledge", ident, item.text)
+    if item.kind == "pinned" or item.speaker in CONVERSATION:
+        text = item.text.removeprefix(f"{item.speaker}: ") if item.speaker else item.text
+        return ScreenItem("turn", ident, text)
+    return ScreenItem("memory", ident, item.text)
+
+
 class TrustGate:
     """What every Ask shares: the trust service (None with `--trust off`), the last
     effective policy seen per (tenant, pid), where escalations wait and where records go."""
@@ -209,9 +226,7 @@ class TrustSession:
         """System 1 on the question and every item of the working set: the items that may
         enter the prompt, and the Ask's ending when it must not go on."""
         self.protected += [i.text for i in items if i.kind == "pinned"]
-        screened = [ScreenItem("knowledge" if i.kind == "knowledge" else "memory",
-                               i.source_ids[0] if i.source_ids else f"{i.kind}:{n}", i.text)
-                    for n, i in enumerate(items)]
+        screened = [screen_item(i, n) for n, i in enumerate(items)]
         screening_task = asyncio.ensure_future(self._call(lambda: self._client.screen_input(
             self.scope, self.question, screened, self.system_prompt)))
         self.policy = await self._policy_task

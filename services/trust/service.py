@@ -65,7 +65,7 @@ class Scope:
 
 @dataclass(frozen=True)
 class Item:
-    kind: str          # knowledge | memory | other
+    kind: str          # knowledge | memory | other | turn (the process's own conversation)
     id: str
     text: str
 
@@ -292,8 +292,12 @@ class TrustService:
         out = []
         for i, (item, text) in enumerate(zip(items, texts)):
             target = f"item:{i}"
-            results = [self._learned(cp, name, self.checks.text[name], text, target,
-                                     key="indirect_injection")] if name else []
+            if item.kind == "turn":  # the asker's own words: judged as the question is
+                direct = self.checks.text.get("injection")
+                results = [self._learned(cp, "injection", direct, text, target)] if direct else []
+            else:
+                results = [self._learned(cp, name, self.checks.text[name], text, target,
+                                         key="indirect_injection")] if name else []
             results += self._rules(cp, target, lambda t=item.text: cp.rules.screen_item(t))
             bad = [r for r in results if r.outcome in (Outcome.REFUSE, Outcome.ESCALATE)]
             out.append(ItemVerdict(i, item.id, bool(bad), results,

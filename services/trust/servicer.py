@@ -19,7 +19,7 @@ log = logging.getLogger("vfm-trustd.rpc")
 rpc = boundary(log)
 
 ITEM_KINDS = {pb.ITEM_KIND_KNOWLEDGE: "knowledge", pb.ITEM_KIND_MEMORY: "memory",
-              pb.ITEM_KIND_OTHER: "other"}
+              pb.ITEM_KIND_OTHER: "other", pb.ITEM_KIND_TURN: "turn"}
 
 
 def scope_of(msg) -> Scope:
@@ -31,7 +31,7 @@ def items_of(request: pb.ScreenInputRequest) -> list[Item]:
     for i, item in enumerate(request.items):
         kind = ITEM_KINDS.get(item.kind)
         if kind is None:
-            raise InvalidArgument(f"items[{i}].kind: must be KNOWLEDGE, MEMORY or OTHER, "
+            raise InvalidArgument(f"items[{i}].kind: must be KNOWLEDGE, MEMORY, OTHER or TURN, "
                                   f"got {item.kind}")
         items.append(Item(kind, item.id, item.text))
     return items

@@ -282,3 +282,30 @@ def test_a_tenant_pattern_that_backtracks_without_end_is_cut_off(tmp_path, on_un
                    for c in verdict.checks)
     assert svc.screen_input(BOB, "aaaa").verdict.outcome == Outcome.REFUSE  # it still matches
     svc.close()
+
+
+class FixedCheck:
+    """A learned check with one score for every text, named as the check it stands for."""
+
+    def __init__(self, name: str, score: float):
+        self.name, self.score = name, score
+
+    def check(self, text: Text) -> Finding:
+        return Finding(self.name, self.score)
+
+
+def test_the_processs_own_turns_are_judged_as_the_question_not_as_documents(tmp_path):
+    """A question the user asked before reads like an instruction to any document check;
+    a turn is the asker's own words, so the direct injection check judges it, and the same
+    text from a third party is still screened as a document."""
+    svc = TrustService(PolicyStore(tmp_path), CheckSet(text={
+        "indirect_injection": FixedCheck("indirect_injection", 0.99),
+        "injection": FixedCheck("injection", 0.05)}))
+    text = "In one sentence, what is an operating system?"
+    screen = svc.screen_input(BOB, "And a kernel?", [Item("turn", "mem:1", text),
+                                                     Item("memory", "mem:2", text),
+                                                     Item("knowledge", "kb/1", text)])
+    assert [(iv.id, iv.dropped) for iv in screen.items] == [
+        ("mem:1", False), ("mem:2", True), ("kb/1", True)]
+    assert [c.check for c in screen.items[0].checks] == ["injection"]
+    svc.close()
