@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -150,8 +151,12 @@ def build_model(encoder_dir: Path, n_tags: int, rank: int, alpha: int):
         def __init__(self):
             super().__init__()
             base = AutoModel.from_pretrained(encoder_dir)
-            self.encoder = get_peft_model(base, LoraConfig(
-                r=rank, lora_alpha=alpha, lora_dropout=0.1, target_modules=list(LORA_TARGETS)))
+            with warnings.catch_warnings():  # peft asks a transformers 5 model a deprecated
+                warnings.filterwarnings(      # question; it would reach every daemon's log
+                    "ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                self.encoder = get_peft_model(base, LoraConfig(
+                    r=rank, lora_alpha=alpha, lora_dropout=0.1,
+                    target_modules=list(LORA_TARGETS)))
             hidden = int(base.config.hidden_size)
             self.shape = torch.nn.Linear(SHAPES, SHAPE_DIM)
             self.head = torch.nn.Linear(hidden + SHAPE_DIM, n_tags)
