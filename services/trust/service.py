@@ -284,7 +284,9 @@ class TrustService:
         texts = [Text(it.text, self.checks.embed, namespace) for it in items]
         # One batch for what is not kept yet. A document of several windows is judged by its
         # windows (which indirect_injection embeds and keeps itself): its whole is not embedded.
-        whole = [t for t in texts if name != "indirect_injection" or len(windows(t.value)) == 1]
+        # A turn is read whole by the direct check, however long.
+        whole = [t for it, t in zip(items, texts) if it.kind == "turn"
+                 or name != "indirect_injection" or len(windows(t.value)) == 1]
         if name and whole and self._item_vectors is not None:
             for text, vector in zip(whole, self._item_vectors([t.value for t in whole],
                                                               namespace)):
