@@ -21,6 +21,7 @@ BENCHES = {
     "trust_claims": "bench.trust_claims",
     "trust_latency": "bench.trust_latency",
     "trust": "bench.trust",
+    "routing": "bench.routing",
 }
 
 

@@ -70,13 +70,16 @@ def wait_until(predicate, timeout: float, what: str) -> None:
     raise RuntimeError(f"timed out waiting for {what}")
 
 
-def report(title: str, rows: list[tuple], header: tuple, figures: dict) -> None:
-    """Print an aligned table, then the figures as the last stdout line (JSON)."""
-    print(title)
+def report(title: str, rows: list[tuple], header: tuple, figures: dict | None) -> None:
+    """Print an aligned table, then the figures as the last stdout line (JSON; None: a table
+    that is not the last)."""
+    if title:
+        print(title)
     widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
     for row in (header, *rows):
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)))
-    print(json.dumps(figures, sort_keys=True))
+    if figures is not None:
+        print(json.dumps(figures, sort_keys=True))
 
 
 def cleanup(path: Path) -> None:
