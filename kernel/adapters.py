@@ -15,6 +15,7 @@ import grpc
 
 from kernel.memory import Candidates, Item
 from kernel.ports import (CandidatesQuery, CandidatesReply, CheckResult, GenerateCall, GenPiece,
+                          RouteCandidate, RouteDecision,
                           ItemVerdict, MemoryEntry, ModelInfo, OutputDecision, Placeholder,
                           Pseudonymized, ScreenItem, Screening, TrustPolicy, TrustScope,
                           TrustSpan, Verdict, Verification)
@@ -22,6 +23,7 @@ from kernel.registry import ServiceRegistry
 from vfmos_runtime.convert import enum_str, enum_value, seconds, timestamp
 from vfmos_runtime.errors import DeadlineExceeded, Unavailable, VfmError, from_rpc_error
 from vfmos_runtime.protocol import DATA_SERVICE, MODEL_SERVICE, TRUST_SERVICE
+from vfmos_runtime.types import RoutePolicy
 from vfmos.data.v1 import data_pb2, data_pb2_grpc
 from vfmos.kernel.v1 import kernel_pb2 as kpb
 from vfmos.model.v1 import model_pb2, model_pb2_grpc
@@ -47,6 +49,10 @@ INGEST_MAX_S = INGEST_BASE_S + (512 << 20) / INGEST_BYTES_PER_S  # the largest d
 TRUST_CALL_TIMEOUT_S = 10.0
 TRUST_S_PER_KB = 0.05               # a long answer or working set takes longer to screen
 VERIFY_TIMEOUT_S = 120.0            # system 2 may ask a judge model for several samples
+
+
+# The router's first call loads its weights and the embedder (seconds); later ones take ms.
+ROUTE_TIMEOUT_S = 60.0
 
 
 def ingest_timeout(size: int) -> float:
@@ -105,6 +111,34 @@ class GrpcModelClient:
                           cost_per_1k_tokens=m.cost_per_1k_tokens, loaded=m.loaded,
                           is_default=m.is_default, max_batch=m.max_batch)
                 for m in reply.models]
+
+
+    async def route(self, tenant: str, prompt: str, policy: RoutePolicy, prompt_tokens: int,
+                    max_new_tokens: int, ask_id: str) -> RouteDecision:
+        request = model_pb2.RouteRequest(
+            tenant=tenant, prompt=prompt, prompt_tokens=prompt_tokens,
+            max_new_tokens=max_new_tokens, ask_id=ask_id,
+            policy=model_pb2.RoutePolicy(quality=policy.quality,
+                                         max_cost_per_ask=policy.max_cost_per_ask,
+                                         ttft_slo_ms=policy.ttft_slo_ms,
+                                         allowed_models=policy.allowed_models))
+        reply = await self._unary("Route", request, ROUTE_TIMEOUT_S)
+        return RouteDecision(reply.model, reply.reason, tuple(
+            RouteCandidate(c.model, c.quality, c.cost, c.ttft_ms, c.eligible, c.note, c.head)
+            for c in reply.candidates))
+
+    async def feedback(self, tenant: str, ask_id: str, good: bool,
+                       source: str) -> tuple[int, bool]:
+        reply = await self._unary("RecordFeedback", model_pb2.RecordFeedbackRequest(
+            tenant=tenant, ask_id=ask_id, good=good, source=source), ROUTE_TIMEOUT_S)
+        return reply.tenant_feedback, reply.correction_active
+
+    async def _unary(self, method: str, request, timeout: float):
+        try:
+            return await getattr(self._stub(), method)(
+                request, timeout=timeout, metadata=self._registry.metadata(MODEL_SERVICE))
+        except grpc.RpcError as exc:
+            raise _service_error(self._registry, MODEL_SERVICE, exc) from None
 
 
 class _GenerateStream:

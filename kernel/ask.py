@@ -4,11 +4,13 @@ agent on the way in and out), survive preemption, account."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from kernel.asklog import AskEntry, AskLog, new_ask_id
 from kernel.context import ContextManager
 from kernel.dispatch import Dispatcher, Lease
 from kernel.identity import Caller
@@ -21,7 +23,7 @@ from kernel.table import ProcessTable
 from kernel.trust_path import Ending, OutputGuard, Revision, TrustGate, TrustSession, strongest
 from vfmos_runtime.errors import InvalidArgument, QuotaExceeded
 from vfmos_runtime.protocol import MAX_NEW_TOKENS
-from vfmos_runtime.types import Usage
+from vfmos_runtime.types import AUTO_MODEL, Usage
 
 log = logging.getLogger("vfmd.ask")
 
@@ -125,7 +127,10 @@ class _Segment:
 
 class AskRunner:
     def __init__(self, table: ProcessTable, models: ModelClient, dispatcher: Dispatcher,
-                 context: ContextManager, trust: TrustGate | None = None):
+                 context: ContextManager, trust: TrustGate | None = None,
+                 asks: AskLog | None = None):
+        self._asks = asks
+        self._feedback_tasks: set[asyncio.Task] = set()
         self._context = context
         self._trust = trust or TrustGate(None)
         self._table = table
@@ -170,7 +175,7 @@ class AskRunner:
         started = time.perf_counter()
         interrupt = Interrupt()
         record = self._table.begin_ask(caller, query.pid, interrupt.fire)
-        usage, finish, degraded = Usage(), "", []
+        usage, finish, degraded = Usage(ask_id=new_ask_id()), "", []
         trust = self._trust.session(record.tenant, record.pid, query.prompt,
                                     record.spec.system_prompt) if self._trust.enabled else None
         ending, error = None, ""
@@ -182,6 +187,8 @@ class AskRunner:
                 if missing:
                     degraded.append(Degradation("memory-unavailable", missing))
             model = record.spec.model or self._dispatcher.default_model
+            if model == AUTO_MODEL:
+                model = await self._route(record, query, items, usage.ask_id, usage)
             usage.model = model
             deadline = time.monotonic() + query.ttft_slo_ms / 1000 if query.ttft_slo_ms else None
             request = self._dispatcher.request(query.pid, record.tenant, record.spec.priority,
@@ -207,6 +214,7 @@ class AskRunner:
                 trust.close()
             self._trust.record(record.tenant, record.pid, usage, query.prompt,
                                "".join(answer.shown), trust, error)
+            self._log_ask(record, usage, trust)
         if finish != "killed" and not query.stateless:
             # Durable before the answer's end is sent: what the caller saw is remembered,
             # now or, if vfm-datad is away, when it is back.
@@ -216,6 +224,46 @@ class AskRunner:
                 degraded.append(Degradation("not-remembered", lost))
         return AskDone(finish, usage, degraded, trust.final_verdict() if trust else None,
                        ending.escalation_id if ending else "")
+
+    async def _route(self, record: ProcRecord, query: AskQuery, items: list[Item], ask_id: str,
+                     usage: Usage) -> str:
+        """The router's model for this Ask (vfm-modeld keeps the decision under ask_id)."""
+        chars = len(record.spec.system_prompt) + len(query.prompt) + sum(len(i.text) for i in items)
+        policy = record.spec.route
+        budget = record.spec.quota.cost_budget
+        if budget:  # the route also keeps within what is left of the process's total budget
+            left = max(budget - record.counters.cost, 1e-12)
+            cap = min(policy.max_cost_per_ask, left) if policy.max_cost_per_ask else left
+            policy = dataclasses.replace(policy, max_cost_per_ask=cap)
+        decision = await self._model.route(record.tenant, query.prompt, policy, chars // 4,
+                                           query.max_new_tokens or DEFAULT_NEW_TOKENS, ask_id)
+        usage.route_reason = decision.reason
+        return decision.model
+
+    def _log_ask(self, record: ProcRecord, usage: Usage, trust: TrustSession | None) -> None:
+        """Keep the Ask's id for feedback; a routed answer that trust judged teaches the
+        tenant's router (a refused or revised answer as bad, an allowed one as good)."""
+        if self._asks is None:
+            return
+        routed = bool(usage.route_reason)
+        self._asks.record(AskEntry(usage.ask_id, record.tenant, record.pid, usage.model, routed,
+                                   time.time()))
+        verdict = trust.final_verdict() if trust is not None else None
+        if not routed or verdict is None or not usage.tokens_out:
+            return
+        good = verdict.outcome in ("allow", "redact")
+        if not good and verdict.outcome not in ("refuse", "revise"):
+            return
+        task = asyncio.ensure_future(self._trust_feedback(record.tenant, usage.ask_id, good))
+        self._feedback_tasks.add(task)
+        task.add_done_callback(self._feedback_tasks.discard)
+
+    async def _trust_feedback(self, tenant: str, ask_id: str, good: bool) -> None:
+        try:
+            await self._model.feedback(tenant, ask_id, good, "trust")
+        except Exception as exc:  # feedback is advice: its loss never fails an Ask
+            log.warning("the trust verdict of Ask %s was not recorded as feedback: %s",
+                        ask_id, getattr(exc, "message", exc))
 
     async def _generate(self, record: ProcRecord, query: AskQuery, model: str, answer: _Answer,
                         usage: Usage, interrupt: Interrupt, started: float, request) -> str:

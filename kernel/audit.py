@@ -34,7 +34,7 @@ from vfmos_runtime.storage import U64, pack, unpack
 
 log = logging.getLogger("vfmd.audit")
 
-KINDS = ("ask", "policy", "escalation", "audit")
+KINDS = ("ask", "policy", "escalation", "feedback", "audit")
 # The tenant of the trail's records about itself (kind "audit"): administrators see them.
 TRAIL_TENANT = "vfmd"
 GENESIS = "0" * 64              # the prev_hash of the first record

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from kernel.ports import Verdict
 from kernel.process import DEFAULT_PRIORITY, ProcRecord
-from vfmos_runtime.convert import (counters_to_pb, enum_value, quota_from_pb, spec_to_pb,
-                                   timestamp)
+from vfmos_runtime.convert import (counters_to_pb, enum_value, quota_from_pb, route_from_pb,
+                                   spec_to_pb, timestamp)
 from vfmos_runtime.types import ProcessSpec
 from vfmos.kernel.v1 import kernel_pb2 as pb
 
@@ -14,7 +14,8 @@ def spec_from_pb(msg: pb.ProcessSpec) -> ProcessSpec:
     priority = msg.priority if msg.HasField("priority") else DEFAULT_PRIORITY
     return ProcessSpec(name=msg.name, priority=priority, model=msg.model,
                        context_budget=msg.context_budget, quota=quota_from_pb(msg.quota),
-                       system_prompt=msg.system_prompt, collections=list(msg.collections))
+                       system_prompt=msg.system_prompt, collections=list(msg.collections),
+                       route=route_from_pb(msg.route))
 
 
 def process_to_pb(record: ProcRecord, running: int) -> pb.Process:

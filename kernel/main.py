@@ -12,6 +12,8 @@ from grpc_health.v1 import health_pb2
 
 from kernel import config as kconfig
 from kernel.adapters import GrpcDataClient, GrpcModelClient, GrpcTrustClient, TrustPolicyClient
+from kernel.asklog import AskLog
+from kernel.routing import RouteDesk
 from kernel.audit import HEAD_FILE, AuditLog, AuditStore
 from kernel.escalations import EscalationBook
 from kernel.ask import AskRunner
@@ -44,6 +46,7 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
         store = KernelStore(cfg.data_dir,
                             before_commit=(lambda: time.sleep(delay_s)) if delay_s else None)
         outbox_store = OutboxStore(store)  # its table is opened before any write is queued
+        ask_log = AskLog(store)  # so is this one
         audit = AuditLog(AuditStore(store, cfg.data_dir / HEAD_FILE))
         audit.catch_up_head_file()  # the file behind the chain after an unclean stop
         escalations = EscalationBook(store, audit)
@@ -60,9 +63,11 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     context = ContextManager(table, data, PageTable(store), outbox)
     trust = TrustGate(GrpcTrustClient(registry) if cfg.trust == "on" else None,
                       escalations, audit)
-    asks = AskRunner(table, GrpcModelClient(registry), dispatcher, context, trust)
+    models = GrpcModelClient(registry)
+    asks = AskRunner(table, models, dispatcher, context, trust, ask_log)
     servicer = KernelServicer(table, registry, auth, asks, dispatcher, started, context,
-                              TrustParts(TrustPolicyClient(registry), audit, escalations))
+                              TrustParts(TrustPolicyClient(registry), audit, escalations),
+                              RouteDesk(table, models, ask_log, audit))
     server_cfg = ServerConfig(unix_socket=cfg.socket, tcp_listen=cfg.listen,
                               tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
     try:

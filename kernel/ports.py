@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import AsyncIterator, Protocol, Sequence
 
 from kernel.memory import Candidates
+from vfmos_runtime.types import RoutePolicy
 
 
 # model service
@@ -71,8 +72,37 @@ class GenerateStream(Protocol):
     def cancel(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class RouteCandidate:
+    model: str
+    quality: float
+    cost: float
+    ttft_ms: float
+    eligible: bool
+    note: str
+    head: str
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    model: str
+    reason: str
+    candidates: tuple[RouteCandidate, ...] = ()
+
+
 class ModelClient(Protocol):
     def generate(self, call: GenerateCall) -> GenerateStream: ...
+
+    async def route(self, tenant: str, prompt: str, policy: RoutePolicy, prompt_tokens: int,
+                    max_new_tokens: int, ask_id: str) -> RouteDecision:
+        """The router's choice for one question (ask_id empty: explain only, nothing kept)."""
+        ...
+
+    async def feedback(self, tenant: str, ask_id: str, good: bool,
+                       source: str) -> tuple[int, bool]:
+        """Teach the tenant's router; (its feedback entries, whether its correction is used).
+        NotFound when the router has no such routed Ask of the tenant."""
+        ...
 
     async def list_models(self) -> list[ModelInfo]:
         """Every model the service offers; raises Unavailable when it does not answer."""

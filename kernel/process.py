@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from vfmos_runtime.errors import FailedPrecondition, InvalidArgument
-from vfmos_runtime.types import Counters, ProcessSpec, Quota
+from vfmos_runtime.types import AUTO_MODEL, Counters, ProcessSpec, Quota, RoutePolicy
 from vfmos_runtime.validate import number
 
 MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 0, 39, 20
@@ -98,7 +98,25 @@ def validate_spec(spec: ProcessSpec) -> ProcessSpec:
             raise InvalidArgument(f"bad collection name {name!r}: use 1-64 letters, digits, "
                                   "'.', '_' or '-'")
     validate_quota(spec.quota)
+    validate_route(spec)
     return spec
+
+
+def validate_route(spec: ProcessSpec) -> None:
+    route = spec.route
+    if spec.model != AUTO_MODEL:
+        if route != RoutePolicy():
+            raise InvalidArgument("routing options (quality, cost per ask, first-token SLO, "
+                                  "allowed models) need model \"auto\"")
+        return
+    number(route.quality, "route quality", 0, 1)
+    number(route.max_cost_per_ask, "route max_cost_per_ask", 0, MAX_QUOTA)
+    number(route.ttft_slo_ms, "route ttft_slo_ms", 0, 3_600_000)
+    if len(route.allowed_models) > 32:
+        raise InvalidArgument("at most 32 allowed models")
+    for name in route.allowed_models:
+        if not name or len(name) > 256:
+            raise InvalidArgument(f"bad allowed model name {name!r}")
 
 
 @dataclass
@@ -128,6 +146,7 @@ class ProcRecord:
     def from_dict(cls, data: dict) -> "ProcRecord":
         spec = dict(data["spec"])
         spec["quota"] = Quota(**spec.get("quota", {}))
+        spec["route"] = RoutePolicy(**spec.get("route", {}))
         return cls(
             pid=data["pid"], tenant=data["tenant"], owner_uid=data.get("owner_uid", -1),
             spec=ProcessSpec(**spec), state=ProcState(data["state"]),

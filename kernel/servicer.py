@@ -19,6 +19,7 @@ from vfmos_runtime.convert import counters_to_pb, duration, enum_value, timestam
 from kernel.figures import DaemonFigures
 from kernel.identity import Authenticator, Caller, check_tenant, require_admin
 from kernel.registry import ServiceRegistry
+from kernel.routing import RouteDesk
 from kernel.table import ProcessTable
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos.kernel.v1 import kernel_pb2_grpc
@@ -29,7 +30,8 @@ log = logging.getLogger("vfmd.syscall")
 class KernelServicer(MemorySyscalls, TrustSyscalls, kernel_pb2_grpc.KernelServiceServicer):
     def __init__(self, table: ProcessTable, registry: ServiceRegistry, auth: Authenticator,
                  asks: AskRunner, dispatcher: Dispatcher, started_at: float,
-                 context: ContextManager, trust: TrustParts):
+                 context: ContextManager, trust: TrustParts, routes: RouteDesk):
+        self.routes = routes
         self.context = context
         self.trust_policy, self.audit, self.escalations = trust
         self.dispatcher = dispatcher
@@ -172,6 +174,23 @@ class KernelServicer(MemorySyscalls, TrustSyscalls, kernel_pb2_grpc.KernelServic
                     escalation_id=item.escalation_id))
             else:
                 yield pb.AskResponse(text=item)
+
+    # routing
+    @syscall
+    async def ExplainRoute(self, caller: Caller, request: pb.ExplainRouteRequest):
+        d = await self.routes.explain(caller, request.pid, request.question)
+        return pb.ExplainRouteResponse(model=d.model, reason=d.reason, candidates=[
+            pb.RouteCandidate(model=c.model, quality=c.quality, cost=c.cost, ttft_ms=c.ttft_ms,
+                              eligible=c.eligible, note=c.note, head=c.head)
+            for c in d.candidates])
+
+    @syscall
+    async def SendFeedback(self, caller: Caller, request: pb.SendFeedbackRequest):
+        rating = {pb.RATING_UP: "up", pb.RATING_DOWN: "down"}.get(request.rating, "")
+        r = await self.routes.feedback(caller, request.ask_id, rating, request.note)
+        return pb.SendFeedbackResponse(routed=r.routed, tenant_feedback=r.tenant_feedback,
+                                       correction_active=r.correction_active,
+                                       audit_seq=r.audit_seq)
 
 
 # Health strings the registry keeps, as the wire's enum; anything else reads NOT_SERVING.

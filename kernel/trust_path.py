@@ -119,7 +119,9 @@ class TrustGate:
             "unverified": bool(verdict and verdict.unverified),
             "reasons": reasons, "tokens_in": usage.tokens_in, "tokens_out": usage.tokens_out,
             "cost": usage.cost, "prompt_sha256": _sha256(question),
-            "answer_sha256": _sha256(answer)}
+            "answer_sha256": _sha256(answer), "ask_id": usage.ask_id}
+        if usage.route_reason:
+            record["route_reason"] = usage.route_reason
         if policy is not None and policy.store_text:
             record["prompt_text"], record["answer_text"] = question, answer
         try:

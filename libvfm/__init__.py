@@ -2,7 +2,8 @@
 
 from libvfm.client import AsyncClient, Client
 from vfmos_runtime.errors import VfmError
-from libvfm.types import AskResult, DaemonStatus, Identity, Process, ProcessSpec, Quota, Usage
+from libvfm.types import (AskResult, DaemonStatus, Identity, Process, ProcessSpec, Quota,
+                          RoutePolicy, Usage)
 
 __all__ = ["AsyncClient", "AskResult", "Client", "DaemonStatus", "Identity", "Process",
-           "ProcessSpec", "Quota", "Usage", "VfmError"]
+           "ProcessSpec", "Quota", "RoutePolicy", "Usage", "VfmError"]

@@ -19,6 +19,7 @@ from libvfm.types import (AskResult, Collection, DaemonStatus, Identity, IngestR
                           ServiceRegistration, SystemUsage, TokenInfo, Usage, WorkingSet)
 from libvfm.types import (AuditRecord, AuditVerification, Escalation, Policy, PolicyApplied,
                           PolicyTest)
+from libvfm.types import FeedbackResult, RouteCandidate, RouteExplanation, RoutePolicy
 from vfmos_runtime.convert import enum_value
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos.kernel.v1 import kernel_pb2_grpc
@@ -100,10 +101,13 @@ class AsyncClient:
     # process syscalls
     async def spawn(self, name: str, *, priority: int = 20, model: str = "",
                     context_budget: int = 0, quota: Quota | None = None,
-                    system_prompt: str = "", collections: list[str] | None = None) -> Process:
+                    system_prompt: str = "", collections: list[str] | None = None,
+                    route: RoutePolicy | None = None) -> Process:
+        """`model="auto"` lets the router pick a model per Ask, within `route`'s targets."""
         spec = ProcessSpec(name=name, priority=priority, model=model,
                            context_budget=context_budget, quota=quota or Quota(),
-                           system_prompt=system_prompt, collections=list(collections or ()))
+                           system_prompt=system_prompt, collections=list(collections or ()),
+                           route=route or RoutePolicy())
         reply = await self._call("SpawnProcess",
                                  pb.SpawnProcessRequest(spec=convert.spec_to_pb(spec)))
         return convert.process_from_pb(reply.process)
@@ -267,6 +271,22 @@ class AsyncClient:
             collection=collection, query=query, k=k, filters=filters or {},
             since=convert.timestamp(since, "since"), until=convert.timestamp(until, "until")))
         return [convert.hit_from_pb(h) for h in reply.hits]
+
+    # routing
+    async def explain_route(self, pid: int, question: str) -> RouteExplanation:
+        """What the router predicts for each allowed model, and its choice (process with
+        model "auto"); nothing is asked."""
+        reply = await self._call("ExplainRoute", pb.ExplainRouteRequest(pid=pid, question=question))
+        return RouteExplanation(reply.model, reply.reason, [
+            RouteCandidate(c.model, c.quality, c.cost, c.ttft_ms, c.eligible, c.note, c.head)
+            for c in reply.candidates])
+
+    async def feedback(self, ask_id: str, good: bool, note: str = "") -> FeedbackResult:
+        """Judge one answer by its `usage.ask_id` (audited; a routed Ask teaches the router)."""
+        reply = await self._call("SendFeedback", pb.SendFeedbackRequest(
+            ask_id=ask_id, rating=pb.RATING_UP if good else pb.RATING_DOWN, note=note))
+        return FeedbackResult(reply.routed, reply.tenant_feedback, reply.correction_active,
+                              reply.audit_seq)
 
     # introspection and administration
     async def ping(self, payload: bytes = b"") -> bytes:

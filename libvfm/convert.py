@@ -10,6 +10,7 @@ from vfmos_runtime.convert import counters_from_pb, enum_str, quota_from_pb, sec
 from vfmos_runtime.convert import document_kind_to_pb as document_kind_to_pb
 from vfmos_runtime.convert import duration as duration
 from vfmos_runtime.convert import quota_to_pb as quota_to_pb
+from vfmos_runtime.convert import route_from_pb
 from vfmos_runtime.convert import spec_to_pb as spec_to_pb
 from vfmos_runtime.convert import timestamp as timestamp
 from vfmos_runtime.convert import usage_from_pb as usage_from_pb
@@ -49,7 +50,7 @@ def process_from_pb(msg: pb.Process) -> Process:
         spec=ProcessSpec(name=s.name, priority=s.priority, model=s.model,
                          context_budget=s.context_budget, system_prompt=s.system_prompt,
                          collections=list(s.collections),
-                         quota=quota_from_pb(q)),
+                         quota=quota_from_pb(q), route=route_from_pb(s.route)),
         counters=counters_from_pb(c),
         created_at=seconds(msg, "create_time"), updated_at=seconds(msg, "update_time"),
         running=msg.running)

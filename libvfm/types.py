@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from vfmos_runtime.types import Counters, ProcessSpec, Usage
 from vfmos_runtime.types import Quota as Quota  # part of libvfm's API
+from vfmos_runtime.types import RoutePolicy as RoutePolicy  # part of libvfm's API
 
 
 @dataclass
@@ -153,6 +154,38 @@ class SystemUsage:
     running: int
     queued: int
     tenants: list[TenantUsage]
+
+
+@dataclass
+class RouteCandidate:
+    model: str
+    quality: float     # predicted chance of a good answer
+    cost: float        # predicted cost of the Ask
+    ttft_ms: float     # predicted first-token time
+    eligible: bool     # within the budget and the SLO
+    note: str
+    head: str
+
+
+@dataclass
+class RouteExplanation:
+    model: str
+    reason: str
+    candidates: list[RouteCandidate]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FeedbackResult:
+    routed: bool             # the router learned from it
+    tenant_feedback: int     # feedback entries the tenant's router holds
+    correction_active: bool  # the tenant's correction of the shared router is in use
+    audit_seq: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass

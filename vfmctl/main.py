@@ -13,7 +13,7 @@ from libvfm import Client, Quota
 from libvfm.errors import NotFound, VfmError
 from libvfm.paths import KERNEL_SOCKET, default_state_dir, kernel_socket
 from libvfm.types import AskResult
-from vfmctl import daemons, knowledge, output, trust
+from vfmctl import daemons, knowledge, output, routing, trust
 
 EXIT_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT: 2, grpc.StatusCode.NOT_FOUND: 3,
@@ -99,10 +99,12 @@ def cmd_status(args) -> int:
 def cmd_spawn(args) -> int:
     quota = Quota(max_tokens=args.max_tokens, tokens_per_minute=args.tokens_per_minute,
                   max_concurrent=args.max_concurrent, cost_budget=args.cost_budget)
+    route = routing.policy_from_args(args)
     with _client(args) as client:
         proc = client.spawn(args.name, priority=args.priority, model=args.model,
                             context_budget=args.context_budget, quota=quota,
-                            system_prompt=args.system_prompt, collections=args.collection)
+                            system_prompt=args.system_prompt, collections=args.collection,
+                            route=route)
     _show(args, proc, lambda p: output.process_table([p]))
     return 0
 
@@ -159,7 +161,8 @@ def cmd_ask(args) -> int:
         u = result.usage
         _say(f"[{result.finish_reason}; {u.tokens_in} in, {u.tokens_out} out; queued "
              f"{u.queue_ms:.0f} ms, first token {u.ttft_ms:.0f} ms, total {u.total_ms:.0f} ms; "
-             f"{u.model}{f'; preempted {u.preemptions}x' if u.preemptions else ''}]")
+             f"{u.model}{f' (routed: {u.route_reason})' if u.route_reason else ''}"
+             f"{f'; preempted {u.preemptions}x' if u.preemptions else ''}; ask {u.ask_id}]")
         for d in result.degraded:  # e.g. [memory unavailable: vfm-datad not reachable]
             _say(f"[{d.kind.replace('-', ' ')}: {d.reason}]")
         if result.verdict is not None:  # e.g. [allowed · s1 75 ms · pii: redacted 1 email]
@@ -272,8 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="working-set budget in tokens (0 = 1,024)")
     p.add_argument("--collection", action="append", default=[], metavar="NAME",
                    help="a knowledge collection the process retrieves from (repeatable)")
-    p.add_argument("--model", default="", help="physical model (default: the default model)")
+    p.add_argument("--model", default="", help="physical model (default: the default model); "
+                   "'auto': the router picks one per Ask")
     p.add_argument("--system-prompt", default="", help="pinned system prompt")
+    routing.add_spawn_options(p)
 
     p = add("ps", cmd_ps, "list FM processes (yours; all tenants' for an admin)")
     p.add_argument("-a", "--all", action="store_true", help="include killed and exited processes")
@@ -305,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("weight", type=float)
 
     knowledge.add_commands(add, _client, _pid, _common)
+    routing.add_commands(add, _client, _pid, _show, _common)
     trust.add_commands(add, _client, _pid, _common)
     add("whoami", cmd_whoami, "show the identity (tenant) the kernel sees for you")
     p = add("token", cmd_token, "manage bearer tokens for TCP clients (admin)")

@@ -7,7 +7,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos_runtime.errors import InvalidArgument
-from vfmos_runtime.types import Counters, ProcessSpec, Quota, Usage
+from vfmos_runtime.types import Counters, ProcessSpec, Quota, RoutePolicy, Usage
 from vfmos_runtime.validate import unix_seconds
 
 # Other names the data service has always accepted for a document kind.
@@ -97,10 +97,21 @@ def quota_from_pb(msg: pb.Quota) -> Quota:
                  msg.max_resident_pages, msg.cost_budget)
 
 
+def route_to_pb(route: RoutePolicy) -> pb.RoutePolicy:
+    return pb.RoutePolicy(quality=route.quality, max_cost_per_ask=route.max_cost_per_ask,
+                          ttft_slo_ms=route.ttft_slo_ms, allowed_models=route.allowed_models)
+
+
+def route_from_pb(msg: pb.RoutePolicy) -> RoutePolicy:
+    return RoutePolicy(msg.quality, msg.max_cost_per_ask, msg.ttft_slo_ms,
+                       list(msg.allowed_models))
+
+
 def spec_to_pb(spec: ProcessSpec) -> pb.ProcessSpec:
     return pb.ProcessSpec(name=spec.name, priority=spec.priority, model=spec.model,
                           context_budget=spec.context_budget, quota=quota_to_pb(spec.quota),
-                          system_prompt=spec.system_prompt, collections=spec.collections)
+                          system_prompt=spec.system_prompt, collections=spec.collections,
+                          route=route_to_pb(spec.route))
 
 
 def counters_from_pb(c: pb.Counters) -> Counters:
@@ -116,10 +127,12 @@ def counters_to_pb(c: Counters) -> pb.Counters:
 
 def usage_from_pb(msg: pb.Usage) -> Usage:
     return Usage(msg.tokens_in, msg.tokens_out, msg.cost, msg.queue_ms, msg.ttft_ms,
-                 msg.total_ms, msg.model, msg.decode_ms, msg.preemptions)
+                 msg.total_ms, msg.model, msg.decode_ms, msg.preemptions, msg.ask_id,
+                 msg.route_reason)
 
 
 def usage_to_pb(u: Usage) -> pb.Usage:
     return pb.Usage(tokens_in=u.tokens_in, tokens_out=u.tokens_out, cost=u.cost,
                     queue_ms=u.queue_ms, ttft_ms=u.ttft_ms, total_ms=u.total_ms, model=u.model,
-                    decode_ms=u.decode_ms, preemptions=u.preemptions)
+                    decode_ms=u.decode_ms, preemptions=u.preemptions, ask_id=u.ask_id,
+                    route_reason=u.route_reason)

@@ -16,6 +16,19 @@ class Quota:
     cost_budget: float = 0.0
 
 
+AUTO_MODEL = "auto"  # a process's model name that asks the router for a model per Ask
+
+
+@dataclass
+class RoutePolicy:
+    """What a process with model "auto" wants of the router, per Ask; 0 / empty = no limit."""
+
+    quality: float = 0.0
+    max_cost_per_ask: float = 0.0
+    ttft_slo_ms: float = 0.0
+    allowed_models: list[str] = field(default_factory=list)
+
+
 @dataclass
 class ProcessSpec:
     name: str
@@ -25,6 +38,7 @@ class ProcessSpec:
     quota: Quota = field(default_factory=Quota)
     system_prompt: str = ""
     collections: list[str] = field(default_factory=list)
+    route: RoutePolicy = field(default_factory=RoutePolicy)
 
 
 @dataclass
@@ -52,3 +66,5 @@ class Usage:
     model: str = ""
     decode_ms: float = 0.0
     preemptions: int = 0
+    ask_id: str = ""
+    route_reason: str = ""

@@ -16,6 +16,7 @@ from vfmos_runtime.errors import VfmError
 from vfmos_runtime.gate import KernelGate
 from services.model.config import NAME, ModelConfig, load
 from services.model.registry import ModelRegistry
+from services.model.routing import RoutingService
 from services.model.service import ModelService
 from services.model.servicer import ModelServicer
 from vfmos.model.v1 import model_pb2, model_pb2_grpc
@@ -35,7 +36,8 @@ async def serve(cfg: ModelConfig) -> None:
                                prefix_cache_mb=cfg.prefix_cache_mb, ttft_trace=cfg.ttft_trace)
     except OSError as exc:
         raise DaemonStartError(f"--ttft-trace: {exc}") from exc
-    servicer = ModelServicer(service)
+    routing = RoutingService(registry, cfg.state_dir)
+    servicer = ModelServicer(service, routing)
     gate = KernelGate(NAME)
     server, health, _ = create_server(
         ServerConfig(unix_socket=socket, interceptors=(gate,)),
@@ -50,7 +52,7 @@ async def serve(cfg: ModelConfig) -> None:
         await backend.wait_loaded()
     log.info("%s serving on %s (default model %s)", NAME, socket, registry.default)
     await serve_registered(server, health, NAME, SERVICE_NAME, socket,
-                           cfg.kernel_socket, service.stop, gate)
+                           cfg.kernel_socket, lambda: (service.stop(), routing.close()), gate)
 
 
 def main(argv: list[str] | None = None) -> int:

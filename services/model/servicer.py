@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from vfmos_runtime.boundary import rpc as boundary
 from vfmos_runtime.convert import enum_str, enum_value
+from services.model.router import RoutePolicy
+from services.model.routing import RoutingService
 from services.model.service import ModelService
 from services.model.types import GenParams
 from vfmos.model.v1 import model_pb2 as pb
@@ -16,8 +20,9 @@ rpc = boundary(log)
 
 
 class ModelServicer(model_pb2_grpc.ModelServiceServicer):
-    def __init__(self, service: ModelService):
+    def __init__(self, service: ModelService, routing: RoutingService):
         self.service = service
+        self.routing = routing
 
     @rpc
     async def Generate(self, request: pb.GenerateRequest, context):
@@ -30,7 +35,12 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                            assistant_prefix_ids=tuple(request.assistant_prefix_ids),
                            priority=request.priority, merge_queued=True)
         model = self.service.registry.get(request.model).name
+        started, first = time.perf_counter(), True
         async for piece in self.service.generate(request.model, messages, params):
+            if first and piece.tokens and not request.assistant_prefix:
+                first = False
+                self.routing.observe_first_token(model, piece.prompt_tokens,
+                                                 time.perf_counter() - started)
             reason = enum_value(pb.FinishReason, piece.finish_reason)
             yield pb.GenerateResponse(
                 text=piece.text, tokens=piece.tokens, prompt_tokens=piece.prompt_tokens,
@@ -48,3 +58,24 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                          loaded=self.service.is_loaded(e.name), is_default=e.name == registry.default,
                          max_batch=self.service.max_batch(e.name))
             for e in registry.entries()])
+
+    @rpc
+    async def Route(self, request: pb.RouteRequest, context) -> pb.RouteResponse:
+        p = request.policy
+        policy = RoutePolicy(quality=p.quality, cost_budget=p.max_cost_per_ask,
+                             ttft_slo_ms=p.ttft_slo_ms, allowed=tuple(p.allowed_models))
+        # Embedding the prompt takes a few milliseconds of CPU: off the event loop.
+        result = await asyncio.to_thread(
+            self.routing.route, request.tenant, request.prompt, policy, request.prompt_tokens,
+            request.max_new_tokens, request.ask_id)
+        return pb.RouteResponse(model=result.choice.model, reason=result.choice.reason, candidates=[
+            pb.RouteCandidate(model=c.model, quality=c.quality, cost=c.cost, ttft_ms=c.ttft_ms,
+                              eligible=c.eligible, note=c.note, head=result.heads[c.model])
+            for c in result.choice.candidates])
+
+    @rpc
+    async def RecordFeedback(self, request: pb.RecordFeedbackRequest,
+                             context) -> pb.RecordFeedbackResponse:
+        count, active = await asyncio.to_thread(self.routing.feedback, request.tenant,
+                                                request.ask_id, request.good, request.source)
+        return pb.RecordFeedbackResponse(tenant_feedback=count, correction_active=active)

@@ -12,6 +12,7 @@ import pytest
 from libvfm.errors import InvalidArgument, NotFound
 from vfmos_runtime.paths import cache_root
 from services.model.registry import ModelRegistry
+from services.model.routing import RoutingService
 from services.model.service import ModelService
 from services.model.types import GenParams
 from vfmos.model.v1 import model_pb2, model_pb2_grpc
@@ -105,7 +106,7 @@ def test_grpc_generate_and_list_models(service, tmp_path):
         sock = tmp_path / "m.sock"
         server, _, _ = create_server(
             ServerConfig(unix_socket=sock),
-            lambda s: model_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(service), s),
+            lambda s: model_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(service, RoutingService(service.registry, None)), s),
             ["vfmos.model.v1.ModelService"])
         await server.start()
         try:

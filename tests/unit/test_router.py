@@ -6,9 +6,6 @@ prompts the shared model already knows."""
 
 from __future__ import annotations
 
-import gzip
-import json
-
 import numpy as np
 import pytest
 
@@ -87,8 +84,8 @@ def test_training_on_a_slice_beats_random_on_held_back_prompts(gsm8k, embedder):
     n = 1000
     emb = embedder.embed(gsm8k.prompts[:n])
     feats = feature_matrix(gsm8k.prompts[:n])
-    held, train = folds(n, 5, 0)[0], None
-    held = np.sort(np.concatenate([folds(n, 5, 0)[0], folds(n, 5, 0)[1]]))
+    parts = folds(n, 5, 0)
+    held = np.sort(np.concatenate([parts[0], parts[1]]))
     train = np.setdiff1d(np.arange(n), held)
     model = R.fit(emb[train], feats[train], gsm8k.labels[train], HEADS, seed=1)
     p = model.predict(emb[held], feats[held])
