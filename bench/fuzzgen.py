@@ -224,6 +224,8 @@ VALID: dict[str, dict] = {
     "GetEscalation": {"id": "0" * 12},
     "ResolveEscalation": {"id": "0" * 12, "decision": 3, "text": "fuzzed reply"},
     "WaitEscalation": {"id": "0" * 12, "timeout": {"nanos": 1_000_000}},
+    "ExplainRoute": {"pid": _OWN, "question": "When is low water?"},
+    "SendFeedback": {"ask_id": "0" * 24, "rating": 1, "note": "fuzzed"},
 }
 
 

@@ -60,12 +60,23 @@ def _process_rows(procs: list[Process]) -> Table:
     return table
 
 
+def _route_text(r) -> str:
+    parts = [f"quality {r.quality:g} of the best" if r.quality else "best within budget"]
+    if r.max_cost_per_ask:
+        parts.append(f"at most {r.max_cost_per_ask:g} per ask")
+    if r.ttft_slo_ms:
+        parts.append(f"first token within {r.ttft_slo_ms:g} ms")
+    parts.append("models " + (", ".join(r.allowed_models) if r.allowed_models else "any"))
+    return "; ".join(parts)
+
+
 def process_detail(p: Process) -> None:
     q, c = p.spec.quota, p.counters
     used = c.tokens_in + c.tokens_out
     rows = [
         ("pid", p.pid), ("name", p.name), ("tenant", p.tenant), ("state", p.state),
         ("priority", p.spec.priority), ("model", p.spec.model or "default"),
+        *([("route", _route_text(p.spec.route))] if p.spec.model == "auto" else []),
         ("context budget", f"{p.spec.context_budget or 1024} tokens"
                            f"{'' if p.spec.context_budget else ' (default)'}"),
         ("collections", ", ".join(p.spec.collections) or "-"),

@@ -81,6 +81,8 @@ def test_process_lifecycle_and_streamed_answer(stack):
     (("search", "no-such-collection", "anything"), 3, "no-such-collection"),
     (("remember", "1", "text", "--time", "yesterday-ish"), 2, "ISO 8601"),
     (("ingest", "kb", "/no/such/file"), 2, "no such file"),
+    (("spawn", "ok", "--quality", "0.5"), 2, "need --model auto"),
+    (("feedback", "0" * 24, "up"), 3, "no Ask with id"),
 ])
 def test_errors_are_one_line_with_exit_codes(stack, args, code, text):
     done = vfmctl(stack, *args, check=False)
@@ -92,7 +94,7 @@ def test_errors_are_one_line_with_exit_codes(stack, args, code, text):
 def test_every_command_has_help():
     for cmd in ("up", "down", "status", "spawn", "ps", "kill", "suspend", "resume", "inspect",
                 "ask", "whoami", "token", "collection", "ingest", "search", "remember",
-                "recall", "context", "fork"):
+                "recall", "context", "fork", "route", "feedback"):
         done = subprocess.run([*VFMCTL, cmd, "--help"], capture_output=True, text=True, cwd=REPO)
         assert done.returncode == 0 and "usage: vfmctl" in done.stdout
 
@@ -149,3 +151,24 @@ def test_knowledge_and_memory_as_typed(stack, tmp_path):
     assert shared and shared[0]["entry"]["text"].startswith("Caroline went")
     removed = vfmctl(stack, "collection", "rm-source", "support", str(docs / "plans.csv"))
     assert "removed" in removed.stdout
+
+
+def test_routing_as_typed(stack):
+    """spawn --model auto, an Ask that names the model it was routed to and its ask id, the
+    router's explanation, and feedback on that ask id."""
+    import re
+    proc = json.loads(vfmctl(stack, "spawn", "routed", "--model", "auto", "--quality", "0.1",
+                             "--allow-models", "smollm2-135m,gemma3-270m", "-o", "json").stdout)
+    assert proc["spec"]["model"] == "auto" and proc["spec"]["route"]["quality"] == 0.1
+    done = vfmctl(stack, "ask", "routed", "Name a colour.", "--max-new-tokens", "4")
+    assert "smollm2-135m (routed: cheapest" in done.stderr
+    ask_id = re.search(r"ask ([0-9a-f]{24})\]", done.stderr).group(1)
+    explained = json.loads(vfmctl(stack, "route", "explain", "routed", "Name a colour.",
+                                  "-o", "json").stdout)
+    assert explained["model"] == "smollm2-135m"
+    assert {c["model"] for c in explained["candidates"]} == {"smollm2-135m", "gemma3-270m"}
+    assert "quality 0.1 of the best" in vfmctl(stack, "inspect", "routed").stdout
+    recorded = vfmctl(stack, "feedback", ask_id, "up", "--note", "fine")
+    assert "recorded (audit seq" in recorded.stdout
+    again = vfmctl(stack, "feedback", ask_id, "down", check=False)
+    assert again.returncode != 0 and "already has your feedback" in again.stderr
