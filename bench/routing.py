@@ -100,7 +100,7 @@ def lr_scores(train_emb, train_labels, test_emb) -> np.ndarray:
 
 
 def two_model(sets: list[LabelledSet], embs: list[np.ndarray], feats: list[np.ndarray],
-              k: int, quick: bool) -> dict[str, dict[str, np.ndarray]]:
+              k: int) -> dict[str, dict[str, np.ndarray]]:
     """Held-out scores per set and router: {set: {router: (N,) score}}."""
     splits = [folds(len(s.prompts), k, SEED + i) for i, s in enumerate(sets)]
     scores = {s.name: {r: np.zeros(len(s.prompts)) for r in ("ours", "knn", "lr")} for s in sets}
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     embs = [embed_cached(s.prompts, cache) for s in sets]
     feats = [feature_matrix(s.prompts) for s in sets]
     print(f"two-model sets, {k}-fold ...", file=sys.stderr, flush=True)
-    scores = two_model(sets, embs, feats, k, args.quick)
+    scores = two_model(sets, embs, feats, k)
     rows, figures = two_model_rows(sets, scores)
 
     print("RouterBench ...", file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from kernel.ask import DEFAULT_NEW_TOKENS
 from kernel.asklog import AskLog
 from kernel.audit import AuditLog
 from kernel.identity import Caller
@@ -17,7 +18,6 @@ from vfmos_runtime.types import AUTO_MODEL
 
 MAX_NOTE = 1000
 RATINGS = ("up", "down")
-EXPLAIN_ANSWER_TOKENS = 256  # the Ask default's answer length, for the predicted cost
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class RouteDesk:
             raise InvalidArgument("the question is empty")
         chars = len(record.spec.system_prompt) + len(question)
         return await self._models.route(record.tenant, question, record.spec.route, chars // 4,
-                                        EXPLAIN_ANSWER_TOKENS, "")
+                                        DEFAULT_NEW_TOKENS, "")
 
     async def feedback(self, caller: Caller, ask_id: str, rating: str, note: str) -> FeedbackResult:
         if rating not in RATINGS:

@@ -7,7 +7,7 @@ probability is the mean of three predictors over the prompt's MiniLM embedding a
 features (`route_features`): a logistic regression, a small two-layer network trained on all
 heads at once, and the labels of the prompt's nearest training prompts. The registry says which
 head stands for which physical model. Pure numpy at inference; training (scikit-learn, torch)
-is imported only by `fit`."""
+is imported only by `fit` (and scikit-learn's AUC by a tenant's correction)."""
 
 from __future__ import annotations
 
@@ -190,21 +190,6 @@ def _log_loss(p: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
-def _auc(score: np.ndarray, y: np.ndarray) -> float:
-    """Area under the ROC curve (ties count half); 0.5 when y has one class."""
-    pos, neg = score[y == 1], score[y == 0]
-    if not len(pos) or not len(neg):
-        return 0.5
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    ranks = np.empty(len(order))
-    ranks[order] = np.arange(1, len(order) + 1)
-    allv = np.concatenate([pos, neg])
-    for v in np.unique(allv):                      # average ranks of ties
-        same = allv == v
-        ranks[same] = ranks[same].mean()
-    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
 @dataclass
 class TenantCorrection:
     """A tenant's feedback on top of the shared model. Each entry holds the shared model's
@@ -241,6 +226,8 @@ class TenantCorrection:
         """Per head, the adopted recalibration (absent: the shared model stands)."""
         if self._thetas is not None:
             return self._thetas
+        from sklearn.metrics import roc_auc_score
+
         self._thetas = {}
         if not self.rows:
             return self._thetas
@@ -259,8 +246,8 @@ class TenantCorrection:
                 if len(set(ym[te])) < 2:
                     continue
                 theta = _recalibration(um[tr], ym[tr], base[tr])
-                ours.append(_auc(base[te] + um[te] @ theta, ym[te]))
-                theirs.append(_auc(base[te], ym[te]))
+                ours.append(roc_auc_score(ym[te], base[te] + um[te] @ theta))
+                theirs.append(roc_auc_score(ym[te], base[te]))
             better = np.array(ours) - np.array(theirs)
             if len(better) and better.mean() > TENANT_MIN_GAIN and (better > 0).mean() >= 0.8:
                 self._thetas[h] = _recalibration(um, ym, base)
@@ -322,7 +309,6 @@ class ModelProfile:
     head: str
     cost_per_1k_tokens: float
     prefill_tokens_per_s: float
-    decode_tokens_per_s: float
 
 
 @dataclass

@@ -147,7 +147,7 @@ class RoutingService:
                                           f"options.router_head to one of {', '.join(heads)}")
                 continue
             out.append(ModelProfile(entry.name, head, entry.cost_per_1k_tokens,
-                                    self._prefill_rate(entry), 0.0))
+                                    self._prefill_rate(entry)))
         if not out:
             raise NotFound("no registered model can be routed to")
         return out

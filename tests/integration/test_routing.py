@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from bench.common import free_port
 from libvfm import Client, RoutePolicy
 from services.model.registry import DEFAULT_MODELS
 from libvfm.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -24,17 +24,11 @@ SMALL, LARGE = "smollm2-135m", "gemma3-270m"
 CHEAP = RoutePolicy(quality=0.1, allowed_models=[SMALL, LARGE])  # the small model reaches 10%
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def stack():
     state = Path(tempfile.mkdtemp(prefix="vfmr", dir="/tmp"))
     os.chmod(state, 0o755)
-    target = f"127.0.0.1:{_free_port()}"
+    target = f"127.0.0.1:{free_port()}"
     kernel = start_kernel(state, "--listen", target)
     modeld = start_modeld(state)
     admin = Client(state / "vfmd.sock")

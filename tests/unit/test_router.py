@@ -79,11 +79,15 @@ def embedder():
     return load_embedder()
 
 
-def test_training_on_a_slice_beats_random_on_held_back_prompts(gsm8k, embedder):
+@pytest.fixture(scope="module")
+def slice_1000(gsm8k, embedder):
+    return embedder.embed(gsm8k.prompts[:1000]), feature_matrix(gsm8k.prompts[:1000])
+
+
+def test_training_on_a_slice_beats_random_on_held_back_prompts(gsm8k, slice_1000):
     """600 GSM8K prompts to train on, 400 held back; the random router's APGR is ~0.5."""
     n = 1000
-    emb = embedder.embed(gsm8k.prompts[:n])
-    feats = feature_matrix(gsm8k.prompts[:n])
+    emb, feats = slice_1000
     parts = folds(n, 5, 0)
     held = np.sort(np.concatenate([parts[0], parts[1]]))
     train = np.setdiff1d(np.arange(n), held)
@@ -95,9 +99,8 @@ def test_training_on_a_slice_beats_random_on_held_back_prompts(gsm8k, embedder):
     assert ours > max(randoms), (ours, max(randoms))
 
 
-def test_a_saved_model_predicts_what_it_predicted_before(gsm8k, embedder, tmp_path):
-    emb = embedder.embed(gsm8k.prompts[:300])
-    feats = feature_matrix(gsm8k.prompts[:300])
+def test_a_saved_model_predicts_what_it_predicted_before(gsm8k, slice_1000, tmp_path):
+    emb, feats = slice_1000[0][:300], slice_1000[1][:300]
     model = R.fit(emb[:250], feats[:250], gsm8k.labels[:250], HEADS, seed=2)
     model.save(tmp_path / "r.npz")
     loaded = R.QualityModel.load(tmp_path / "r.npz")
