@@ -80,14 +80,15 @@ def embedder():
 
 
 @pytest.fixture(scope="module")
-def slice_1000(gsm8k, embedder):
-    return embedder.embed(gsm8k.prompts[:1000]), feature_matrix(gsm8k.prompts[:1000])
+def slice_700(gsm8k, embedder):
+    return embedder.embed(gsm8k.prompts[:700]), feature_matrix(gsm8k.prompts[:700])
 
 
-def test_training_on_a_slice_beats_random_on_held_back_prompts(gsm8k, slice_1000):
-    """600 GSM8K prompts to train on, 400 held back; the random router's APGR is ~0.5."""
-    n = 1000
-    emb, feats = slice_1000
+def test_training_on_a_slice_beats_random_on_held_back_prompts(gsm8k, slice_700):
+    """420 GSM8K prompts to train on, 280 held back; the random router's APGR is ~0.5
+    (measured: ours 0.68, the best of 20 random routers 0.55)."""
+    n = 700
+    emb, feats = slice_700
     parts = folds(n, 5, 0)
     held = np.sort(np.concatenate([parts[0], parts[1]]))
     train = np.setdiff1d(np.arange(n), held)
@@ -99,8 +100,8 @@ def test_training_on_a_slice_beats_random_on_held_back_prompts(gsm8k, slice_1000
     assert ours > max(randoms), (ours, max(randoms))
 
 
-def test_a_saved_model_predicts_what_it_predicted_before(gsm8k, slice_1000, tmp_path):
-    emb, feats = slice_1000[0][:300], slice_1000[1][:300]
+def test_a_saved_model_predicts_what_it_predicted_before(gsm8k, slice_700, tmp_path):
+    emb, feats = slice_700[0][:300], slice_700[1][:300]
     model = R.fit(emb[:250], feats[:250], gsm8k.labels[:250], HEADS, seed=2)
     model.save(tmp_path / "r.npz")
     loaded = R.QualityModel.load(tmp_path / "r.npz")
