@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from concurrent.futures import Future
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from kernel.store import KernelStore
 from vfmos_runtime.storage import pack, unpack
 
+log = logging.getLogger("vfmd.asks")
 MAX_ASKS = 1_000_000  # records kept (oldest dropped first): ~100 bytes each
 
 
@@ -36,7 +38,8 @@ class AskLog:
         self._db = store.open_table(b"asks")
 
     def record(self, entry: AskEntry) -> Future:
-        """Queued with the group-commit writer: durable with the next commit."""
+        """Queued with the group-commit writer: durable with the next commit (a failed write is
+        logged: that Ask then takes no feedback)."""
         key, value = entry.ask_id.encode(), pack(self._to_dict(entry))
 
         def write(txn) -> None:
@@ -45,7 +48,9 @@ class AskLog:
                 cursor = txn.cursor(db=self._db)
                 if cursor.first():
                     cursor.delete()
-        return self._store.submit(write)
+        future = self._store.submit(write)
+        future.add_done_callback(_log_failure)
+        return future
 
     def get(self, ask_id: str) -> AskEntry | None:
         if not ask_id or len(ask_id) > 64:
@@ -62,3 +67,9 @@ class AskLog:
     def _to_dict(e: AskEntry) -> dict:
         return {"tenant": e.tenant, "pid": e.pid, "model": e.model, "routed": e.routed,
                 "time": e.time, "judged_by": list(e.judged_by)}
+
+
+def _log_failure(future: Future) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.error("an Ask's id was not stored (feedback on it will read as unknown): %s", exc)
