@@ -4,7 +4,6 @@ tenant's correction. Storage is one small LMDB environment (`router.lmdb` in the
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -19,8 +18,6 @@ from services.model.router import (Candidate, ModelProfile, QualityModel, RouteC
 from services.model.train_router import WEIGHTS
 from vfmos_runtime.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from vfmos_runtime.storage import open_env, pack, unpack
-
-log = logging.getLogger("vfm-modeld.router")
 
 MAX_DECISIONS = 200_000   # routed Asks kept for feedback (oldest dropped first)
 # First guesses of a local model's prefill speed (tokens/s on 2 cores) until the service has
@@ -37,75 +34,56 @@ class RouteResult:
 
 
 class RouteStore:
-    """Decisions by ask id and corrections by tenant; None path: kept in memory only."""
+    """Decisions by ask id (time-ordered, so the first key is the oldest) and corrections by
+    tenant. Decisions are written without fsync (a lost one only refuses its feedback);
+    a tenant's correction is synced before RecordFeedback answers."""
 
-    def __init__(self, path: Path | None):
-        self._mem: dict[bytes, dict] | None = None
-        self._tenants_mem: dict[str, dict] = {}
-        if path is None:
-            self._mem = {}
-            return
+    def __init__(self, path: Path):
         self._env = open_env(path, map_size=1 << 30, max_dbs=4, sync=False)
         self._decisions = self._env.open_db(b"decisions")
         self._tenants = self._env.open_db(b"tenants")
         self._lock = threading.Lock()
 
     def put_decision(self, ask_id: str, decision: dict) -> None:
-        key = ask_id.encode()
-        if self._mem is not None:
-            self._mem[key] = decision
-            while len(self._mem) > MAX_DECISIONS:
-                self._mem.pop(next(iter(self._mem)))
-            return
-        # Keys are time-prefixed so the first is the oldest.
         with self._lock, self._env.begin(write=True) as txn:
-            txn.put(key, pack(decision), db=self._decisions)
+            txn.put(ask_id.encode(), pack(decision), db=self._decisions)
             if txn.stat(self._decisions)["entries"] > MAX_DECISIONS:
                 cursor = txn.cursor(db=self._decisions)
                 if cursor.first():
                     cursor.delete()
 
     def get_decision(self, ask_id: str) -> dict | None:
-        key = ask_id.encode()
-        if self._mem is not None:
-            return self._mem.get(key)
         with self._env.begin() as txn:
-            raw = txn.get(key, db=self._decisions)
+            raw = txn.get(ask_id.encode(), db=self._decisions)
         return unpack(raw) if raw else None
 
     def put_tenant(self, tenant: str, data: dict) -> None:
-        if self._mem is not None:
-            self._tenants_mem[tenant] = data
-            return
         with self._lock, self._env.begin(write=True) as txn:
             txn.put(tenant.encode(), pack(data), db=self._tenants)
-        self._env.sync(True)  # feedback is durable when RecordFeedback answers
+        self._env.sync(True)
 
     def get_tenant(self, tenant: str) -> dict | None:
-        if self._mem is not None:
-            return self._tenants_mem.get(tenant)
         with self._env.begin() as txn:
             raw = txn.get(tenant.encode(), db=self._tenants)
         return unpack(raw) if raw else None
 
     def close(self) -> None:
-        if self._mem is None:
-            self._env.sync(True)
-            self._env.close()
+        self._env.sync(True)
+        self._env.close()
 
 
 class RoutingService:
     """The learned router over the registry. The quality model and the embedder load on the
     first Route (a process that never says `--model auto` costs nothing)."""
 
-    def __init__(self, registry: ModelRegistry, state_dir: Path | None,
+    def __init__(self, registry: ModelRegistry, state_dir: Path,
                  weights: Path = WEIGHTS, embedder=None):
         self.registry = registry
         self._weights = weights
         self._model: QualityModel | None = None
         self._embedder = embedder
         self._load_lock = threading.Lock()
-        self._store = RouteStore(state_dir / "router.lmdb" if state_dir else None)
+        self._store = RouteStore(state_dir / "router.lmdb")
         self._tenants: dict[str, TenantCorrection] = {}
         self._prefill: dict[str, float] = {}
 

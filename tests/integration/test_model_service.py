@@ -102,11 +102,14 @@ def test_grpc_generate_and_list_models(service, tmp_path):
     from vfmos_runtime.server import ServerConfig, create_server
     from services.model.servicer import ModelServicer
 
+    routing = RoutingService(service.registry, tmp_path)
+
     async def scenario():
         sock = tmp_path / "m.sock"
+        servicer = ModelServicer(service, routing)
         server, _, _ = create_server(
             ServerConfig(unix_socket=sock),
-            lambda s: model_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(service, RoutingService(service.registry, None)), s),
+            lambda s: model_pb2_grpc.add_ModelServiceServicer_to_server(servicer, s),
             ["vfmos.model.v1.ModelService"])
         await server.start()
         try:
