@@ -204,16 +204,22 @@ class TenantCorrection:
     rows: list[np.ndarray] = field(default_factory=list)     # the shared probabilities
     heads: list[int] = field(default_factory=list)
     outcomes: list[float] = field(default_factory=list)
+    asks: list[str] = field(default_factory=list)            # whose judgement each entry is
     _thetas: dict | None = field(default=None, repr=False)
 
-    def add(self, shared: np.ndarray, head: int, good: bool) -> None:
+    def add(self, shared: np.ndarray, head: int, good: bool, ask_id: str = "") -> None:
+        """A judged answer; a second judgement of the same Ask replaces the first."""
+        self._thetas = None
+        if ask_id and ask_id in self.asks:
+            self.outcomes[self.asks.index(ask_id)] = 1.0 if good else 0.0
+            return
         self.rows.append(np.asarray(shared, np.float32))
         self.heads.append(int(head))
         self.outcomes.append(1.0 if good else 0.0)
+        self.asks.append(ask_id)
         if len(self.rows) > TENANT_MAX:
-            for seq in (self.rows, self.heads, self.outcomes):
+            for seq in (self.rows, self.heads, self.outcomes, self.asks):
                 del seq[0]
-        self._thetas = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -267,14 +273,16 @@ class TenantCorrection:
     def to_dict(self) -> dict:
         return {"rows": np.stack(self.rows).astype(np.float32).tobytes() if self.rows else b"",
                 "width": int(self.rows[0].shape[0]) if self.rows else 0,
-                "heads": self.heads, "outcomes": self.outcomes}
+                "heads": self.heads, "outcomes": self.outcomes, "asks": self.asks}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TenantCorrection":
         width = int(data.get("width") or 0)
         raw = np.frombuffer(data.get("rows") or b"", np.float32)
         rows = [r.copy() for r in raw.reshape(-1, width)] if width else []
-        return cls(rows=rows, heads=list(data["heads"]), outcomes=list(data["outcomes"]))
+        heads = list(data["heads"])
+        return cls(rows=rows, heads=heads, outcomes=list(data["outcomes"]),
+                   asks=list(data.get("asks") or [""] * len(heads)))
 
 
 # ---- policy ---------------------------------------------------------------------------------

@@ -190,11 +190,14 @@ class RoutingService:
             raise AlreadyExists(f"Ask {ask_id} already has {source} feedback")
         model = self._ready()
         correction = self._tenant(tenant)
-        correction.add(np.asarray(decision["shared"], np.float32), model.head(decision["head"]),
-                       good)
+        # The user's judgement of an answer outranks the trust verdict's: it replaces the
+        # trust entry, and a trust verdict after the user's is not recorded.
+        if not (source == "trust" and "user" in decision["judged"]):
+            correction.add(np.asarray(decision["shared"], np.float32),
+                           model.head(decision["head"]), good, ask_id)
+            self._store.put_tenant(tenant, correction.to_dict())
         decision["judged"].append(source)
         self._store.put_decision(ask_id, decision)
-        self._store.put_tenant(tenant, correction.to_dict())
         return len(correction), bool(correction.thetas(len(model.heads)))
 
     def close(self) -> None:

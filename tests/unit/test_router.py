@@ -149,3 +149,29 @@ def test_tenant_feedback_that_ranks_better_is_adopted():
     adjusted = tenant.adjust(shared)
     assert adjusted[0, 1] < adjusted[1, 1]
     assert np.array_equal(adjusted[:, 0], shared[:, 0])  # no feedback on the strong head
+
+
+def test_a_users_judgement_replaces_the_trust_verdicts(embedder, tmp_path):
+    """vfm-modeld's router service on a real LMDB: trust's verdict of an answer, then the
+    user's, leave one entry with the user's outcome; trust after the user changes nothing."""
+    from services.model.registry import ModelRegistry
+    from services.model.routing import RoutingService
+    from vfmos_runtime.errors import AlreadyExists
+
+    service = RoutingService(ModelRegistry.load(), tmp_path, embedder=embedder)
+    policy = R.RoutePolicy(quality=0.5)
+    for ask in ("a1", "a2"):
+        service.route("acme", "What is 2 + 2?", policy, 20, 16, ask_id=ask)
+    assert service.feedback("acme", "a1", True, "trust")[0] == 1
+    assert service.feedback("acme", "a1", False, "user")[0] == 1
+    assert service.feedback("acme", "a2", False, "user")[0] == 2
+    assert service.feedback("acme", "a2", True, "trust")[0] == 2
+    with pytest.raises(AlreadyExists):
+        service.feedback("acme", "a1", True, "user")
+    with pytest.raises(NotFound):
+        service.feedback("other-tenant", "a1", True, "user")
+    service.close()
+    again = RoutingService(ModelRegistry.load(), tmp_path, embedder=embedder)
+    kept = again._tenant("acme")
+    assert kept.asks == ["a1", "a2"] and kept.outcomes == [0.0, 0.0]
+    again.close()
