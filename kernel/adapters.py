@@ -127,10 +127,11 @@ class GrpcModelClient:
             RouteCandidate(c.model, c.quality, c.cost, c.ttft_ms, c.eligible, c.note, c.head)
             for c in reply.candidates))
 
-    async def feedback(self, tenant: str, ask_id: str, good: bool,
-                       source: str) -> tuple[int, bool]:
+    async def feedback(self, tenant: str, ask_id: str, good: bool, source: str,
+                       model: str = "") -> tuple[int, bool]:
         reply = await self._unary("RecordFeedback", model_pb2.RecordFeedbackRequest(
-            tenant=tenant, ask_id=ask_id, good=good, source=source), ROUTE_TIMEOUT_S)
+            tenant=tenant, ask_id=ask_id, good=good, source=source, model=model),
+            ROUTE_TIMEOUT_S)
         return reply.tenant_feedback, reply.correction_active
 
     async def _unary(self, method: str, request, timeout: float):
@@ -180,7 +181,8 @@ class _GenerateStream:
             raise StopAsyncIteration
         done = chunk.done  # only the last piece has a finish reason: no enum lookup per token
         return GenPiece(chunk.text, chunk.tokens, chunk.token_ids, chunk.prompt_tokens, done,
-                        enum_str(model_pb2.FinishReason, chunk.finish_reason) if done else "")
+                        enum_str(model_pb2.FinishReason, chunk.finish_reason) if done else "",
+                        chunk.logprob if chunk.HasField("logprob") else None)
 
 
 def _generate_request(call: GenerateCall) -> model_pb2.GenerateRequest:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from kernel.asklog import AskEntry, AskLog, new_ask_id
+from kernel.cascade import CascadePlan, Confidence, plan as plan_cascade
 from kernel.context import ContextManager
 from kernel.dispatch import Dispatcher, Lease
 from kernel.identity import Caller
@@ -21,7 +22,7 @@ from kernel.process import ProcRecord
 from kernel.quota import new_token_cap, remaining_tokens
 from kernel.table import ProcessTable
 from kernel.trust_path import Ending, OutputGuard, Revision, TrustGate, TrustSession, strongest
-from vfmos_runtime.errors import InvalidArgument, QuotaExceeded
+from vfmos_runtime.errors import InvalidArgument, QuotaExceeded, VfmError
 from vfmos_runtime.protocol import MAX_NEW_TOKENS
 from vfmos_runtime.types import AUTO_MODEL, Usage
 
@@ -102,6 +103,9 @@ class _Answer:
         self.stopped = False  # the trust agent cut the answer
         self.stream = None    # the generation running, to cut it
         self.on_grown = self.grown.set
+        self.confidence = Confidence()
+        self.spent = 0        # tokens of earlier attempts (a revision, a cascade's first answer)
+        self._relayed = 0
 
     def show(self, text: str) -> None:
         self.shown.append(text)
@@ -112,9 +116,26 @@ class _Answer:
         if self.stream is not None:
             self.stream.cancel()
 
-    def restart(self) -> None:
+    def restart(self, spent: int) -> None:
+        """The answer so far is dropped (never shown); `spent` tokens count against the
+        process's budget for the next attempt."""
         self.text.clear()
         self.ids.clear()
+        self.stopped = False
+        self.confidence = Confidence()
+        self.spent = spent
+        self._relayed = 0
+
+    def pass_through(self) -> None:
+        """From now on the model's text is shown as it comes (a cascade without the trust
+        agent, once its hidden first answer was escalated)."""
+        def relay() -> None:
+            new = self.text[self._relayed:]
+            self._relayed = len(self.text)
+            if new:
+                self.show("".join(new))
+            self.grown.set()
+        self.on_grown = relay
 
 
 @dataclass
@@ -147,7 +168,8 @@ class AskRunner:
         pieces that accumulated meanwhile go out joined, in one message (far fewer writes
         for the same text). The AskDone stays last."""
         query.validate()
-        answer = _Answer(checked=self._trust.enabled)
+        # A cascade's first answer is never shown as it comes: it may be replaced.
+        answer = _Answer(checked=self._trust.enabled or self._cascades(caller, query.pid))
         texts, grown = answer.shown, answer.shown_grown
         run = asyncio.ensure_future(self._run(caller, query, answer))
         run.add_done_callback(lambda _: grown.set())  # the answer is over: wake the relay
@@ -171,6 +193,13 @@ class AskRunner:
                 await asyncio.gather(run, return_exceptions=True)
         yield done
 
+    def _cascades(self, caller: Caller, pid: int) -> bool:
+        try:
+            spec = self._table.get(caller, pid).spec
+        except VfmError:
+            return False  # the Ask itself will say what is wrong with the pid
+        return spec.model == AUTO_MODEL and spec.route.cascade_confidence > 0
+
     async def _run(self, caller: Caller, query: AskQuery, answer: _Answer) -> AskDone:
         started = time.perf_counter()
         interrupt = Interrupt()
@@ -186,29 +215,35 @@ class AskRunner:
                 items, missing = await self._context.for_ask(record, query.prompt)
                 if missing:
                     degraded.append(Degradation("memory-unavailable", missing))
-            model = record.spec.model or self._dispatcher.default_model
+            model, cascade = record.spec.model or self._dispatcher.default_model, None
             if model == AUTO_MODEL:
-                model = await self._route(record, query, items, usage.ask_id, usage)
+                model, cascade = await self._route(record, query, items, usage.ask_id, usage)
             usage.model = model
             deadline = time.monotonic() + query.ttft_slo_ms / 1000 if query.ttft_slo_ms else None
             request = self._dispatcher.request(query.pid, record.tenant, record.spec.priority,
                                                deadline)
 
             async def generate(model: str, attempt: Usage) -> str:
-                return await self._generate(record, query, model, answer, attempt, interrupt,
-                                            started, request)
+                try:
+                    return await self._generate(record, query, model, answer, attempt,
+                                                interrupt, started, request)
+                finally:  # each attempt is charged at the price of the model that made it
+                    attempt.cost = (attempt.tokens_in + attempt.tokens_out) / 1000 * \
+                        self._price(model)
             if trust is None:
                 query.context = render(items)
-                finish = await generate(model, usage)
+                finish = await (generate(model, usage) if cascade is None else
+                                self._cascade_unchecked(cascade, answer, usage, generate))
             else:
                 finish, ending = await self._answer_checked(trust, record, query, items, model,
-                                                            answer, usage, generate)
+                                                            answer, usage, generate, cascade)
         except Exception as err:
             error = getattr(err, "message", "") or repr(err)
             raise
         finally:
             usage.total_ms = (time.perf_counter() - started) * 1000
-            usage.cost = (usage.tokens_in + usage.tokens_out) / 1000 * self._price(usage.model)
+            confidence = answer.confidence.value()
+            usage.confidence = confidence if confidence is not None else 0.0
             self._table.end_ask(query.pid, interrupt.fire, usage)
             if trust is not None:
                 trust.close()
@@ -226,8 +261,9 @@ class AskRunner:
                        ending.escalation_id if ending else "")
 
     async def _route(self, record: ProcRecord, query: AskQuery, items: list[Item], ask_id: str,
-                     usage: Usage) -> str:
-        """The router's model for this Ask (vfm-modeld keeps the decision under ask_id)."""
+                     usage: Usage) -> tuple[str, CascadePlan | None]:
+        """The router's model for this Ask (vfm-modeld keeps the decision under ask_id), or
+        with a cascade the model that answers first and the plan."""
         chars = len(record.spec.system_prompt) + len(query.prompt) + sum(len(i.text) for i in items)
         policy = record.spec.route
         budget = record.spec.quota.cost_budget
@@ -238,7 +274,33 @@ class AskRunner:
         decision = await self._model.route(record.tenant, query.prompt, policy, chars // 4,
                                            query.max_new_tokens or DEFAULT_NEW_TOKENS, ask_id)
         usage.route_reason = decision.reason
-        return decision.model
+        cascade = plan_cascade(decision, policy.cascade_confidence, policy.max_cost_per_ask)
+        if cascade is None:
+            return decision.model, None
+        usage.route_reason += f"; {cascade.describe()}"
+        return cascade.first, cascade
+
+    @staticmethod
+    async def _cascade_unchecked(cascade: CascadePlan, answer: _Answer, usage: Usage,
+                                 generate) -> str:
+        """A cascade without the trust agent: the first model's answer, held, is shown or
+        escalated on its confidence alone."""
+        finish = await generate(cascade.first, usage)
+        if finish == "killed":
+            return finish
+        escalate, why = cascade.escalation(answer.confidence.value(), "", usage.cost)
+        usage.route_reason += f"; {why}"
+        if not escalate:
+            answer.show("".join(answer.text))
+            return finish
+        usage.escalated_from = cascade.first
+        answer.restart(usage.tokens_in + usage.tokens_out)
+        answer.pass_through()
+        attempt = Usage(model=cascade.then)
+        try:
+            return await generate(cascade.then, attempt)
+        finally:
+            _add_usage(usage, attempt)
 
     def _log_ask(self, record: ProcRecord, usage: Usage, trust: TrustSession | None) -> None:
         """Keep the Ask's id for feedback; a routed answer that trust judged teaches the
@@ -254,13 +316,14 @@ class AskRunner:
         good = verdict.outcome in ("allow", "redact")
         if not good and verdict.outcome not in ("refuse", "revise"):
             return
-        task = asyncio.ensure_future(self._trust_feedback(record.tenant, usage.ask_id, good))
+        task = asyncio.ensure_future(self._trust_feedback(record.tenant, usage.ask_id, good,
+                                                          usage.model))
         self._feedback_tasks.add(task)
         task.add_done_callback(self._feedback_tasks.discard)
 
-    async def _trust_feedback(self, tenant: str, ask_id: str, good: bool) -> None:
+    async def _trust_feedback(self, tenant: str, ask_id: str, good: bool, model: str) -> None:
         try:
-            await self._model.feedback(tenant, ask_id, good, "trust")
+            await self._model.feedback(tenant, ask_id, good, "trust", model)
         except Exception as exc:  # feedback is advice: its loss never fails an Ask
             log.warning("the trust verdict of Ask %s was not recorded as feedback: %s",
                         ask_id, getattr(exc, "message", exc))
@@ -297,10 +360,12 @@ class AskRunner:
 
     async def _answer_checked(self, trust: TrustSession, record: ProcRecord, query: AskQuery,
                               items: list[Item], model: str, answer: _Answer, usage: Usage,
-                              generate) -> tuple[str, Ending | None]:
+                              generate, cascade: CascadePlan | None = None
+                              ) -> tuple[str, Ending | None]:
         """The Ask with the trust agent: screen the working set, pseudonymize toward an
         external model, release the answer window by window as vfm-trustd allows, verify
-        it with system 2 (revising when asked), and end early where a check says so."""
+        it with system 2 (revising when asked), and end early where a check says so. A
+        cascade's first answer is held and checked whole, then shown or escalated."""
         items, ending = await trust.screen(items)
         if ending is not None:
             answer.show(ending.reply)
@@ -317,7 +382,8 @@ class AskRunner:
                 query.context = render(masked_items)
         attempt = usage
         while True:
-            guard = OutputGuard(trust, answer.text, answer.show, answer.stop, trust.verifies)
+            hold = trust.verifies or cascade is not None
+            guard = OutputGuard(trust, answer.text, answer.show, answer.stop, hold)
             answer.on_grown = guard.grown
             checking = asyncio.ensure_future(guard.run())
             try:
@@ -333,6 +399,15 @@ class AskRunner:
             await checking  # the last window's check (its error is the Ask's)
             if finish == "killed":
                 return finish, None
+            if cascade is not None:
+                plan, cascade = cascade, None
+                if await self._escalate(trust, plan, guard, items, answer, usage):
+                    model = plan.then
+                    attempt = Usage(model=model)
+                    continue
+                if guard.cut is None and not trust.verifies:
+                    answer.show(guard.held)
+                    return finish, None
             if guard.cut is not None:
                 return await self._cut(trust, guard, answer)
             if not guard.hold:
@@ -340,7 +415,7 @@ class AskRunner:
             judged = await trust.system2(guard.held, items, model)
             if isinstance(judged, Revision):  # the held answer is dropped: the client never saw it
                 query.feedback, model = judged.feedback, judged.model or model
-                answer.restart()
+                answer.restart(usage.tokens_in + usage.tokens_out)
                 attempt = Usage(model=model)
                 continue
             if isinstance(judged, Ending):
@@ -348,6 +423,29 @@ class AskRunner:
                 return judged.finish, judged
             answer.show(guard.held)
             return finish, None
+
+    @staticmethod
+    async def _escalate(trust: TrustSession, plan: CascadePlan, guard: OutputGuard,
+                        items: list[Item], answer: _Answer, usage: Usage) -> bool:
+        """Judge a cascade's held first answer: its confidence, the output checks, and its
+        grounding where the working set holds knowledge. True: it is dropped unseen (its
+        checks stay in the record as the draft's) and the next model answers."""
+        mark = trust.draft_mark()
+        failed = guard.cut.verdict.reasons[0] if guard.cut is not None and \
+            guard.cut.verdict.reasons else ("an output check" if guard.cut is not None else "")
+        knowledge = [i for i in items if i.kind == "knowledge"]
+        if not failed and knowledge:
+            verified = await trust.verify(guard.held, knowledge, plan.first, target="draft")
+            if verified is not None and verified.verdict.outcome not in ("allow", "redact"):
+                failed = "the grounding check"
+        escalate, why = plan.escalation(answer.confidence.value(), failed, usage.cost)
+        usage.route_reason += f"; {why}"
+        if not escalate:
+            return False
+        trust.drop_draft(mark, f"cascade: {why}")
+        usage.escalated_from = plan.first
+        answer.restart(usage.tokens_in + usage.tokens_out)
+        return True
 
     @staticmethod
     async def _cut(trust: TrustSession, guard: OutputGuard,
@@ -424,7 +522,8 @@ class AskRunner:
         out = usage.tokens_out
         # Ask for what may still come. Until the prompt's size is known (from the first
         # piece) this counts the budget without it, and the stream is cut at the true cap.
-        cap = new_token_cap(quota, counters, usage.tokens_in, asked)
+        spent = answer.spent  # an earlier attempt's tokens (this Ask's, not yet in counters)
+        cap = new_token_cap(quota, counters, usage.tokens_in + spent, asked)
         if out >= cap:
             segment.finish = "quota" if cap < asked else "length"
             return False
@@ -433,7 +532,7 @@ class AskRunner:
         answer.stream = stream
         if answer.stopped:
             stream.cancel()
-        texts, ids, grown = answer.text, answer.ids, answer.on_grown
+        texts, ids, grown, confidence = answer.text, answer.ids, answer.on_grown, answer.confidence
         charge, tenant = self._dispatcher.charge, record.tenant
         need_prompt, first = not usage.tokens_in, not usage.ttft_ms
         again = False
@@ -446,14 +545,14 @@ class AskRunner:
                 if piece.done:
                     finish = piece.finish_reason or "stop"
                     if finish == "length" and limited:
-                        cap = new_token_cap(quota, counters, usage.tokens_in, asked)
+                        cap = new_token_cap(quota, counters, usage.tokens_in + spent, asked)
                         if out >= cap and cap < asked:
                             finish = "quota"  # the request was cut to the budget's remainder
                     segment.finish = finish
                     break
                 n = piece.tokens
                 if limited:
-                    cap = new_token_cap(quota, counters, usage.tokens_in, asked)
+                    cap = new_token_cap(quota, counters, usage.tokens_in + spent, asked)
                 if out + n > cap:
                     stream.cancel()
                     if n > 1 and out < cap:
@@ -463,6 +562,7 @@ class AskRunner:
                     break
                 out += n
                 charge(tenant, n)
+                confidence.add(n, piece.logprob)
                 if first and n:
                     first = False
                     usage.ttft_ms = (time.perf_counter() - started) * 1000
@@ -531,5 +631,6 @@ def _add_usage(total: Usage, part: Usage) -> None:
     total.queue_ms += part.queue_ms
     total.decode_ms += part.decode_ms
     total.preemptions += part.preemptions
+    total.cost += part.cost
     total.ttft_ms = total.ttft_ms or part.ttft_ms
     total.model = part.model or total.model

@@ -49,6 +49,7 @@ class GenPiece:
     prompt_tokens: int = 0
     done: bool = False
     finish_reason: str = ""
+    logprob: float | None = None  # sum over its tokens, when the model reports it
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,8 @@ class ModelClient(Protocol):
         """The router's choice for one question (ask_id empty: explain only, nothing kept)."""
         ...
 
-    async def feedback(self, tenant: str, ask_id: str, good: bool,
-                       source: str) -> tuple[int, bool]:
+    async def feedback(self, tenant: str, ask_id: str, good: bool, source: str,
+                       model: str = "") -> tuple[int, bool]:
         """Teach the tenant's router; (its feedback entries, whether its correction is used).
         NotFound when the router has no such routed Ask of the tenant."""
         ...

@@ -107,11 +107,12 @@ def validate_route(spec: ProcessSpec) -> None:
     if spec.model != AUTO_MODEL:
         if route != RoutePolicy():
             raise InvalidArgument("routing options (quality, cost per ask, first-token SLO, "
-                                  "allowed models) need model \"auto\"")
+                                  "allowed models, cascade) need model \"auto\"")
         return
     number(route.quality, "route quality", 0, 1)
     number(route.max_cost_per_ask, "route max_cost_per_ask", 0, MAX_QUOTA)
     number(route.ttft_slo_ms, "route ttft_slo_ms", 0, 3_600_000)
+    number(route.cascade_confidence, "route cascade_confidence", 0, 1)
     if len(route.allowed_models) > 32:
         raise InvalidArgument("at most 32 allowed models")
     for name in route.allowed_models:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from kernel.ask import DEFAULT_NEW_TOKENS
 from kernel.asklog import AskLog
+from kernel.cascade import plan as plan_cascade
 from kernel.audit import AuditLog
 from kernel.identity import Caller
 from kernel.ports import ModelClient, RouteDecision
@@ -43,8 +44,14 @@ class RouteDesk:
         if not question.strip():
             raise InvalidArgument("the question is empty")
         chars = len(record.spec.system_prompt) + len(question)
-        return await self._models.route(record.tenant, question, record.spec.route, chars // 4,
-                                        DEFAULT_NEW_TOKENS, "")
+        policy = record.spec.route
+        decision = await self._models.route(record.tenant, question, policy, chars // 4,
+                                            DEFAULT_NEW_TOKENS, "")
+        cascade = plan_cascade(decision, policy.cascade_confidence, policy.max_cost_per_ask)
+        if cascade is None:
+            return decision
+        return dataclasses.replace(decision, model=cascade.first,
+                                   reason=f"{decision.reason}; {cascade.describe()}")
 
     async def feedback(self, caller: Caller, ask_id: str, rating: str, note: str) -> FeedbackResult:
         if rating not in RATINGS:
@@ -60,7 +67,7 @@ class RouteDesk:
         count, active = 0, False
         if entry.routed:
             count, active = await self._models.feedback(entry.tenant, ask_id, rating == "up",
-                                                        "user")
+                                                        "user", entry.model)
         seq = await self._audit.record({
             "kind": "feedback", "tenant": entry.tenant, "pid": entry.pid, "model": entry.model,
             "verdict": rating, "reasons": [note] if note else [], "ask_id": ask_id,

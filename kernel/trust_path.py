@@ -316,7 +316,8 @@ class TrustSession:
         self._add(decision.verdict, "output", output=True)
         return decision
 
-    async def verify(self, answer: str, sources: list[Item], model: str) -> Verification | None:
+    async def verify(self, answer: str, sources: list[Item], model: str,
+                     target: str = "answer") -> Verification | None:
         if self.passthrough:
             return None
         done = await self._call(lambda: self._client.verify(
@@ -324,8 +325,25 @@ class TrustSession:
             [ScreenItem(i.kind, i.source_ids[0] if i.source_ids else "", i.text)
              for i in sources], model))
         if done is not None:
-            self._add(done.verdict, "answer")
+            self._add(done.verdict, target)
         return done
+
+    # --- a cascade's first answer, judged and dropped --------------------------------------
+    def draft_mark(self) -> tuple[str, int, int]:
+        """Where the verdict stands before a draft answer is judged."""
+        return self.verdict.outcome, len(self.verdict.reasons), len(self.verdict.checks)
+
+    def drop_draft(self, mark: tuple[str, int, int], note: str) -> None:
+        """The draft was replaced unseen: its checks stay in the record (target "draft"),
+        but the verdict is the next answer's to make."""
+        outcome, reasons, checks = mark
+        v = self.verdict
+        v.checks[checks:] = [dataclasses.replace(c, target="draft") for c in v.checks[checks:]]
+        v.checks.extend(dataclasses.replace(c, target="draft") for c in self._output_checks)
+        self._output_checks = []
+        v.outcome = outcome
+        del v.reasons[reasons:]
+        v.reasons.append(note)
 
     async def system2(self, answer: str, sources: list[Item],
                       model: str) -> "Revision | Ending | None":

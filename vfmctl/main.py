@@ -162,6 +162,8 @@ def cmd_ask(args) -> int:
         _say(f"[{result.finish_reason}; {u.tokens_in} in, {u.tokens_out} out; queued "
              f"{u.queue_ms:.0f} ms, first token {u.ttft_ms:.0f} ms, total {u.total_ms:.0f} ms; "
              f"{u.model}{f' (routed: {u.route_reason})' if u.route_reason else ''}"
+             f"{f'; confidence {u.confidence:.2f}' if u.confidence else ''}"
+             f"{f'; {u.escalated_from} escalated, both charged' if u.escalated_from else ''}"
              f"{f'; preempted {u.preemptions}x' if u.preemptions else ''}; ask {u.ask_id}]")
         for d in result.degraded:  # e.g. [memory unavailable: vfm-datad not reachable]
             _say(f"[{d.kind.replace('-', ' ')}: {d.reason}]")

@@ -67,6 +67,8 @@ def _route_text(r) -> str:
     if r.ttft_slo_ms:
         parts.append(f"first token within {r.ttft_slo_ms:g} ms")
     parts.append("models " + (", ".join(r.allowed_models) if r.allowed_models else "any"))
+    if r.cascade_confidence:
+        parts.append(f"cascade below confidence {r.cascade_confidence:g}")
     return "; ".join(parts)
 
 

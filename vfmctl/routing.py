@@ -23,22 +23,29 @@ def add_spawn_options(p: argparse.ArgumentParser) -> None:
                    help="only models predicted to give the first token within N ms")
     g.add_argument("--allow-models", default="", metavar="A,B",
                    help="the models the router may pick (default: every one it can predict)")
+    g.add_argument("--cascade", type=float, default=0.0, metavar="CONF",
+                   help="answer with the cheapest allowed model first (unseen) and escalate to "
+                        "the router's choice when its confidence (geometric mean of token "
+                        "probabilities, 0..1) is below CONF or a trust check fails it; both "
+                        "answers are charged (default: no cascade)")
 
 
 def policy_from_args(args) -> RoutePolicy:
     allowed = [m.strip() for m in args.allow_models.split(",") if m.strip()]
-    routed = (args.quality is not None or args.max_cost_per_ask or args.ttft_slo_ms or allowed)
+    routed = (args.quality is not None or args.max_cost_per_ask or args.ttft_slo_ms or allowed
+              or args.cascade)
     if args.model != AUTO:
         if routed:
-            raise InvalidArgument("--quality, --max-cost-per-ask, --ttft-slo-ms and "
-                                  "--allow-models need --model auto")
+            raise InvalidArgument("--quality, --max-cost-per-ask, --ttft-slo-ms, "
+                                  "--allow-models and --cascade need --model auto")
         return RoutePolicy()
     quality = args.quality
     if quality is None:
         # A cost budget alone asks for the best model within it; otherwise 90% of the best.
         quality = 0.0 if (args.cost_budget or args.max_cost_per_ask) else 0.9
     return RoutePolicy(quality=quality, max_cost_per_ask=args.max_cost_per_ask,
-                       ttft_slo_ms=args.ttft_slo_ms, allowed_models=allowed)
+                       ttft_slo_ms=args.ttft_slo_ms, allowed_models=allowed,
+                       cascade_confidence=args.cascade)
 
 
 def cmd_route(args, client_for: Callable, pid_of: Callable, show: Callable) -> int:

@@ -99,12 +99,13 @@ def quota_from_pb(msg: pb.Quota) -> Quota:
 
 def route_to_pb(route: RoutePolicy) -> pb.RoutePolicy:
     return pb.RoutePolicy(quality=route.quality, max_cost_per_ask=route.max_cost_per_ask,
-                          ttft_slo_ms=route.ttft_slo_ms, allowed_models=route.allowed_models)
+                          ttft_slo_ms=route.ttft_slo_ms, allowed_models=route.allowed_models,
+                          cascade_confidence=route.cascade_confidence)
 
 
 def route_from_pb(msg: pb.RoutePolicy) -> RoutePolicy:
     return RoutePolicy(msg.quality, msg.max_cost_per_ask, msg.ttft_slo_ms,
-                       list(msg.allowed_models))
+                       list(msg.allowed_models), msg.cascade_confidence)
 
 
 def spec_to_pb(spec: ProcessSpec) -> pb.ProcessSpec:
@@ -128,11 +129,12 @@ def counters_to_pb(c: Counters) -> pb.Counters:
 def usage_from_pb(msg: pb.Usage) -> Usage:
     return Usage(msg.tokens_in, msg.tokens_out, msg.cost, msg.queue_ms, msg.ttft_ms,
                  msg.total_ms, msg.model, msg.decode_ms, msg.preemptions, msg.ask_id,
-                 msg.route_reason)
+                 msg.route_reason, msg.escalated_from, msg.confidence)
 
 
 def usage_to_pb(u: Usage) -> pb.Usage:
     return pb.Usage(tokens_in=u.tokens_in, tokens_out=u.tokens_out, cost=u.cost,
                     queue_ms=u.queue_ms, ttft_ms=u.ttft_ms, total_ms=u.total_ms, model=u.model,
                     decode_ms=u.decode_ms, preemptions=u.preemptions, ask_id=u.ask_id,
-                    route_reason=u.route_reason)
+                    route_reason=u.route_reason, escalated_from=u.escalated_from,
+                    confidence=u.confidence)

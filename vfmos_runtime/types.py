@@ -27,6 +27,7 @@ class RoutePolicy:
     max_cost_per_ask: float = 0.0
     ttft_slo_ms: float = 0.0
     allowed_models: list[str] = field(default_factory=list)
+    cascade_confidence: float = 0.0  # > 0: cheapest model first, escalated below this confidence
 
 
 @dataclass
@@ -68,3 +69,5 @@ class Usage:
     preemptions: int = 0
     ask_id: str = ""
     route_reason: str = ""
+    escalated_from: str = ""   # a cascade's first model, its answer escalated (not shown)
+    confidence: float = 0.0    # geometric mean of the answer's token probabilities; 0 = unknown

@@ -509,6 +509,8 @@ class BatchEngine:
         """Pick the row's next token and emit it; False when the row is finished."""
         params = row.job.params
         token = pick(logits, params, row.generator)
+        # The model's own probability of its token (temperature 1): a cascade's confidence.
+        logprob = float(logits[token] - torch.logsumexp(logits, dim=-1))
         prompt = len(row.job.input_ids)
         finish = ""
         if token in self._eos:
@@ -517,7 +519,8 @@ class BatchEngine:
             row.produced.append(token)
             row.token = token
             text, stopped = row.stream.push(token)
-            row.job.emit(Piece(text=text, tokens=1, prompt_tokens=prompt, token_ids=(token,)))
+            row.job.emit(Piece(text=text, tokens=1, prompt_tokens=prompt, token_ids=(token,),
+                               logprob=logprob))
             if stopped:
                 finish = "stop"
             elif len(row.produced) >= params.max_new_tokens:

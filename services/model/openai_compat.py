@@ -23,7 +23,7 @@ log = logging.getLogger("vfm-modeld.openai")
 # Request fields beyond the core OpenAI schema. Servers differ: `transformers serve` refuses
 # continue_final_message with 422, some servers refuse stream_options with 400. A refused
 # request is sent again without them, and the backend remembers which ones to leave out.
-EXTENSIONS = ("stream_options", "continue_final_message", "add_generation_prompt")
+EXTENSIONS = ("stream_options", "continue_final_message", "add_generation_prompt", "logprobs")
 
 
 class OpenAIBackend:
@@ -48,7 +48,8 @@ class OpenAIBackend:
         body = {"model": self.entry.remote_model or self.entry.name, "messages": list(messages),
                 "stream": True, "max_tokens": params.max_new_tokens,
                 "temperature": params.temperature,
-                "stream_options": {"include_usage": True}}
+                "stream_options": {"include_usage": True},
+                "logprobs": True}  # the answer's confidence, for a cascade
         if params.assistant_prefix:
             # A preempted answer goes on where it stopped (vLLM and SGLang honour these two
             # fields; other servers answer in a new turn that sees the partial answer).
@@ -88,7 +89,8 @@ class OpenAIBackend:
                 text = (choice.get("delta") or {}).get("content") or ""
                 if text:
                     counted += 1
-                    yield Piece(text=text, tokens=1, prompt_tokens=prompt_tokens)
+                    yield Piece(text=text, tokens=1, prompt_tokens=prompt_tokens,
+                                logprob=_logprob(choice))
         if completion_tokens > counted:
             yield Piece(text="", tokens=completion_tokens - counted, prompt_tokens=prompt_tokens)
         yield Piece(text="", tokens=0, prompt_tokens=prompt_tokens, done=True,
@@ -208,3 +210,14 @@ def _message(data) -> str:
         return "; ".join(_message(d) if not isinstance(d, dict) or "msg" not in d
                          else f"{'.'.join(map(str, d.get('loc', ())))}: {d['msg']}" for d in data)
     return str(data)
+
+
+def _logprob(choice: dict) -> float | None:
+    """The event's token log-probabilities summed (OpenAI's `logprobs.content`), if sent."""
+    content = (choice.get("logprobs") or {}).get("content")
+    if not content:
+        return None
+    try:
+        return float(sum(t["logprob"] for t in content))
+    except (KeyError, TypeError, ValueError):
+        return None

@@ -176,15 +176,23 @@ class RoutingService:
         if ask_id:
             self._store.put_decision(ask_id, {
                 "tenant": tenant, "model": choice.model, "head": heads[choice.model],
-                "shared": [float(x) for x in shared[0]], "time": time.time(), "judged": []})
+                "heads": heads, "shared": [float(x) for x in shared[0]], "time": time.time(), "judged": []})
         return RouteResult(choice, heads)
 
-    def feedback(self, tenant: str, ask_id: str, good: bool, source: str) -> tuple[int, bool]:
+    def feedback(self, tenant: str, ask_id: str, good: bool, source: str,
+                 answered_by: str = "") -> tuple[int, bool]:
+        """Teach the tenant's correction about the head of the model that answered: the
+        router's choice, or (a cascade kept its first answer) `answered_by`."""
         if not ask_id:
             raise InvalidArgument("feedback needs the Ask's id")
         decision = self._store.get_decision(ask_id)
         if decision is None or decision["tenant"] != tenant:
             raise NotFound(f"no routed Ask {ask_id!r} of this tenant")
+        head = decision["head"]
+        if answered_by and answered_by != decision["model"]:
+            head = decision.get("heads", {}).get(answered_by)
+            if head is None:
+                raise InvalidArgument(f"model {answered_by} was not a candidate of Ask {ask_id}")
         source = source or "user"
         if source in decision["judged"]:
             raise AlreadyExists(f"Ask {ask_id} already has {source} feedback")
@@ -194,7 +202,7 @@ class RoutingService:
         # trust entry, and a trust verdict after the user's is not recorded.
         if not (source == "trust" and "user" in decision["judged"]):
             correction.add(np.asarray(decision["shared"], np.float32),
-                           model.head(decision["head"]), good, ask_id)
+                           model.head(head), good, ask_id)
             self._store.put_tenant(tenant, correction.to_dict())
         decision["judged"].append(source)
         self._store.put_decision(ask_id, decision)

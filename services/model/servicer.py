@@ -46,7 +46,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                 text=piece.text, tokens=piece.tokens, prompt_tokens=piece.prompt_tokens,
                 done=piece.done, finish_reason=reason,
                 completion_tokens=piece.completion_tokens, model=model if piece.done else "",
-                token_ids=piece.token_ids)
+                token_ids=piece.token_ids, logprob=piece.logprob)
 
     @rpc
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
@@ -77,5 +77,6 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     async def RecordFeedback(self, request: pb.RecordFeedbackRequest,
                              context) -> pb.RecordFeedbackResponse:
         count, active = await asyncio.to_thread(self.routing.feedback, request.tenant,
-                                                request.ask_id, request.good, request.source)
+                                                request.ask_id, request.good, request.source,
+                                                request.model)
         return pb.RecordFeedbackResponse(tenant_feedback=count, correction_active=active)

@@ -31,9 +31,12 @@ class Piece:
     finish_reason: str = ""
     completion_tokens: int = 0
     token_ids: tuple[int, ...] = ()
+    logprob: float | None = None  # sum over its tokens; None when the engine does not say
 
     def merged(self, later: "Piece") -> "Piece":
         """This piece and the next one as one (neither is the final piece)."""
         return Piece(text=self.text + later.text, tokens=self.tokens + later.tokens,
                      prompt_tokens=self.prompt_tokens or later.prompt_tokens,
-                     token_ids=self.token_ids + later.token_ids)
+                     token_ids=self.token_ids + later.token_ids,
+                     logprob=None if self.logprob is None or later.logprob is None
+                     else self.logprob + later.logprob)

@@ -113,7 +113,34 @@ def test_a_tenants_feedback_survives_a_modeld_restart(stack):
     before = alice.feedback(alice.ask(pid, "Say hi.", max_new_tokens=4).usage.ask_id, True)
     stack["modeld"].stop()
     stack["modeld"] = start_modeld(stack["state"])
-    wait_for(lambda: modeld_serving(stack["admin"]), 600, "vfm-modeld to serve again",
-             log=stack["modeld"].log)
+    # The kernel may still list the stopped one as serving: wait for the new one's socket.
+    socket = stack["state"] / "modeld.sock"
+    wait_for(lambda: socket.exists() and modeld_serving(stack["admin"]), 600,
+             "vfm-modeld to serve again", log=stack["modeld"].log)
     after = alice.feedback(alice.ask(pid, "Say bye.", max_new_tokens=4).usage.ask_id, True)
     assert after.tenant_feedback == before.tenant_feedback + 1
+
+
+def test_a_cascade_escalates_an_unsure_answer_and_keeps_a_sure_one(stack):
+    alice = stack["alice"]
+    prices = {m.name: m.cost_per_1k_tokens for m in DEFAULT_MODELS}
+    both = [SMALL, LARGE]
+    # No real answer is 99.9% sure of every token: the small model's draft is escalated.
+    unsure = alice.spawn("cascade-hi", model="auto", route=RoutePolicy(
+        quality=0.0, allowed_models=both, cascade_confidence=0.999)).pid
+    u = alice.ask(unsure, "What is the capital of France?", max_new_tokens=8).usage
+    assert (u.model, u.escalated_from) == (LARGE, SMALL)
+    assert 0 < u.confidence < 1 and "escalated to " + LARGE in u.route_reason
+    total = (u.tokens_in + u.tokens_out) / 1000  # both charged, each at its own price
+    assert total * prices[SMALL] < u.cost < total * prices[LARGE]
+    # Every answer is more than 0.1% sure: the small model's answer is kept and shown.
+    sure = alice.spawn("cascade-lo", model="auto", route=RoutePolicy(
+        quality=0.0, allowed_models=both, cascade_confidence=0.001)).pid
+    kept = alice.ask(sure, "What is the capital of France?", max_new_tokens=8)
+    assert kept.usage.model == SMALL and kept.usage.escalated_from == "" and kept.text.strip()
+    assert kept.usage.cost == pytest.approx(
+        (kept.usage.tokens_in + kept.usage.tokens_out) / 1000 * prices[SMALL])
+    # The user's judgement teaches the head of the model that answered.
+    assert alice.feedback(kept.usage.ask_id, good=True).routed
+    e = alice.explain_route(sure, "What is the capital of France?")
+    assert e.model == SMALL and "cascade" in e.reason
