@@ -22,6 +22,8 @@ BENCHES = {
     "trust_latency": "bench.trust_latency",
     "trust": "bench.trust",
     "routing": "bench.routing",
+    "cascade": "bench.cascade",
+    "adapt": "bench.adapt",
 }
 
 
