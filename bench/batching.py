@@ -1,5 +1,6 @@
 """Batching bench: 8 FM processes asking at once through the stack, vs the same asks one at a
-time (the fifo baseline) and vs raw batched transformers `generate` on the same prompts."""
+time (the fifo baseline) and vs raw batched transformers `generate` on the same prompts; then
+the engine in process serving a LoRA adapter against the same batch without one."""
 
 from __future__ import annotations
 
@@ -142,6 +143,62 @@ def _prefix_saving(prompts: list[str]) -> dict[str, float]:
             "prefix_saving": round(1 - alone / alone0, 3)}
 
 
+def _adapter_runs(prompts: list[str], tokens: int) -> list[tuple[str, tuple[int, float]]]:
+    """The batch engine serving a LoRA adapter (a randomly initialised rank-16 one on every
+    linear layer: its values do not change the cost). Adapters are grouped, not mixed: each
+    is merged into its own copy of the base and runs its own engine, so a batch of one
+    adapter costs what the base costs, and rows of two models share the cores, not a batch."""
+    import tempfile
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+
+    from services.model.adapters import AdapterRecord
+    from services.model.local import converted_dir
+    from services.model.registry import ModelRegistry
+    from services.model.service import ModelService
+    from services.model.types import GenParams
+    from vfmos_runtime.paths import cache_root
+
+    registry = ModelRegistry.load()
+    base = registry.get("")
+    base_dir = converted_dir(base, cache_root())
+    with tempfile.TemporaryDirectory() as tmp:
+        model, _ = load_direct()
+        lora = LoraConfig(r=16, lora_alpha=32, init_lora_weights=False, task_type="CAUSAL_LM",
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                          "up_proj", "down_proj"])
+        get_peft_model(model, lora).save_pretrained(tmp)
+        del model
+        registry.add(AdapterRecord("bench-adapter", "bench", base.name, tmp, False, 0, 0)
+                     .entry(base, Path(base_dir)))
+
+        async def batch(models: list[str]) -> tuple[int, float]:
+            async def one(model: str, prompt: str) -> int:
+                chat = [{"role": "user", "content": prompt}]
+                pieces = [p async for p in service.generate(
+                    model, chat, GenParams(max_new_tokens=tokens), tenant="bench")]
+                return pieces[-1].completion_tokens
+            start = time.perf_counter()
+            made = await asyncio.gather(*(one(m, p) for m, p in zip(models, prompts)))
+            return sum(made), time.perf_counter() - start
+
+        async def measure() -> list[tuple[str, tuple[int, float]]]:
+            n = len(prompts)
+            for name in (base.name, "bench-adapter"):  # load and warm up both engines
+                await batch([name] * 2)
+            return [(f"engine, batch of {n}, no adapter", await batch([base.name] * n)),
+                    (f"engine, batch of {n}, one adapter", await batch(["bench-adapter"] * n)),
+                    (f"engine, {n // 2} base + {n - n // 2} adapter at once",
+                     await batch([base.name] * (n // 2) + ["bench-adapter"] * (n - n // 2)))]
+
+        service = ModelService(registry, cache_root(), max_batch=len(prompts))
+        try:
+            return uvloop.run(measure())
+        finally:
+            service.stop()
+
+
 def _median(runs: list[tuple[int, float]]) -> tuple[int, float]:
     """The run with the median rate: one 5-second sample is at the mercy of the machine."""
     return sorted(runs, key=lambda r: r[0] / r[1])[len(runs) // 2]
@@ -154,6 +211,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--procs", type=int, default=8, help="FM processes asking at once")
     parser.add_argument("--reps", type=int, default=0,
                         help="repetitions of the batched runs (median; default 3, quick 1)")
+    parser.add_argument("--no-adapter", action="store_true",
+                        help="skip the rows of the engine serving a LoRA adapter")
     parser.add_argument("--no-library", action="store_true",
                         help="skip transformers' own continuous batching (generate_batch)")
     args = parser.parse_args(argv)
@@ -173,6 +232,8 @@ def main(argv: list[str]) -> int:
     if not args.no_library:
         runs.append(("transformers generate_batch", _library_batch(prompts, tokens)))
     saving = _prefix_saving(prompts)
+    adapter = [] if args.no_adapter else _adapter_runs(prompts, tokens)
+    runs += adapter
     rate = {name: n / t for name, (n, t) in runs}
     ours = rate["stack, 8 at once"]
     figures = {"ratio_vs_sequential": round(ours / rate["stack, one at a time"], 3),
@@ -183,6 +244,13 @@ def main(argv: list[str]) -> int:
     if "transformers generate_batch" in rate:
         figures["library_cb_tokens_per_s"] = round(rate["transformers generate_batch"], 1)
     figures.update(saving)
+    if adapter:
+        (_, plain), (_, adapted), (_, mixed) = adapter
+        figures["adapter_tokens_per_s"] = round(adapted[0] / adapted[1], 1)
+        figures["adapter_ratio_vs_no_adapter"] = round(
+            (adapted[0] / adapted[1]) / (plain[0] / plain[1]), 3)
+        figures["mixed_ratio_vs_no_adapter"] = round(
+            (mixed[0] / mixed[1]) / (plain[0] / plain[1]), 3)
     rows = [(name, n, f"{t:.2f}", f"{n / t:.1f}") for name, (n, t) in runs]
     report(f"batching: {args.procs} FM processes, {tokens} new tokens each, SmolLM2 fp32, "
            f"median of {reps}",

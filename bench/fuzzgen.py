@@ -226,6 +226,9 @@ VALID: dict[str, dict] = {
     "WaitEscalation": {"id": "0" * 12, "timeout": {"nanos": 1_000_000}},
     "ExplainRoute": {"pid": _OWN, "question": "When is low water?"},
     "SendFeedback": {"ask_id": "0" * 24, "rating": 1, "note": "fuzzed"},
+    "ListModels": {},
+    "AdaptModel": {"name": "fuzzed-adapter", "teacher": "gemma3-270m", "quick": True},
+    "ListModelJobs": {},
 }
 
 

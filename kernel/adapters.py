@@ -14,7 +14,7 @@ from typing import AsyncIterator, Sequence
 import grpc
 
 from kernel.memory import Candidates, Item
-from kernel.ports import (CandidatesQuery, CandidatesReply, CheckResult, GenerateCall, GenPiece,
+from kernel.ports import (AdaptJob, CandidatesQuery, CandidatesReply, CheckResult, GenerateCall, GenPiece,
                           RouteCandidate, RouteDecision,
                           ItemVerdict, MemoryEntry, ModelInfo, OutputDecision, Placeholder,
                           Pseudonymized, ScreenItem, Screening, TrustPolicy, TrustScope,
@@ -53,6 +53,7 @@ VERIFY_TIMEOUT_S = 120.0            # system 2 may ask a judge model for several
 
 # The router's first call loads its weights and the embedder (seconds); later ones take ms.
 ROUTE_TIMEOUT_S = 60.0
+ADAPT_TIMEOUT_S = 120.0   # the exchanges travel in the request
 
 
 def ingest_timeout(size: int) -> float:
@@ -109,8 +110,24 @@ class GrpcModelClient:
         return [ModelInfo(name=m.name, backend=enum_str(model_pb2.Backend, m.backend),
                           context_window=m.context_window,
                           cost_per_1k_tokens=m.cost_per_1k_tokens, loaded=m.loaded,
-                          is_default=m.is_default, max_batch=m.max_batch)
+                          is_default=m.is_default, max_batch=m.max_batch, tenant=m.tenant,
+                          base=m.base, status=m.status, quality=m.quality,
+                          base_quality=m.base_quality)
                 for m in reply.models]
+
+    async def start_adapt(self, tenant: str, name: str, base: str, teacher: str,
+                          exchanges: list[tuple[str, str]], system_prompt: str,
+                          quick: bool) -> AdaptJob:
+        reply = await self._unary("StartAdapt", model_pb2.StartAdaptRequest(
+            tenant=tenant, name=name, base=base, teacher=teacher, system_prompt=system_prompt,
+            quick=quick, exchanges=[model_pb2.AdaptExchange(prompt=p, reply=r)
+                                    for p, r in exchanges]), ADAPT_TIMEOUT_S)
+        return _adapt_job(reply.job)
+
+    async def adapt_jobs(self, tenant: str) -> list[AdaptJob]:
+        reply = await self._unary("ListAdaptJobs", model_pb2.ListAdaptJobsRequest(
+            tenant=tenant), ROUTE_TIMEOUT_S)
+        return [_adapt_job(j) for j in reply.jobs]
 
 
     async def route(self, tenant: str, prompt: str, policy: RoutePolicy, prompt_tokens: int,
@@ -185,6 +202,14 @@ class _GenerateStream:
                         chunk.logprob if chunk.HasField("logprob") else None)
 
 
+def _adapt_job(j) -> AdaptJob:
+    return AdaptJob(j.id, j.tenant, j.name, j.base, j.teacher,
+                    enum_str(model_pb2.AdaptJobState, j.state), j.progress, j.message,
+                    j.train_exchanges, j.held_back, j.base_quality, j.adapted_quality,
+                    j.promoted, j.started_at, j.finished_at, j.error, j.train_seconds,
+                    j.adapter_bytes)
+
+
 def _generate_request(call: GenerateCall) -> model_pb2.GenerateRequest:
     return model_pb2.GenerateRequest(
         model=call.model,
@@ -192,7 +217,8 @@ def _generate_request(call: GenerateCall) -> model_pb2.GenerateRequest:
                   for m in call.messages],
         max_new_tokens=call.max_new_tokens, assistant_prefix=call.assistant_prefix,
         assistant_prefix_ids=call.assistant_prefix_ids, temperature=call.temperature,
-        top_p=call.top_p, seed=call.seed, stop=list(call.stop), priority=call.priority)
+        top_p=call.top_p, seed=call.seed, stop=list(call.stop), priority=call.priority,
+        tenant=call.tenant)
 
 
 # data service

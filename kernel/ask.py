@@ -621,7 +621,7 @@ class AskRunner:
             model=model, messages=tuple(messages), max_new_tokens=max_new,
             assistant_prefix="".join(answer.text), assistant_prefix_ids=tuple(answer.ids),
             temperature=query.temperature, top_p=query.top_p, seed=query.seed,
-            stop=tuple(query.stop), priority=spec.priority)
+            stop=tuple(query.stop), priority=spec.priority, tenant=record.tenant)
 
 
 def _add_usage(total: Usage, part: Usage) -> None:

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2
 from kernel import config as kconfig
 from kernel.adapters import GrpcDataClient, GrpcModelClient, GrpcTrustClient, TrustPolicyClient
 from kernel.asklog import AskLog
+from kernel.model_desk import ModelDesk
 from kernel.routing import RouteDesk
 from kernel.audit import HEAD_FILE, AuditLog, AuditStore
 from kernel.escalations import EscalationBook
@@ -67,7 +68,7 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     asks = AskRunner(table, models, dispatcher, context, trust, ask_log)
     servicer = KernelServicer(table, registry, auth, asks, dispatcher, started, context,
                               TrustParts(TrustPolicyClient(registry), audit, escalations),
-                              RouteDesk(table, models, ask_log, audit))
+                              RouteDesk(table, models, ask_log, audit), ModelDesk(models, audit))
     server_cfg = ServerConfig(unix_socket=cfg.socket, tcp_listen=cfg.listen,
                               tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
     try:

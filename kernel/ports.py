@@ -35,6 +35,7 @@ class GenerateCall:
     seed: int = 0
     stop: tuple[str, ...] = ()
     priority: int = 0
+    tenant: str = ""  # another tenant's adapter is unknown to this call
 
 
 @dataclass(slots=True)
@@ -61,6 +62,35 @@ class ModelInfo:
     loaded: bool = False
     is_default: bool = False
     max_batch: int = 0
+    tenant: str = ""        # an adapter's owner; empty: every tenant's
+    base: str = ""
+    status: str = ""        # an adapter's: "promoted" or "candidate"
+    quality: float = 0.0
+    base_quality: float = 0.0
+
+
+@dataclass(frozen=True)
+class AdaptJob:
+    """One adapter job as vfm-modeld reports it (state: queued, running, done, failed)."""
+
+    id: str
+    tenant: str
+    name: str
+    base: str
+    teacher: str
+    state: str
+    progress: float = 0.0
+    message: str = ""
+    train_exchanges: int = 0
+    held_back: int = 0
+    base_quality: float = 0.0
+    adapted_quality: float = 0.0
+    promoted: bool = False
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    error: str = ""
+    train_seconds: float = 0.0
+    adapter_bytes: int = 0
 
 
 class GenerateStream(Protocol):
@@ -107,6 +137,16 @@ class ModelClient(Protocol):
 
     async def list_models(self) -> list[ModelInfo]:
         """Every model the service offers; raises Unavailable when it does not answer."""
+        ...
+
+    async def start_adapt(self, tenant: str, name: str, base: str, teacher: str,
+                          exchanges: list[tuple[str, str]], system_prompt: str,
+                          quick: bool) -> AdaptJob:
+        """Start training a tenant's adapter on (prompt, reply) exchanges."""
+        ...
+
+    async def adapt_jobs(self, tenant: str) -> list[AdaptJob]:
+        """Adapter jobs, newest first (tenant empty: every tenant's)."""
         ...
 
 

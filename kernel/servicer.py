@@ -19,6 +19,8 @@ from vfmos_runtime.convert import counters_to_pb, duration, enum_value, timestam
 from kernel.figures import DaemonFigures
 from kernel.identity import Authenticator, Caller, check_tenant, require_admin
 from kernel.registry import ServiceRegistry
+from kernel.model_desk import ModelDesk
+from kernel.ports import AdaptJob
 from kernel.routing import RouteDesk
 from kernel.table import ProcessTable
 from vfmos.kernel.v1 import kernel_pb2 as pb
@@ -30,8 +32,10 @@ log = logging.getLogger("vfmd.syscall")
 class KernelServicer(MemorySyscalls, TrustSyscalls, kernel_pb2_grpc.KernelServiceServicer):
     def __init__(self, table: ProcessTable, registry: ServiceRegistry, auth: Authenticator,
                  asks: AskRunner, dispatcher: Dispatcher, started_at: float,
-                 context: ContextManager, trust: TrustParts, routes: RouteDesk):
+                 context: ContextManager, trust: TrustParts, routes: RouteDesk,
+                 models: ModelDesk):
         self.routes = routes
+        self.models = models
         self.context = context
         self.trust_policy, self.audit, self.escalations = trust
         self.dispatcher = dispatcher
@@ -191,6 +195,38 @@ class KernelServicer(MemorySyscalls, TrustSyscalls, kernel_pb2_grpc.KernelServic
         return pb.SendFeedbackResponse(routed=r.routed, tenant_feedback=r.tenant_feedback,
                                        correction_active=r.correction_active,
                                        audit_seq=r.audit_seq)
+
+    # models and adapters
+    @syscall
+    async def ListModels(self, caller: Caller, request: pb.ListModelsRequest):
+        return pb.ListModelsResponse(models=[
+            pb.ModelInfo(name=m.name, backend=m.backend, context_window=m.context_window,
+                         cost_per_1k_tokens=m.cost_per_1k_tokens, loaded=m.loaded,
+                         is_default=m.is_default, tenant=m.tenant, base=m.base,
+                         status=m.status, quality=m.quality, base_quality=m.base_quality)
+            for m in await self.models.list_models(caller)])
+
+    @syscall
+    async def AdaptModel(self, caller: Caller, request: pb.AdaptModelRequest):
+        job = await self.models.adapt(caller, request.name, request.base, request.teacher,
+                                      request.system_prompt, request.quick)
+        return pb.AdaptModelResponse(job=_model_job(job))
+
+    @syscall
+    async def ListModelJobs(self, caller: Caller, request: pb.ListModelJobsRequest):
+        return pb.ListModelJobsResponse(jobs=[_model_job(j)
+                                              for j in await self.models.jobs(caller)])
+
+
+def _model_job(j: AdaptJob) -> pb.ModelJob:
+    return pb.ModelJob(
+        id=j.id, tenant=j.tenant, name=j.name, base=j.base, teacher=j.teacher,
+        state=enum_value(pb.ModelJobState, j.state), progress=j.progress, message=j.message,
+        train_exchanges=j.train_exchanges, held_back=j.held_back,
+        base_quality=j.base_quality, adapted_quality=j.adapted_quality, promoted=j.promoted,
+        started_time=timestamp(j.started_at),
+        finished_time=timestamp(j.finished_at) if j.finished_at else None,
+        error=j.error, train_seconds=j.train_seconds, adapter_bytes=j.adapter_bytes)
 
 
 # Health strings the registry keeps, as the wire's enum; anything else reads NOT_SERVING.

@@ -20,6 +20,7 @@ from libvfm.types import (AskResult, Collection, DaemonStatus, Identity, IngestR
 from libvfm.types import (AuditRecord, AuditVerification, Escalation, Policy, PolicyApplied,
                           PolicyTest)
 from libvfm.types import FeedbackResult, RouteCandidate, RouteExplanation, RoutePolicy
+from libvfm.types import ModelInfo, ModelJob
 from vfmos_runtime.convert import enum_value
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos.kernel.v1 import kernel_pb2_grpc
@@ -288,6 +289,26 @@ class AsyncClient:
         return FeedbackResult(reply.routed, reply.tenant_feedback, reply.correction_active,
                               reply.audit_seq)
 
+    # models and adapters
+    async def models(self) -> list[ModelInfo]:
+        """The models a process may name: shared ones and the tenant's adapters."""
+        reply = await self._call("ListModels", pb.ListModelsRequest())
+        return [ModelInfo(m.name, m.backend, m.context_window, m.cost_per_1k_tokens, m.loaded,
+                          m.is_default, m.tenant, m.base, m.status, m.quality, m.base_quality)
+                for m in reply.models]
+
+    async def adapt(self, name: str, *, base: str = "", teacher: str = "",
+                    system_prompt: str = "", quick: bool = False) -> ModelJob:
+        """Start training adapter `name` from the tenant's logged exchanges that `teacher`
+        answered and the trust agent allowed; follow it with `model_jobs()`."""
+        reply = await self._call("AdaptModel", pb.AdaptModelRequest(
+            name=name, base=base, teacher=teacher, system_prompt=system_prompt, quick=quick))
+        return convert.model_job_from_pb(reply.job)
+
+    async def model_jobs(self) -> list[ModelJob]:
+        reply = await self._call("ListModelJobs", pb.ListModelJobsRequest())
+        return [convert.model_job_from_pb(j) for j in reply.jobs]
+
     # introspection and administration
     async def ping(self, payload: bytes = b"") -> bytes:
         return (await self._call("Ping", pb.PingRequest(payload=payload))).payload
@@ -391,6 +412,7 @@ class AsyncClient:
             id=escalation_id, timeout=convert.duration(timeout, "timeout")),
             timeout=timeout + self._timeout)
         return convert_trust.escalation_from_pb(reply.escalation)
+
 
 
 class Client:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from libvfm.types import (AskResult, CheckResult, Collection, ContextItem, DaemonStatus,
-                          Degradation, Identity, MemoryEntry, Process, ProcessSpec, SearchHit,
+                          Degradation, Identity, MemoryEntry, ModelJob, Process, ProcessSpec,
+                          SearchHit,
                           SystemUsage, TenantUsage, TokenInfo, Verdict, WorkingSet)
 # The client also encodes quotas and specs and decodes usage: the shared conversions.
 from vfmos_runtime.convert import counters_from_pb, enum_str, quota_from_pb, seconds
@@ -105,3 +106,10 @@ def hit_from_pb(m: pb.SearchHit) -> SearchHit:
     return SearchHit(chunk_id=m.chunk_id, score=m.score, text=m.text, source=m.source,
                      title=m.title, position=m.position, meta=dict(m.meta),
                      collection=m.collection)
+
+
+def model_job_from_pb(j: pb.ModelJob) -> ModelJob:
+    return ModelJob(j.id, j.tenant, j.name, j.base, j.teacher, enum_str(pb.ModelJobState, j.state),
+                    j.progress, j.message, j.train_exchanges, j.held_back, j.base_quality,
+                    j.adapted_quality, j.promoted, seconds(j, "started_time"),
+                    seconds(j, "finished_time"), j.error, j.train_seconds, j.adapter_bytes)

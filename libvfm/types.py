@@ -189,6 +189,49 @@ class FeedbackResult:
 
 
 @dataclass
+class ModelInfo:
+    name: str
+    backend: str
+    context_window: int
+    cost_per_1k_tokens: float
+    loaded: bool
+    is_default: bool
+    tenant: str = ""          # an adapter's owner (empty: a shared model)
+    base: str = ""            # an adapter's base model
+    status: str = ""          # an adapter's: "promoted" or "candidate"
+    quality: float = 0.0      # an adapter's ROUGE-L to its tenant's held-back replies
+    base_quality: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ModelJob:
+    id: str
+    tenant: str
+    name: str
+    base: str
+    teacher: str
+    state: str               # queued, running, done, failed
+    progress: float
+    message: str
+    train_exchanges: int
+    held_back: int
+    base_quality: float
+    adapted_quality: float
+    promoted: bool
+    started_at: float
+    finished_at: float
+    error: str
+    train_seconds: float
+    adapter_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class Identity:
     tenant: str
     uid: int

@@ -13,7 +13,7 @@ from libvfm import Client, Quota
 from libvfm.errors import NotFound, VfmError
 from libvfm.paths import KERNEL_SOCKET, default_state_dir, kernel_socket
 from libvfm.types import AskResult
-from vfmctl import daemons, knowledge, output, routing, trust
+from vfmctl import daemons, knowledge, models, output, routing, trust
 
 EXIT_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT: 2, grpc.StatusCode.NOT_FOUND: 3,
@@ -313,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     knowledge.add_commands(add, _client, _pid, _common)
     routing.add_commands(add, _client, _pid, _show, _common)
+    models.add_commands(add, _client, _show, _say, _common)
     trust.add_commands(add, _client, _pid, _common)
     add("whoami", cmd_whoami, "show the identity (tenant) the kernel sees for you")
     p = add("token", cmd_token, "manage bearer tokens for TCP clients (admin)")

@@ -177,6 +177,10 @@ class LocalTorchBackend:
         started = time.monotonic()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        adapter = self.entry.options.get("adapter_dir")
+        if adapter:  # merged once: serving it costs what its base costs per token
+            from peft import PeftModel
+            self.model = PeftModel.from_pretrained(self.model, adapter).merge_and_unload().eval()
         ensure_chat_template(self.model, self.tokenizer)
         if _has_sliding_window(self.model.config):
             # Left-padding merges assume one full-attention cache per layer.

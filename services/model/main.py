@@ -15,6 +15,8 @@ from vfmos_runtime.server import (DaemonStartError, ServerConfig, create_server,
 from vfmos_runtime.errors import VfmError
 from vfmos_runtime.gate import KernelGate
 from services.model.config import NAME, ModelConfig, load
+from services.model.adapters import AdapterJobs
+from services.model.local import converted_dir
 from services.model.registry import ModelRegistry
 from services.model.routing import RoutingService
 from services.model.service import ModelService
@@ -37,7 +39,9 @@ async def serve(cfg: ModelConfig) -> None:
     except OSError as exc:
         raise DaemonStartError(f"--ttft-trace: {exc}") from exc
     routing = RoutingService(registry, cfg.state_dir)
-    servicer = ModelServicer(service, routing)
+    adapters = AdapterJobs(registry, cfg.state_dir, lambda e: converted_dir(e, cfg.cache_dir),
+                           cfg.threads)
+    servicer = ModelServicer(service, routing, adapters)
     gate = KernelGate(NAME)
     server, health, _ = create_server(
         ServerConfig(unix_socket=socket, interceptors=(gate,)),
@@ -52,7 +56,8 @@ async def serve(cfg: ModelConfig) -> None:
         await backend.wait_loaded()
     log.info("%s serving on %s (default model %s)", NAME, socket, registry.default)
     await serve_registered(server, health, NAME, SERVICE_NAME, socket,
-                           cfg.kernel_socket, lambda: (service.stop(), routing.close()), gate)
+                           cfg.kernel_socket,
+                           lambda: (adapters.stop(), service.stop(), routing.close()), gate)
 
 
 def main(argv: list[str] | None = None) -> int:

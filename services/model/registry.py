@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vfmos_runtime.errors import InvalidArgument, NotFound
+from vfmos_runtime.errors import AlreadyExists, InvalidArgument, NotFound
 
 BACKENDS = ("local-torch", "openai")
 
@@ -78,3 +78,10 @@ class ModelRegistry:
 
     def entries(self) -> list[ModelEntry]:
         return list(self._entries.values())
+
+    def add(self, entry: ModelEntry) -> None:
+        """Register a model made while the service runs (a tenant's adapter)."""
+        if entry.name in self._entries:
+            raise AlreadyExists(f"model {entry.name} is already registered")
+        # A new dict: readers iterating the old one are not disturbed.
+        self._entries = {**self._entries, entry.name: entry.validate()}

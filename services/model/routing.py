@@ -111,13 +111,21 @@ class RoutingService:
         return found
 
     # -- profiles ------------------------------------------------------------------------
-    def profiles(self, allowed: tuple[str, ...], heads: tuple[str, ...]) -> list[ModelProfile]:
+    def profiles(self, allowed: tuple[str, ...], heads: tuple[str, ...],
+                 tenant: str = "") -> list[ModelProfile]:
         """The routable models: those allowed (every registered one when none is named) that
         have a head; a named model without one, or unknown, is refused."""
-        entries = [self.registry.get(name) for name in allowed] if allowed else self.registry.entries()
-        by_cost = sorted(self.registry.entries(), key=lambda e: (e.cost_per_1k_tokens, e.name))
+        shared = [e for e in self.registry.entries() if not e.options.get("tenant")]
+        entries = [self.registry.get(name) for name in allowed] if allowed else shared
+        by_cost = sorted(shared, key=lambda e: (e.cost_per_1k_tokens, e.name))
         out = []
         for entry in entries:
+            owner = entry.options.get("tenant")
+            if owner and owner != tenant:  # another tenant's adapter reads as unknown
+                raise NotFound(f"unknown model {entry.name!r}")
+            if owner:
+                raise InvalidArgument(f"model {entry.name} is an adapter: a process names it "
+                                      "to use it (the router does not pick adapters)")
             head = self._head(entry, by_cost, heads)
             if head is None:
                 if allowed:
@@ -162,7 +170,7 @@ class RoutingService:
         if not prompt.strip():
             raise InvalidArgument("the router needs the question's text")
         model = self._ready()
-        profiles = self.profiles(policy.allowed, model.heads)
+        profiles = self.profiles(policy.allowed, model.heads, tenant)
         emb = self._embedder.embed([prompt])
         shared = model.predict(emb, feature_matrix([prompt]))
         corrected = self._tenant(tenant).adjust(shared)[0]

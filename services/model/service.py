@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import AsyncIterator
 
-from vfmos_runtime.errors import InvalidArgument
+from vfmos_runtime.errors import InvalidArgument, NotFound
 from vfmos_runtime.protocol import MAX_NEW_TOKENS
 from services.model.local import FirstTokenTrace, LocalTorchBackend
 from services.model.openai_compat import OpenAIBackend
@@ -60,12 +60,21 @@ class ModelService:
         backend = self._backends.get(self.registry.get(name).name)
         return backend is not None and backend.loaded
 
-    async def generate(self, model: str, messages: list[dict],
-                       params: GenParams) -> AsyncIterator[Piece]:
+    async def generate(self, model: str, messages: list[dict], params: GenParams,
+                       tenant: str = "") -> AsyncIterator[Piece]:
         self._validate(messages, params)
+        self.check_tenant(model, tenant)
         backend = self.backend(model)
         async for piece in backend.generate(messages, params):
             yield piece
+
+    def check_tenant(self, model: str, tenant: str) -> ModelEntry:
+        """The model, if `tenant` may use it: another tenant's adapter reads as unknown."""
+        entry = self.registry.get(model)
+        owner = entry.options.get("tenant", "")
+        if owner and owner != tenant:
+            raise NotFound(f"unknown model {model!r}")
+        return entry
 
     @staticmethod
     def _validate(messages: list[dict], params: GenParams) -> None:

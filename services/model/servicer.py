@@ -8,7 +8,9 @@ import time
 
 from vfmos_runtime.boundary import rpc as boundary
 from vfmos_runtime.convert import enum_str, enum_value
+from vfmos_runtime.errors import Unavailable
 from services.model.router import RoutePolicy
+from services.model.adapters import AdapterJobs, AdaptJob
 from services.model.routing import RoutingService
 from services.model.service import ModelService
 from services.model.types import GenParams
@@ -20,9 +22,11 @@ rpc = boundary(log)
 
 
 class ModelServicer(model_pb2_grpc.ModelServiceServicer):
-    def __init__(self, service: ModelService, routing: RoutingService):
+    def __init__(self, service: ModelService, routing: RoutingService,
+                 adapters: AdapterJobs | None = None):
         self.service = service
         self.routing = routing
+        self.adapters = adapters
 
     @rpc
     async def Generate(self, request: pb.GenerateRequest, context):
@@ -34,9 +38,10 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                            assistant_prefix=request.assistant_prefix,
                            assistant_prefix_ids=tuple(request.assistant_prefix_ids),
                            priority=request.priority, merge_queued=True)
-        model = self.service.registry.get(request.model).name
+        model = self.service.check_tenant(request.model, request.tenant).name
         started, first = time.perf_counter(), True
-        async for piece in self.service.generate(request.model, messages, params):
+        async for piece in self.service.generate(request.model, messages, params,
+                                                 request.tenant):
             if first and piece.tokens and not request.assistant_prefix:
                 first = False
                 self.routing.observe_first_token(model, piece.prompt_tokens,
@@ -56,8 +61,28 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                          context_window=e.context_window,
                          cost_per_1k_tokens=e.cost_per_1k_tokens,
                          loaded=self.service.is_loaded(e.name), is_default=e.name == registry.default,
-                         max_batch=self.service.max_batch(e.name))
+                         max_batch=self.service.max_batch(e.name),
+                         tenant=e.options.get("tenant", ""), base=e.options.get("base", ""),
+                         status=e.options.get("status", ""),
+                         quality=e.options.get("quality", 0.0),
+                         base_quality=e.options.get("base_quality", 0.0))
             for e in registry.entries()])
+
+    @rpc
+    async def StartAdapt(self, request: pb.StartAdaptRequest, context) -> pb.StartAdaptResponse:
+        if self.adapters is None:
+            raise Unavailable("this vfm-modeld trains no adapters")
+        job = self.adapters.start(
+            request.tenant, request.name, request.base, request.teacher,
+            [{"prompt": e.prompt, "reply": e.reply} for e in request.exchanges],
+            request.system_prompt, request.quick)
+        return pb.StartAdaptResponse(job=_job_pb(job))
+
+    @rpc
+    async def ListAdaptJobs(self, request: pb.ListAdaptJobsRequest,
+                            context) -> pb.ListAdaptJobsResponse:
+        jobs = self.adapters.jobs(request.tenant) if self.adapters is not None else []
+        return pb.ListAdaptJobsResponse(jobs=[_job_pb(j) for j in jobs])
 
     @rpc
     async def Route(self, request: pb.RouteRequest, context) -> pb.RouteResponse:
@@ -80,3 +105,13 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                                                 request.ask_id, request.good, request.source,
                                                 request.model)
         return pb.RecordFeedbackResponse(tenant_feedback=count, correction_active=active)
+
+
+def _job_pb(job: AdaptJob) -> pb.AdaptJob:
+    return pb.AdaptJob(
+        id=job.id, tenant=job.tenant, name=job.name, base=job.base, teacher=job.teacher,
+        state=enum_value(pb.AdaptJobState, job.state.value), progress=job.progress,
+        message=job.message, train_exchanges=job.train_exchanges, held_back=job.held_back,
+        base_quality=job.base_quality, adapted_quality=job.adapted_quality,
+        promoted=job.promoted, started_at=job.started_at, finished_at=job.finished_at,
+        error=job.error, train_seconds=job.train_seconds, adapter_bytes=job.adapter_bytes)

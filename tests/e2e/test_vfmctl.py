@@ -172,3 +172,21 @@ def test_routing_as_typed(stack):
     assert "recorded (audit seq" in recorded.stdout
     again = vfmctl(stack, "feedback", ask_id, "down", check=False)
     assert again.returncode != 0 and "already has your feedback" in again.stderr
+
+
+def test_a_cascade_and_the_model_list_as_typed(stack):
+    """spawn --cascade: an unsure first answer is escalated and the Ask says so; `model list`
+    shows the registered models and `model jobs` the (empty) job list; an adapter job without
+    logged exchanges is refused with the reason."""
+    vfmctl(stack, "spawn", "cascaded", "--model", "auto", "--quality", "0",
+           "--allow-models", "smollm2-135m,gemma3-270m", "--cascade", "0.999")
+    assert "cascade below confidence 0.999" in vfmctl(stack, "inspect", "cascaded").stdout
+    done = vfmctl(stack, "ask", "cascaded", "Name a colour.", "--max-new-tokens", "6")
+    assert "gemma3-270m (routed:" in done.stderr and "smollm2-135m escalated" in done.stderr
+    models = json.loads(vfmctl(stack, "model", "list", "-o", "json").stdout)
+    assert {"smollm2-135m", "gemma3-270m"} <= {m["name"] for m in models}
+    assert "no adapter jobs" in vfmctl(stack, "model", "jobs").stdout
+    refused = vfmctl(stack, "model", "adapt", "mine", "--from-tenant-log", check=False)
+    assert refused.returncode != 0 and "audit.store_text" in refused.stderr
+    bad = vfmctl(stack, "spawn", "x", "--cascade", "0.5", check=False)
+    assert bad.returncode != 0 and "need --model auto" in bad.stderr

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from libvfm import Client
-from libvfm.errors import Unavailable
+from libvfm.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from libvfm.types import AskResult
 from tests.conftest import REPO, Daemon, start_kernel, wait_for
 
@@ -91,7 +91,8 @@ def stack():
     models.write_text(json.dumps({"models": [{
         "name": "remote-smol", "backend": "openai", "remote_model": str(remote),
         "base_url": f"http://127.0.0.1:{gateway_port}/v1"}]}))
-    kernel = start_kernel(state, "--trust", "on")
+    target = f"127.0.0.1:{_port()}"
+    kernel = start_kernel(state, "--trust", "on", "--listen", target)
     modeld = _daemon(state, "services.model.main", "vfm-modeld", "--models", str(models))
     datad = _daemon(state, "services.data.main", "vfm-datad", "--summary-pages", "0")
     trustd = _daemon(state, "services.trust.main", "vfm-trustd")
@@ -100,7 +101,7 @@ def stack():
     wait_for(lambda: _serving(client, "vfm-datad"), 300, "vfm-datad to serve", log=datad.log)
     wait_for(lambda: _serving(client, "vfm-trustd"), 600, "vfm-trustd to serve", log=trustd.log)
     parts = {"state": state, "client": client, "kernel": kernel, "modeld": modeld,
-             "datad": datad, "trustd": trustd, "gateway_port": gateway_port}
+             "datad": datad, "trustd": trustd, "gateway_port": gateway_port, "target": target}
     yield parts
     client.close()
     for name in ("trustd", "datad", "modeld", "kernel"):
@@ -200,6 +201,51 @@ def test_strict_level_never_releases_an_answer_that_violates_a_rule(stack):
     assert "-1.1 eV" not in result.text
     assert result.verdict.system == 2
     assert result.verdict.revisions >= 1 or result.finish_reason == "refused"
+
+
+SHOP = "You are the support desk of an online shop. Answer in one short sentence."
+SHOP_QUESTIONS = ["How do I cancel my order?", "Where is my parcel?", "Can I get a refund?",
+                  "How do I reset my password?", "Do you ship to Canada?",
+                  "How do I change my delivery address?", "Can I pay by invoice?",
+                  "How do I contact a person?", "Is there a fee to cancel?",
+                  "How do I unsubscribe from the newsletter?", "What sizes do you stock?",
+                  "How long does delivery take?"]
+
+
+def test_an_adapter_learns_from_the_tenants_log_and_serves_only_that_tenant(stack):
+    client = stack["client"]
+    teacher = _spawn(client, "teacher", "level: fast\naudit:\n  store_text: true\n",
+                     model="gemma3-270m", system_prompt=SHOP)
+    verdicts = {q: client.ask(teacher, q, max_new_tokens=20).verdict for q in SHOP_QUESTIONS}
+    allowed = [q for q, v in verdicts.items() if v.outcome in ("allow", "redact")]
+    assert len(allowed) >= 8, {q: v.reasons for q, v in verdicts.items()}
+    job = client.adapt("shop-desk", teacher="gemma3-270m", system_prompt=SHOP, quick=True)
+    assert job.state in ("queued", "running") and job.base == "smollm2-135m"
+    with pytest.raises(AlreadyExists):  # one job per name at a time
+        client.adapt("shop-desk", teacher="gemma3-270m", quick=True)
+    wait_for(lambda: next(j for j in client.model_jobs() if j.id == job.id).state
+             in ("done", "failed"), 600, "the adapter job to end", log=stack["modeld"].log)
+    job = next(j for j in client.model_jobs() if j.id == job.id)
+    assert job.state == "done", job.error
+    # Only what the trust agent allowed is learnt.
+    assert job.train_exchanges + job.held_back == len(allowed) and job.held_back >= 1
+    assert job.promoted == (job.adapted_quality > job.base_quality) and job.adapter_bytes > 0
+    listed = {m.name: m for m in client.models()}["shop-desk"]
+    assert listed.base == "smollm2-135m" and listed.status in ("promoted", "candidate")
+    assert listed.quality == pytest.approx(job.adapted_quality)
+    own = client.spawn("adapted", model="shop-desk", system_prompt=SHOP).pid
+    assert client.ask(own, "How do I cancel my order?", max_new_tokens=12).usage.model == \
+        "shop-desk"
+    # Another tenant neither sees the adapter nor gets it by naming it.
+    token, _ = client.token_create("mallory-shop")
+    with Client(target=stack["target"], token=token) as other:
+        assert "shop-desk" not in {m.name for m in other.models()}
+        assert not other.model_jobs()
+        theirs = other.spawn("thief", model="shop-desk").pid
+        with pytest.raises(NotFound):
+            other.ask(theirs, "How do I cancel my order?", max_new_tokens=4)
+        with pytest.raises(FailedPrecondition):  # it has no logged exchanges of its own
+            other.adapt("stolen", teacher="gemma3-270m")
 
 
 def test_trustd_down_gives_the_policys_outcome(stack):
