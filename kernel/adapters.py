@@ -72,6 +72,10 @@ def _data_timeout(method: str, request) -> float:
 
 
 def _service_error(registry: ServiceRegistry, service: str, exc: grpc.RpcError) -> VfmError:
+    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+        # An older build of the service (or a stand-in) without this call: not the caller's
+        # fault and not a kernel bug.
+        return Unavailable(f"service {service} does not offer this call (an older version?)")
     err = from_rpc_error(exc)
     if err.code == grpc.StatusCode.UNAVAILABLE:
         registry.suspect(service)
