@@ -225,7 +225,7 @@ def _model_job(j: AdaptJob) -> pb.ModelJob:
         train_exchanges=j.train_exchanges, held_back=j.held_back,
         base_quality=j.base_quality, adapted_quality=j.adapted_quality, promoted=j.promoted,
         started_time=timestamp(j.started_at),
-        finished_time=timestamp(j.finished_at) if j.finished_at else None,
+        finished_time=timestamp(j.finished_at),  # unset while it runs (0)
         error=j.error, train_seconds=j.train_seconds, adapter_bytes=j.adapter_bytes)
 
 
