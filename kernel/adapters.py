@@ -116,7 +116,7 @@ class GrpcModelClient:
                           cost_per_1k_tokens=m.cost_per_1k_tokens, loaded=m.loaded,
                           is_default=m.is_default, max_batch=m.max_batch, tenant=m.tenant,
                           base=m.base, status=m.status, quality=m.quality,
-                          base_quality=m.base_quality)
+                          base_quality=m.base_quality, engine=m.engine)
                 for m in reply.models]
 
     async def start_adapt(self, tenant: str, name: str, base: str, teacher: str,

@@ -67,6 +67,7 @@ class ModelInfo:
     status: str = ""        # an adapter's: "promoted" or "candidate"
     quality: float = 0.0
     base_quality: float = 0.0
+    engine: str = ""        # a loaded local model's: "llama.cpp" or "torch"
 
 
 @dataclass(frozen=True)

@@ -203,7 +203,8 @@ class KernelServicer(MemorySyscalls, TrustSyscalls, kernel_pb2_grpc.KernelServic
             pb.ModelInfo(name=m.name, backend=m.backend, context_window=m.context_window,
                          cost_per_1k_tokens=m.cost_per_1k_tokens, loaded=m.loaded,
                          is_default=m.is_default, tenant=m.tenant, base=m.base,
-                         status=m.status, quality=m.quality, base_quality=m.base_quality)
+                         status=m.status, quality=m.quality, base_quality=m.base_quality,
+                         engine=m.engine)
             for m in await self.models.list_models(caller)])
 
     @syscall

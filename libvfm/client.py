@@ -294,7 +294,8 @@ class AsyncClient:
         """The models a process may name: shared ones and the tenant's adapters."""
         reply = await self._call("ListModels", pb.ListModelsRequest())
         return [ModelInfo(m.name, m.backend, m.context_window, m.cost_per_1k_tokens, m.loaded,
-                          m.is_default, m.tenant, m.base, m.status, m.quality, m.base_quality)
+                          m.is_default, m.tenant, m.base, m.status, m.quality, m.base_quality,
+                          m.engine)
                 for m in reply.models]
 
     async def adapt(self, name: str, *, base: str = "", teacher: str = "",

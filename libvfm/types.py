@@ -201,6 +201,7 @@ class ModelInfo:
     status: str = ""          # an adapter's: "promoted" or "candidate"
     quality: float = 0.0      # an adapter's ROUGE-L to its tenant's held-back replies
     base_quality: float = 0.0
+    engine: str = ""          # a loaded local model's: "llama.cpp" or "torch"
 
     def to_dict(self) -> dict:
         return asdict(self)

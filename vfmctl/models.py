@@ -9,14 +9,15 @@ from libvfm.errors import InvalidArgument
 
 
 def _list(models) -> None:
-    print(f"{'model':<24} {'backend':<12} {'price/1k':>9} {'loaded':<6}  adapter")
+    print(f"{'model':<24} {'backend':<12} {'engine':<10} {'price/1k':>9} {'loaded':<6}  adapter")
     for m in models:
         adapter = ""
         if m.base:
             adapter = (f"{m.status} on {m.base} for {m.tenant}: ROUGE-L {m.quality:.3f} "
                        f"(base {m.base_quality:.3f}) on held-back exchanges")
         default = " (default)" if m.is_default else ""
-        print(f"{m.name + default:<24} {m.backend:<12} {m.cost_per_1k_tokens:>9.4g} "
+        engine = m.engine or ("-" if m.backend == "openai" else "(on load)")
+        print(f"{m.name + default:<24} {m.backend:<12} {engine:<10} {m.cost_per_1k_tokens:>9.4g} "
               f"{'yes' if m.loaded else 'no':<6}  {adapter}")
 
 

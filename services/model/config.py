@@ -26,6 +26,8 @@ class ModelConfig:
     threads: int = 0                  # torch threads; 0 = all cores
     prefix_cache_mb: int = 256        # per model; 0 = no prefix cache
     max_batch: int = 8
+    engine: str = "auto"              # local GGUF models: llama.cpp, or torch; auto = llama.cpp
+    row_tokens: int = 4096            # llama.cpp engine: prompt + answer one row may hold
     ttft_trace: Path | None = None
     log_level: str = "INFO"
 
@@ -34,6 +36,10 @@ class ModelConfig:
             raise ValueError("--prefix-cache-mb must be >= 0 (0 = no prefix cache)")
         if not 1 <= self.max_batch <= 256:
             raise ValueError("--max-batch must be between 1 and 256")
+        if not 256 <= self.row_tokens <= 1 << 20:
+            raise ValueError("--row-tokens must be between 256 and 1048576")
+        if self.engine not in ("auto", "llama.cpp", "torch"):
+            raise ValueError(f"--engine must be auto, llama.cpp or torch, not {self.engine!r}")
         if self.threads < 0:
             raise ValueError("--threads must be >= 0 (0 = all cores)")
 
@@ -55,6 +61,14 @@ def parser() -> argparse.ArgumentParser:
                    help="memory for reusable prompt prefixes (KV), per model (default 256)")
     p.add_argument("--max-batch", type=int,
                    help="sequences decoded together by a local model (default 8)")
+    p.add_argument("--engine", choices=("auto", "llama.cpp", "torch"),
+                   help="engine for local GGUF models: llama.cpp decodes the quantized "
+                   "weights; torch dequantizes them (auto, the default: llama.cpp where it "
+                   "loads the model, torch otherwise and for adapters and HF directories)")
+    p.add_argument("--row-tokens", type=int,
+                   help="llama.cpp engine: the longest prompt plus answer one row holds (its "
+                   "KV is allocated at start: rows + 2 of these; default 4096, at most the "
+                   "model's window)")
     p.add_argument("--ttft-trace", type=Path, metavar="FILE",
                    help="append one JSON line per request at its first token: where the "
                    "time went (running step, other prefills, own prefill)")

@@ -1,4 +1,5 @@
-"""Local torch backend: find, convert and cache a model, then generate token by token off the event loop."""
+"""Local models: find a model's weights, pick its engine (llama.cpp for a GGUF, PyTorch for an HF
+directory, an adapter, or a model llama.cpp cannot load), and generate off the event loop."""
 
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ def _package_dir(package: str) -> Path:
 
 
 def _gguf_location(entry: ModelEntry, cache: Path) -> tuple[Path, str]:
+    if entry.source.endswith(".gguf"):  # a GGUF file of the user's
+        source = Path(entry.source).expanduser()
+        if not source.is_file():
+            raise Unavailable(f"model {entry.name}: no GGUF file at {source}")
+        return source.parent, source.name
     if entry.source.startswith("pkg:"):
         return _package_dir(entry.source[4:]), entry.gguf_file
     if entry.source == "gemma-parts":
@@ -112,30 +118,56 @@ FALLBACK_TEMPLATES = {"gemma3_text": (_GEMMA_TEMPLATE, "<end_of_turn>"),
 def ensure_chat_template(model, tokenizer) -> None:
     """Give a tokenizer without a chat template its family's (or a plain one), and make the
     family's end-of-turn token end a generation."""
-    if getattr(tokenizer, "chat_template", None):
-        return
-    template, end_of_turn = FALLBACK_TEMPLATES.get(model.config.model_type,
-                                                   (_PLAIN_TEMPLATE, ""))
-    tokenizer.chat_template = template
-    end_id = tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else None
-    if end_id is not None and end_id != tokenizer.unk_token_id:
+    end_id = chat_template_for(model.config.model_type, tokenizer)
+    if end_id is not None:
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         model.generation_config.eos_token_id = [*eos, end_id]
-    log.info("%s has no chat template: using %s", model.config.model_type,
+
+
+def chat_template_for(model_type: str, tokenizer) -> int | None:
+    """Set the family's template on a tokenizer that has none; the id of the family's
+    end-of-turn token that must end a generation, if it has one."""
+    if getattr(tokenizer, "chat_template", None):
+        return None
+    template, end_of_turn = FALLBACK_TEMPLATES.get(model_type, (_PLAIN_TEMPLATE, ""))
+    tokenizer.chat_template = template
+    log.info("%s has no chat template: using %s", model_type,
              "its family's" if end_of_turn else "a plain transcript")
+    end_id = tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else None
+    return end_id if end_id is not None and end_id != tokenizer.unk_token_id else None
 
 
-class LocalTorchBackend:
-    """One model, owned by one worker thread that runs jobs from a queue."""
+def gguf_file(entry: ModelEntry, cache: Path) -> Path | None:
+    """The GGUF a local model comes from, or None for an HF directory."""
+    source = Path(entry.source).expanduser()
+    if source.is_dir() or not (entry.gguf_file or entry.source.endswith(".gguf")):
+        return None
+    directory, name = _gguf_location(entry, cache)
+    return directory / name
+
+
+ENGINES = ("auto", "llama.cpp", "torch")
+
+
+class LocalBackend:
+    """One local model, owned by one worker thread that runs jobs from a queue. Its engine
+    is chosen at load: llama.cpp for a GGUF (it decodes the quantized weights as they are),
+    PyTorch for an HF directory or an adapter, or where llama.cpp cannot load the model
+    (said in the log, with why)."""
 
     def __init__(self, entry: ModelEntry, cache: Path, threads: int = 0, max_batch: int = 8,
-                 prefix_cache_mb: int = 256, trace: FirstTokenTrace | None = None):
+                 prefix_cache_mb: int = 256, trace: FirstTokenTrace | None = None,
+                 engine: str = "auto", row_tokens: int = 4096):
         self.entry = entry
         self._trace = trace
         self.max_batch = max_batch
         self._prefix_cache_mb = prefix_cache_mb
-        self.engine: BatchEngine | None = None
+        self.engine = None
+        self.engine_name = ""          # "llama.cpp" or "torch", once loaded
+        self._wanted = entry.options.get("engine") or engine
+        self._row_tokens = row_tokens
+        self.window = entry.context_window  # the longest prompt + answer a row may hold
         self._cache = cache
         self._threads = threads or len(os.sched_getaffinity(0))
         self._jobs: queue.Queue[Job | None] = queue.Queue()
@@ -143,6 +175,7 @@ class LocalTorchBackend:
         self._error: Exception | None = None
         self.tokenizer = None
         self.model = None
+        self.vocab_size = 0
         self._thread = threading.Thread(target=self._run, name=f"model-{entry.name}", daemon=True)
 
     def start(self) -> None:
@@ -166,7 +199,62 @@ class LocalTorchBackend:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
+    def llama_reason(self) -> str:
+        """Why this model is not for the llama.cpp engine; empty when it is."""
+        if self._wanted == "torch":
+            return "the registry asks for the PyTorch engine"
+        if self.entry.options.get("adapter_dir"):
+            return "adapters are served by the PyTorch engine (merged into their base)"
+        if gguf_file(self.entry, self._cache) is None:
+            return "it is not a GGUF"
+        if importlib.util.find_spec("llama_cpp") is None:
+            return "llama-cpp-python is not installed"
+        return ""
+
     def _load(self) -> None:
+        reason = self.llama_reason()
+        if not reason:
+            try:
+                return self._load_llama()
+            except Exception as exc:  # the PyTorch engine can still serve it
+                reason = f"llama.cpp could not load it: {exc}"
+                log.warning("%s: %s", self.entry.name, reason)
+        if self._wanted == "llama.cpp":
+            log.warning("%s: the registry asks for llama.cpp, but %s: using the PyTorch engine",
+                        self.entry.name, reason)
+        else:
+            log.info("%s: PyTorch engine (%s)", self.entry.name, reason)
+        self._load_torch()
+
+    def _load_llama(self) -> None:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        from services.model.llama_engine import LlamaEngine, LlamaModel
+
+        hf_logging.disable_progress_bar()
+        started = time.monotonic()
+        path = gguf_file(self.entry, self._cache)
+        model = LlamaModel(path, self._threads)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            chat_template_for(model.meta("general.architecture"), self.tokenizer)
+            self.vocab_size = model.n_vocab
+            self.engine = LlamaEngine(model, self.tokenizer, self.max_batch,
+                                      self._prefix_cache_mb,
+                                      min(self._row_tokens, self.entry.context_window))
+        except Exception:
+            model.close()
+            raise
+        self.model = model
+        self.engine_name = "llama.cpp"
+        self.window = self.engine.row_tokens
+        log.info("loaded %s in %.1f s: llama.cpp engine on %s (%d threads; %d rows of up to "
+                 "%d tokens, %d MB of KV)", self.entry.name, time.monotonic() - started,
+                 path.name, self._threads, self.max_batch, self.window,
+                 self.engine.kv_bytes >> 20)
+
+    def _load_torch(self) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -182,12 +270,14 @@ class LocalTorchBackend:
             from peft import PeftModel
             self.model = PeftModel.from_pretrained(self.model, adapter).merge_and_unload().eval()
         ensure_chat_template(self.model, self.tokenizer)
+        self.vocab_size = self.model.config.vocab_size
         if _has_sliding_window(self.model.config):
             # Left-padding merges assume one full-attention cache per layer.
             self.max_batch = 1
         self.engine = BatchEngine(self.model, self.tokenizer, self.max_batch,
                                   self._prefix_cache_mb)
-        log.info("loaded %s in %.1f s (%d threads)", self.entry.name,
+        self.engine_name = "torch"
+        log.info("loaded %s in %.1f s: PyTorch engine (%d threads)", self.entry.name,
                  time.monotonic() - started, self._threads)
 
     def _run(self) -> None:
@@ -217,23 +307,23 @@ class LocalTorchBackend:
                                                       tokenize=True, return_dict=True)["input_ids"])
         # Continue an interrupted answer from where it stopped: exactly, from its ids.
         if params.assistant_prefix_ids:
-            vocab = self.model.config.vocab_size
+            vocab = self.vocab_size
             if any(not 0 <= i < vocab for i in params.assistant_prefix_ids):
                 raise InvalidArgument(f"assistant_prefix_ids outside the vocabulary (0..{vocab})")
             ids += list(params.assistant_prefix_ids)
         elif params.assistant_prefix:
             ids += self.tokenizer.encode(params.assistant_prefix, add_special_tokens=False)
-        if len(ids) >= self.entry.context_window:
+        if len(ids) >= self.window:
             raise InvalidArgument(f"the prompt is {len(ids)} tokens; model {self.entry.name} "
-                                  f"holds {self.entry.context_window}")
+                                  f"holds {self.window}")
         return ids
 
     async def generate(self, messages: list[dict], params: GenParams) -> AsyncIterator[Piece]:
         await self.wait_loaded()
         ids = self.encode(messages, params)
-        params.max_new_tokens = min(params.max_new_tokens, self.entry.context_window - len(ids))
+        params.max_new_tokens = min(params.max_new_tokens, self.window - len(ids))
         loop, out = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(ids, params, lambda item: loop.call_soon_threadsafe(out.put_nowait, item))
+        job = Job(ids, params, _emitter(loop, out))
         self._jobs.put(job)
         traced = self._trace is None
         held = None  # taken from the queue while merging, not merged: the next item
@@ -255,6 +345,17 @@ class LocalTorchBackend:
                     return
         finally:
             job.cancel.set()  # the caller left (or finished): the row is dropped within a step
+
+
+def _emitter(loop: asyncio.AbstractEventLoop, out: asyncio.Queue):
+    """Hands the engine's pieces to the caller's loop; a caller whose loop has closed (it
+    left while the step ran) is gone, and the engine must not fail for it."""
+    def emit(item) -> None:
+        try:
+            loop.call_soon_threadsafe(out.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the row's cancel is set, it goes next step
+            pass
+    return emit
 
 
 def _merge_queued(piece: Piece, queue: asyncio.Queue) -> tuple[Piece, Piece | Exception | None]:

@@ -35,7 +35,8 @@ async def serve(cfg: ModelConfig) -> None:
         raise DaemonStartError(f"bad model configuration: {exc}") from exc
     try:
         service = ModelService(registry, cfg.cache_dir, cfg.threads, cfg.max_batch,
-                               prefix_cache_mb=cfg.prefix_cache_mb, ttft_trace=cfg.ttft_trace)
+                               prefix_cache_mb=cfg.prefix_cache_mb, ttft_trace=cfg.ttft_trace,
+                               engine=cfg.engine, row_tokens=cfg.row_tokens)
     except OSError as exc:
         raise DaemonStartError(f"--ttft-trace: {exc}") from exc
     routing = RoutingService(registry, cfg.state_dir)

@@ -36,6 +36,9 @@ class ModelEntry:
             raise InvalidArgument(f"model {self.name}: an openai backend needs base_url")
         if self.backend == "local-torch" and not self.source:
             raise InvalidArgument(f"model {self.name}: a local model needs a source path")
+        if self.options.get("engine", "auto") not in ("auto", "llama.cpp", "torch"):
+            raise InvalidArgument(f"model {self.name}: options.engine must be auto, llama.cpp "
+                                  f"or torch, not {self.options['engine']!r}")
         if self.context_window <= 0 or self.cost_per_1k_tokens < 0:
             raise InvalidArgument(f"model {self.name}: bad context window or cost")
         return self

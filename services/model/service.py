@@ -8,7 +8,7 @@ from typing import AsyncIterator
 
 from vfmos_runtime.errors import InvalidArgument, NotFound
 from vfmos_runtime.protocol import MAX_NEW_TOKENS
-from services.model.local import FirstTokenTrace, LocalTorchBackend
+from services.model.local import FirstTokenTrace, LocalBackend
 from services.model.openai_compat import OpenAIBackend
 from services.model.registry import ModelEntry, ModelRegistry
 from services.model.types import GenParams, Piece
@@ -22,14 +22,17 @@ class ModelService:
     """Holds the registry and one backend per model, started on first use (or preloaded)."""
 
     def __init__(self, registry: ModelRegistry, cache: Path, threads: int = 0,
-                 max_batch: int = 8, prefix_cache_mb: int = 256, ttft_trace: Path | None = None):
+                 max_batch: int = 8, prefix_cache_mb: int = 256, ttft_trace: Path | None = None,
+                 engine: str = "auto", row_tokens: int = 4096):
         self.registry = registry
         self._trace = FirstTokenTrace(ttft_trace) if ttft_trace else None
         self._max_batch = max_batch
         self._prefix_cache_mb = prefix_cache_mb
         self._cache = cache
         self._threads = threads
-        self._backends: dict[str, LocalTorchBackend | OpenAIBackend] = {}
+        self._engine = engine
+        self._row_tokens = row_tokens
+        self._backends: dict[str, LocalBackend | OpenAIBackend] = {}
 
     def backend(self, name: str = ""):
         entry = self.registry.get(name)
@@ -43,8 +46,9 @@ class ModelService:
     def _make(self, entry: ModelEntry):
         if entry.backend == "openai":
             return OpenAIBackend(entry)
-        return LocalTorchBackend(entry, self._cache, self._threads, self._max_batch,
-                                 self._prefix_cache_mb, self._trace)
+        return LocalBackend(entry, self._cache, self._threads, self._max_batch,
+                                 self._prefix_cache_mb, self._trace, self._engine,
+                                 self._row_tokens)
 
     def max_batch(self, name: str) -> int:
         """Sequences the model decodes together (what the kernel may send at once)."""
@@ -55,6 +59,21 @@ class ModelService:
         if backend is not None and backend.loaded:
             return backend.max_batch
         return self._max_batch
+
+    def engine(self, name: str) -> str:
+        """The engine serving a loaded local model ("llama.cpp" or "torch"), else empty."""
+        backend = self._backends.get(self.registry.get(name).name)
+        return getattr(backend, "engine_name", "") if backend is not None and backend.loaded \
+            else ""
+
+    def window(self, name: str) -> int:
+        """The longest prompt plus answer the model takes: its registry window, or less
+        where its engine holds less (a llama.cpp row)."""
+        entry = self.registry.get(name)
+        backend = self._backends.get(entry.name)
+        if backend is not None and backend.loaded:
+            return getattr(backend, "window", entry.context_window)
+        return entry.context_window
 
     def is_loaded(self, name: str) -> bool:
         backend = self._backends.get(self.registry.get(name).name)

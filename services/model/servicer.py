@@ -58,14 +58,15 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         registry = self.service.registry
         return pb.ListModelsResponse(models=[
             pb.ModelInfo(name=e.name, backend=enum_value(pb.Backend, e.backend),
-                         context_window=e.context_window,
+                         context_window=self.service.window(e.name),
                          cost_per_1k_tokens=e.cost_per_1k_tokens,
                          loaded=self.service.is_loaded(e.name), is_default=e.name == registry.default,
                          max_batch=self.service.max_batch(e.name),
                          tenant=e.options.get("tenant", ""), base=e.options.get("base", ""),
                          status=e.options.get("status", ""),
                          quality=e.options.get("quality", 0.0),
-                         base_quality=e.options.get("base_quality", 0.0))
+                         base_quality=e.options.get("base_quality", 0.0),
+                         engine=self.service.engine(e.name))
             for e in registry.entries()])
 
     @rpc

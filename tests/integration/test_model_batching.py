@@ -1,4 +1,5 @@
-"""Continuous batching with the real model: shared steps, joins mid-flight, cancellation, prefixes."""
+"""The PyTorch engine's continuous batching with the real model (HF directories, adapters, and
+where llama.cpp cannot load a model): shared steps, joins mid-flight, cancellation, prefixes."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ SYSTEM = "You are a terse assistant for a museum of natural history. Answer in o
 
 @pytest.fixture(scope="module")
 def service():
-    svc = ModelService(ModelRegistry.load(), cache_root(), max_batch=4)
+    svc = ModelService(ModelRegistry.load(), cache_root(), max_batch=4, engine="torch")
     yield svc
     svc.stop()
 

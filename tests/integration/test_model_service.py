@@ -78,7 +78,7 @@ def test_unknown_model(service):
 
 def test_prompt_longer_than_the_window_is_refused(service):
     huge = [{"role": "user", "content": "word " * 9000}]
-    with pytest.raises(InvalidArgument, match="model smollm2-135m holds 8192"):
+    with pytest.raises(InvalidArgument, match=r"model smollm2-135m holds \d+"):
         run(service, messages=huge, max_new_tokens=2)
 
 
