@@ -24,6 +24,7 @@ BENCHES = {
     "routing": "bench.routing",
     "cascade": "bench.cascade",
     "adapt": "bench.adapt",
+    "engine": "bench.engine",
 }
 
 
