@@ -98,12 +98,13 @@ def gold_texts(docs: list[dict]) -> dict[str, str]:
     return out
 
 
-def load_tickets(data_dir: Path, limit: int, kb: dict[str, str]) -> list[Ticket]:
+def load_tickets(data_dir: Path, limit: int, kb: dict[str, str],
+                 skip: int = 0) -> list[Ticket]:
     rows = _read(data_dir / "personas" / "support" / "tickets_kb_dev.jsonl.gz")
     rows = sorted((r for r in rows if r.get("target") and r.get("response")),
                   key=lambda r: r["id"])
     tickets = []
-    for r in rows[:limit]:
+    for r in rows[skip:skip + limit]:
         # The last exchange names the place asked about; more of the dialogue only made the
         # small models continue it instead of answering.
         turns = [f"{'Customer' if t['speaker'] == 'U' else 'Agent'}: {t['text']}"
@@ -172,13 +173,17 @@ def measure(args) -> tuple[dict[str, Outcome], int, float]:
     data_dir = Path(args.data_dir)
     docs = _read(data_dir / "personas" / "support" / "kb_docs.jsonl.gz")
     tickets = load_tickets(data_dir, args.tickets, gold_texts(docs))
+    # Tickets after the measured ones, asked first through the cascade and not scored: a
+    # calibrated cascade learns what its first model's usual confidence is on them.
+    warmup = load_tickets(data_dir, args.warmup, gold_texts(docs), skip=args.tickets) \
+        if args.rate else []
     # Started outside the event loop: the stack polls the kernel with the sync client.
     stack = DaemonStack({"vfm-datad": ["services.data.main", "--summary-pages", "0"],
                          "vfm-modeld": ["services.model.main"],
                          "vfm-trustd": ["services.trust.main"]},
                         kernel_args=("--trust", "on"), ready_timeout_s=600)
     try:
-        outcomes, ingest_s = asyncio.run(_ask_all(stack, docs, tickets, args))
+        outcomes, ingest_s = asyncio.run(_ask_all(stack, docs, tickets, warmup, args))
     finally:
         stack.close()
     judge_grounding(outcomes, tickets)
@@ -186,7 +191,7 @@ def measure(args) -> tuple[dict[str, Outcome], int, float]:
 
 
 async def _ask_all(stack: DaemonStack, docs: list[dict], tickets: list[Ticket],
-                   args) -> tuple[dict[str, Outcome], float]:
+                   warmup: list[Ticket], args) -> tuple[dict[str, Outcome], float]:
     client = AsyncClient(stack.sock, timeout=600)
     try:
         began = time.perf_counter()
@@ -194,7 +199,12 @@ async def _ask_all(stack: DaemonStack, docs: list[dict], tickets: list[Ticket],
         ingest_s = time.perf_counter() - began
         print(f"KB: {chunks} chunks in {ingest_s:.0f} s; {len(tickets)} tickets", flush=True)
         cascade = RoutePolicy(quality=0.0, allowed_models=[SMALL, LARGE],
-                              cascade_confidence=args.confidence)
+                              cascade_confidence=args.confidence, cascade_rate=args.rate)
+        if warmup:
+            began = time.perf_counter()
+            await run_config(client, warmup, "auto", cascade, args.budget, args.max_new_tokens)
+            print(f"  calibration: {len(warmup)} other tickets through the cascade in "
+                  f"{time.perf_counter() - began:.0f} s", flush=True)
         outcomes = {}
         for name, model, route in ((f"always {SMALL}", SMALL, None),
                                    (f"always {LARGE}", LARGE, None),
@@ -236,8 +246,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="a directory laid out as ../shared/data (default: that)")
     p.add_argument("--quick", action="store_true", help="12 tickets")
     p.add_argument("--tickets", type=int, default=0, help="tickets to ask (default 32)")
-    p.add_argument("--confidence", type=float, default=0.6,
-                   help="the cascade escalates below this confidence (default 0.6)")
+    p.add_argument("--rate", type=float, default=0.08,
+                   help="a calibrated cascade escalating about this share of answers, the "
+                   "least sure (default 0.08: with the small model at about half the large "
+                   "one's price, what the 60%% cost goal leaves); 0 = a fixed --confidence")
+    p.add_argument("--confidence", type=float, default=0.0,
+                   help="escalate below this confidence (with --rate: only before the "
+                   "calibration has 16 answers; default 0)")
+    p.add_argument("--warmup", type=int, default=16,
+                   help="other tickets asked through the cascade first, unscored, to "
+                   "calibrate it (default 16)")
     p.add_argument("--budget", type=int, default=384, help="working-set tokens (default 384)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args(argv)
@@ -256,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         if large.mean("cost") else 0.0,
         "escalation_rate": round(c.escalated / n, 3) if n else 0.0, "tickets": n,
         "failed": sum(len(o.failed) for o in outcomes.values()),
-        "confidence": args.confidence, "ingest_s": round(ingest_s, 1),
+        "confidence": args.confidence, "rate": args.rate,
+        "warmup": args.warmup if args.rate else 0, "ingest_s": round(ingest_s, 1),
         **{f"{key}_rouge_l": round(o.mean("rouge"), 3) for key, o in
            zip(("small", "large", "cascade"), outcomes.values())},
         **{f"{key}_grounded": round(o.mean("grounded"), 3) for key, o in

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from kernel.asklog import AskEntry, AskLog, new_ask_id
-from kernel.cascade import CascadePlan, Confidence, plan as plan_cascade
+from kernel.cascade import Calibration, CascadePlan, Confidence, plan as plan_cascade
 from kernel.context import ContextManager
 from kernel.dispatch import Dispatcher, Lease
 from kernel.identity import Caller
@@ -159,6 +159,7 @@ class AskRunner:
         self._dispatcher = dispatcher
         self._models: dict[str, ModelInfo] = {}
         self._models_at = -1e9
+        self._calibration = Calibration()  # calibrated cascades' recent first answers
 
     async def ask(self, caller: Caller, query: AskQuery) -> AsyncIterator[str | AskDone]:
         """Yield the answer's text pieces, then one AskDone.
@@ -198,7 +199,8 @@ class AskRunner:
             spec = self._table.get(caller, pid).spec
         except VfmError:
             return False  # the Ask itself will say what is wrong with the pid
-        return spec.model == AUTO_MODEL and spec.route.cascade_confidence > 0
+        return spec.model == AUTO_MODEL and (spec.route.cascade_confidence > 0
+                                             or spec.route.cascade_rate > 0)
 
     async def _run(self, caller: Caller, query: AskQuery, answer: _Answer) -> AskDone:
         started = time.perf_counter()
@@ -233,7 +235,8 @@ class AskRunner:
             if trust is None:
                 query.context = render(items)
                 finish = await (generate(model, usage) if cascade is None else
-                                self._cascade_unchecked(cascade, answer, usage, generate))
+                                self._cascade_unchecked(cascade, record.tenant, answer, usage,
+                                                        generate))
             else:
                 finish, ending = await self._answer_checked(trust, record, query, items, model,
                                                             answer, usage, generate, cascade)
@@ -274,21 +277,24 @@ class AskRunner:
         decision = await self._model.route(record.tenant, query.prompt, policy, chars // 4,
                                            query.max_new_tokens or DEFAULT_NEW_TOKENS, ask_id)
         usage.route_reason = decision.reason
-        cascade = plan_cascade(decision, policy.cascade_confidence, policy.max_cost_per_ask)
+        cascade = plan_cascade(decision, policy.cascade_confidence, policy.max_cost_per_ask,
+                               policy.cascade_rate)
         if cascade is None:
             return decision.model, None
+        cascade = self._calibration.calibrated(cascade, record.tenant)
         usage.route_reason += f"; {cascade.describe()}"
         return cascade.first, cascade
 
-    @staticmethod
-    async def _cascade_unchecked(cascade: CascadePlan, answer: _Answer, usage: Usage,
-                                 generate) -> str:
+    async def _cascade_unchecked(self, cascade: CascadePlan, tenant: str, answer: _Answer,
+                                 usage: Usage, generate) -> str:
         """A cascade without the trust agent: the first model's answer, held, is shown or
         escalated on its confidence alone."""
         finish = await generate(cascade.first, usage)
         if finish == "killed":
             return finish
-        escalate, why = cascade.escalation(answer.confidence.value(), "", usage.cost)
+        confidence = answer.confidence.value()
+        escalate, why = cascade.escalation(confidence, "", usage.cost)
+        self._calibration.record(tenant, cascade.first, confidence, None)
         usage.route_reason += f"; {why}"
         if not escalate:
             answer.show("".join(answer.text))
@@ -401,7 +407,8 @@ class AskRunner:
                 return finish, None
             if cascade is not None:
                 plan, cascade = cascade, None
-                if await self._escalate(trust, plan, guard, items, answer, usage):
+                if await self._escalate(trust, record.tenant, plan, guard, items, answer,
+                                        usage):
                     model = plan.then
                     attempt = Usage(model=model)
                     continue
@@ -424,9 +431,9 @@ class AskRunner:
             answer.show(guard.held)
             return finish, None
 
-    @staticmethod
-    async def _escalate(trust: TrustSession, plan: CascadePlan, guard: OutputGuard,
-                        items: list[Item], answer: _Answer, usage: Usage) -> bool:
+    async def _escalate(self, trust: TrustSession, tenant: str, plan: CascadePlan,
+                        guard: OutputGuard, items: list[Item], answer: _Answer,
+                        usage: Usage) -> bool:
         """Judge a cascade's held first answer: its confidence, the output checks, and its
         grounding where the working set holds knowledge. True: it is dropped unseen (its
         checks stay in the record as the draft's) and the next model answers."""
@@ -434,11 +441,17 @@ class AskRunner:
         failed = guard.cut.verdict.reasons[0] if guard.cut is not None and \
             guard.cut.verdict.reasons else ("an output check" if guard.cut is not None else "")
         knowledge = [i for i in items if i.kind == "knowledge"]
+        grounding, ungrounded = None, False
         if not failed and knowledge:
             verified = await trust.verify(guard.held, knowledge, plan.first, target="draft")
-            if verified is not None and verified.verdict.outcome not in ("allow", "redact"):
-                failed = "the grounding check"
-        escalate, why = plan.escalation(answer.confidence.value(), failed, usage.cost)
+            if verified is not None:
+                ungrounded = verified.verdict.outcome not in ("allow", "redact")
+                grounding = next((c.score for c in verified.verdict.checks
+                                  if c.check == "grounding"), None)
+        confidence = answer.confidence.value()
+        escalate, why = plan.escalation(confidence, failed, usage.cost, grounding, ungrounded)
+        if not failed:  # a check failure says nothing of how sure the model usually is
+            self._calibration.record(tenant, plan.first, confidence, grounding)
         usage.route_reason += f"; {why}"
         if not escalate:
             return False

@@ -113,6 +113,7 @@ def validate_route(spec: ProcessSpec) -> None:
     number(route.max_cost_per_ask, "route max_cost_per_ask", 0, MAX_QUOTA)
     number(route.ttft_slo_ms, "route ttft_slo_ms", 0, 3_600_000)
     number(route.cascade_confidence, "route cascade_confidence", 0, 1)
+    number(route.cascade_rate, "route cascade_rate", 0, 0.5)
     if len(route.allowed_models) > 32:
         raise InvalidArgument("at most 32 allowed models")
     for name in route.allowed_models:

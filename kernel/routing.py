@@ -47,7 +47,8 @@ class RouteDesk:
         policy = record.spec.route
         decision = await self._models.route(record.tenant, question, policy, chars // 4,
                                             DEFAULT_NEW_TOKENS, "")
-        cascade = plan_cascade(decision, policy.cascade_confidence, policy.max_cost_per_ask)
+        cascade = plan_cascade(decision, policy.cascade_confidence, policy.max_cost_per_ask,
+                               policy.cascade_rate)
         if cascade is None:
             return decision
         return dataclasses.replace(decision, model=cascade.first,

@@ -68,7 +68,8 @@ def add_commands(add, client_for: Callable, show: Callable, say: Callable,
     p = add("model", lambda a: cmd_model(a, client_for, show, say),
             "physical models and your tenant's adapters")
     sub = p.add_subparsers(dest="model_cmd", metavar="ACTION", required=True)
-    listing = sub.add_parser("list", help="models a process may name, with each adapter's "
+    listing = sub.add_parser("list", help="models a process may name, the engine serving "
+                             "each (llama.cpp or torch, once loaded) and each adapter's "
                              "measured quality on held-back exchanges")
     jobs = sub.add_parser("jobs", help="adapter jobs and their progress, newest first")
     a = sub.add_parser("adapt", help="train a LoRA adapter (in the background) from your "

@@ -69,6 +69,8 @@ def _route_text(r) -> str:
     parts.append("models " + (", ".join(r.allowed_models) if r.allowed_models else "any"))
     if r.cascade_confidence:
         parts.append(f"cascade below confidence {r.cascade_confidence:g}")
+    if r.cascade_rate:
+        parts.append(f"cascade of the least sure {r.cascade_rate:.0%}")
     return "; ".join(parts)
 
 

@@ -28,12 +28,17 @@ def add_spawn_options(p: argparse.ArgumentParser) -> None:
                         "the router's choice when its confidence (geometric mean of token "
                         "probabilities, 0..1) is below CONF or a trust check fails it; both "
                         "answers are charged (default: no cascade)")
+    g.add_argument("--cascade-rate", type=float, default=0.0, metavar="R",
+                   help="a calibrated cascade: escalate about this share (0..0.5) of the "
+                        "cheapest model's answers, the least sure of its recent ones for the "
+                        "tenant by confidence and grounding (before 16 answers, --cascade "
+                        "alone decides); bounds the extra cost to about R")
 
 
 def policy_from_args(args) -> RoutePolicy:
     allowed = [m.strip() for m in args.allow_models.split(",") if m.strip()]
     routed = (args.quality is not None or args.max_cost_per_ask or args.ttft_slo_ms or allowed
-              or args.cascade)
+              or args.cascade or args.cascade_rate)
     if args.model != AUTO:
         if routed:
             raise InvalidArgument("--quality, --max-cost-per-ask, --ttft-slo-ms, "
@@ -45,7 +50,7 @@ def policy_from_args(args) -> RoutePolicy:
         quality = 0.0 if (args.cost_budget or args.max_cost_per_ask) else 0.9
     return RoutePolicy(quality=quality, max_cost_per_ask=args.max_cost_per_ask,
                        ttft_slo_ms=args.ttft_slo_ms, allowed_models=allowed,
-                       cascade_confidence=args.cascade)
+                       cascade_confidence=args.cascade, cascade_rate=args.cascade_rate)
 
 
 def cmd_route(args, client_for: Callable, pid_of: Callable, show: Callable) -> int:

@@ -100,12 +100,13 @@ def quota_from_pb(msg: pb.Quota) -> Quota:
 def route_to_pb(route: RoutePolicy) -> pb.RoutePolicy:
     return pb.RoutePolicy(quality=route.quality, max_cost_per_ask=route.max_cost_per_ask,
                           ttft_slo_ms=route.ttft_slo_ms, allowed_models=route.allowed_models,
-                          cascade_confidence=route.cascade_confidence)
+                          cascade_confidence=route.cascade_confidence,
+                          cascade_rate=route.cascade_rate)
 
 
 def route_from_pb(msg: pb.RoutePolicy) -> RoutePolicy:
     return RoutePolicy(msg.quality, msg.max_cost_per_ask, msg.ttft_slo_ms,
-                       list(msg.allowed_models), msg.cascade_confidence)
+                       list(msg.allowed_models), msg.cascade_confidence, msg.cascade_rate)
 
 
 def spec_to_pb(spec: ProcessSpec) -> pb.ProcessSpec:

@@ -28,6 +28,7 @@ class RoutePolicy:
     ttft_slo_ms: float = 0.0
     allowed_models: list[str] = field(default_factory=list)
     cascade_confidence: float = 0.0  # > 0: cheapest model first, escalated below this confidence
+    cascade_rate: float = 0.0        # > 0: escalate about this share, the least sure answers
 
 
 @dataclass

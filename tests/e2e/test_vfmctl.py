@@ -185,8 +185,13 @@ def test_a_cascade_and_the_model_list_as_typed(stack):
     assert "gemma3-270m (routed:" in done.stderr and "smollm2-135m escalated" in done.stderr
     models = json.loads(vfmctl(stack, "model", "list", "-o", "json").stdout)
     assert {"smollm2-135m", "gemma3-270m"} <= {m["name"] for m in models}
+    engines = {m["name"]: m["engine"] for m in models if m["loaded"]}
+    assert engines["smollm2-135m"] == engines["gemma3-270m"] == "llama.cpp"
+    assert "llama.cpp" in vfmctl(stack, "model", "list").stdout
     assert "no adapter jobs" in vfmctl(stack, "model", "jobs").stdout
     refused = vfmctl(stack, "model", "adapt", "mine", "--from-tenant-log", check=False)
     assert refused.returncode != 0 and "audit.store_text" in refused.stderr
+    vfmctl(stack, "spawn", "calibrated", "--model", "auto", "--cascade-rate", "0.1")
+    assert "cascade of the least sure 10%" in vfmctl(stack, "inspect", "calibrated").stdout
     bad = vfmctl(stack, "spawn", "x", "--cascade", "0.5", check=False)
     assert bad.returncode != 0 and "need --model auto" in bad.stderr

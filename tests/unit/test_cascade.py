@@ -10,9 +10,10 @@ import math
 import pytest
 
 from kernel.ask import AskDone, AskQuery
-from kernel.cascade import CascadePlan, Confidence, plan
+from kernel.cascade import Calibration, CascadePlan, Confidence, plan
 from kernel.ports import GenPiece, ModelInfo, RouteCandidate, RouteDecision
 from tests.unit.test_ask_runner import ALICE, PROMPT, FakeModel, FakeStream, Kernel
+from vfmos_runtime.errors import VfmError
 from vfmos_runtime.types import AUTO_MODEL, ProcessSpec, Quota, RoutePolicy
 
 SMALL, LARGE = "small", "large"
@@ -163,5 +164,52 @@ def test_the_token_budget_counts_the_dropped_first_answer(tmp_path):
         _, done = ask(k, routed(k, 0.6, Quota(max_tokens=40)), 20)
         assert done.usage.tokens_in + done.usage.tokens_out <= 40
         assert done.finish_reason == "quota"
+    finally:
+        k.store.close()
+
+
+# --- calibrated cascades ----------------------------------------------------------------
+def test_a_calibrated_cascade_escalates_the_least_sure_share_of_recent_answers():
+    calibration = Calibration()
+    for i in range(100):  # a small model that is never very sure: 0.30 .. 0.50
+        calibration.record("t", SMALL, 0.30 + 0.002 * i, i / 100)
+    p = calibration.calibrated(CascadePlan(SMALL, LARGE, 0.0, then_cost=0.1, rate=0.1), "t")
+    assert p.confidence_cut == pytest.approx(0.31) and p.grounding_cut == pytest.approx(0.95)
+    escalated, why = p.escalation(0.305, "", 0.01)
+    assert escalated and "least sure 5%" in why
+    assert p.escalation(0.45, "", 0.01)[0] is False   # low by any fixed rule, typical here
+    assert p.escalation(0.45, "", 0.01, grounding=0.99, ungrounded=True)[0] is True
+    assert p.escalation(0.45, "", 0.01, grounding=0.60, ungrounded=True)[0] is False
+    assert p.escalation(0.45, "an output check", 0.01)[0] is True  # checks always escalate
+    # Another tenant's answers are not this one's: no cut yet, and no fixed threshold set.
+    other = calibration.calibrated(CascadePlan(SMALL, LARGE, 0.0, 0.1, rate=0.1), "u")
+    assert other.confidence_cut is None and other.escalation(0.2, "", 0.01)[0] is False
+    # Before enough answers, a fixed threshold (if set) decides; grounding alone does not.
+    warm = CascadePlan(SMALL, LARGE, 0.6, then_cost=0.1, rate=0.1)
+    assert warm.escalation(0.5, "", 0.01)[0] is True
+    assert warm.escalation(0.9, "", 0.01, grounding=0.99, ungrounded=True)[0] is False
+    # Without a rate, a failed grounding check escalates as before.
+    fixed = CascadePlan(SMALL, LARGE, 0.6, then_cost=0.1)
+    assert fixed.escalation(0.9, "", 0.01, grounding=0.7, ungrounded=True)[0] is True
+
+
+def test_the_ask_path_calibrates_on_the_tenants_own_answers(tmp_path):
+    k = Kernel(tmp_path, TwoModels({SMALL: 0.5, LARGE: 0.9}))
+    try:
+        spec = ProcessSpec(name="bot", model=AUTO_MODEL,
+                           route=RoutePolicy(cascade_rate=0.2))
+        pid = asyncio.run(k.table.spawn(ALICE, spec)).pid
+        for i in range(20):  # warming up: no fixed threshold, so nothing is escalated
+            k.model.prob[SMALL] = 0.5 + 0.02 * i
+            assert ask(k, pid, 3)[1].usage.escalated_from == ""
+        k.model.prob[SMALL] = 0.45  # less sure than any answer so far
+        done = ask(k, pid, 3)[1]
+        assert done.usage.escalated_from == SMALL and done.usage.model == LARGE
+        assert "least sure" in done.usage.route_reason
+        k.model.prob[SMALL] = 0.8
+        assert ask(k, pid, 3)[1].usage.escalated_from == ""
+        with pytest.raises(VfmError, match="cascade_rate"):
+            asyncio.run(k.table.spawn(ALICE, ProcessSpec(
+                name="x", model=AUTO_MODEL, route=RoutePolicy(cascade_rate=0.7))))
     finally:
         k.store.close()
