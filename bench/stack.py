@@ -1,6 +1,7 @@
 """Stack bench: one FM process streaming through libvfm → vfmd → vfm-modeld vs the same model
-called directly with transformers in this process (same prompt, greedy, same token count),
-and the same stack with the trust path on (vfm-trustd, a `level: fast` policy) against off."""
+called directly in this process on the same engine (llama.cpp's API on the GGUF, the default;
+or transformers with --engine torch; same prompt, greedy, same token count), and the same
+stack with the trust path on (vfm-trustd, a `level: fast` policy) against off."""
 
 from __future__ import annotations
 
@@ -90,7 +91,39 @@ def _direct_times(model, tokenizer, prompt: str, tokens: int) -> list[float]:
     return times
 
 
-async def _measure(stacks: dict[str, Stack], prompts: list[str], tokens: int) -> dict:
+class _LlamaDirect:
+    """llama.cpp called directly on the GGUF vfm-modeld serves: greedy, each token decoded
+    to text as a streaming caller would."""
+
+    def __init__(self):
+        from transformers import AutoTokenizer
+
+        from bench.engine import LlamaDirect, _entry_and_gguf
+
+        _, path = _entry_and_gguf()
+        self.llama = LlamaDirect(path, cpu_count())
+        self.tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+    def times(self, prompt: str, tokens: int) -> list[float]:
+        lib, llama = self.llama.lib, self.llama
+        start = time.perf_counter()
+        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                 add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"]
+        lib.llama_memory_clear(llama.mem, True)
+        token = llama.prefill(list(ids))
+        times = []
+        for step in range(tokens):
+            self.tokenizer.decode([token])
+            times.append(time.perf_counter() - start)
+            if step + 1 < tokens:
+                llama._decode([(0, len(ids) + step, [token])])
+                token = llama._argmax(0)
+        return times
+
+
+async def _measure(stacks: dict[str, Stack], prompts: list[str], tokens: int,
+                   engine: str) -> dict:
     clients = {label: AsyncClient(stack.socket, timeout=600) for label, stack in stacks.items()}
     try:
         pids = {}
@@ -101,8 +134,12 @@ async def _measure(stacks: dict[str, Stack], prompts: list[str], tokens: int) ->
                 await client.apply_policy(FAST_POLICY, filename="fast.yaml")
             await client.ask(pids[label], "Hello there.", max_new_tokens=4)  # load and warm up
         hf_logging.disable_progress_bar()
-        model, tokenizer = load_direct(cpu_count())  # the daemons' thread count: all cores
-        _direct_times(model, tokenizer, "Hello there.", 4)
+        if engine == "torch":
+            model, tokenizer = load_direct(cpu_count())  # the daemons' threads: all cores
+            direct = lambda prompt, n: _direct_times(model, tokenizer, prompt, n)  # noqa: E731
+        else:
+            direct = _LlamaDirect().times
+        direct("Hello there.", 4)
         runs: dict[str, list[Run]] = {label: [] for label in (*stacks, "direct")}
         for i, prompt in enumerate(prompts):
             # One path at a time (they share the cores), in an order that rotates so drift on
@@ -112,7 +149,7 @@ async def _measure(stacks: dict[str, Stack], prompts: list[str], tokens: int) ->
             times = []
             for label in order:
                 if label == "direct":
-                    times = _direct_times(model, tokenizer, prompt, tokens)
+                    times = direct(prompt, tokens)
                 else:
                     runs[label].append(await _stack_run(clients[label], pids[label], prompt,
                                                         tokens))
@@ -131,17 +168,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--reps", type=int, default=0, help="questions (default 8, quick 4)")
     parser.add_argument("--no-trust", action="store_true",
                         help="leave out the trust path (vfm-trustd, level fast)")
+    parser.add_argument("--engine", choices=("llama.cpp", "torch"), default="llama.cpp",
+                        help="vfm-modeld's engine, and the direct baseline's (default llama.cpp)")
     args = parser.parse_args(argv)
     prompts = story_prompts(args.reps or (4 if args.quick else 8))  # a new question each time
     stacks: dict[str, Stack] = {}
     try:
         # The plain comparison recomputes every prompt, as the direct baseline does; the
         # default stack also reuses the chat template's shared prefix.
-        stacks[PLAIN] = Stack(modeld_args=("--no-prefix-cache",))
-        stacks[REUSE] = Stack()
-        if not args.no_trust:
-            stacks[TRUST] = Stack(trust=True)  # the same stack with every Ask checked
-        runs = uvloop.run(_measure(stacks, prompts, args.tokens))
+        engine = ("--engine", args.engine)
+        stacks[PLAIN] = Stack(modeld_args=("--no-prefix-cache", *engine))
+        stacks[REUSE] = Stack(modeld_args=engine)
+        if not args.no_trust:  # the same stack with every Ask checked
+            stacks[TRUST] = Stack(trust=True, modeld_args=engine)
+        runs = uvloop.run(_measure(stacks, prompts, args.tokens, args.engine))
     finally:
         for stack in stacks.values():
             stack.close()
@@ -169,7 +209,8 @@ def main(argv: list[str]) -> int:
     figures["goals_met"] = goals
     rows = [(k, f"{m['tps']:.1f}", f"{m['decode_tps']:.1f}", f"{m['ttft_ms']:.0f}")
             for k, m in med.items()]
-    report(f"stack: one FM process, {figures['tokens']} new tokens (median), "
+    figures["engine"] = args.engine
+    report(f"stack: one FM process on {args.engine}, {figures['tokens']} new tokens (median), "
            f"median of {len(prompts)} questions; goals tps_ratio >= 0.9, ttft overhead <= 50 ms; "
            f"trust (level fast) vs prefix reuse: ttft ratio <= 1.15, tps ratio >= 0.9",
            rows, ("path", "tokens/s", "decode tokens/s", "first token ms"), figures)
