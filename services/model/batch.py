@@ -16,7 +16,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from vfmos_runtime.errors import Internal
 from services.model import layerwise
-from services.model.decode import TextStream, eos_ids, pick
+from services.model.decode import TextStream, emit_token, eos_ids, pick
 from services.model.prefix import KV, PrefixCache, common_prefix
 from services.model.types import GenParams, Piece
 
@@ -511,26 +511,9 @@ class BatchEngine:
         token = pick(logits, params, row.generator)
         # The model's own probability of its token (temperature 1): a cascade's confidence.
         logprob = float(logits[token] - torch.logsumexp(logits, dim=-1))
-        prompt = len(row.job.input_ids)
-        finish = ""
-        if token in self._eos:
-            finish = "stop"
-        else:
-            row.produced.append(token)
-            row.token = token
-            text, stopped = row.stream.push(token)
-            row.job.emit(Piece(text=text, tokens=1, prompt_tokens=prompt, token_ids=(token,),
-                               logprob=logprob))
-            if stopped:
-                finish = "stop"
-            elif len(row.produced) >= params.max_new_tokens:
-                finish = "length"
-        if finish:
-            row.job.emit(Piece(text=row.stream.flush(), tokens=0, prompt_tokens=prompt,
-                               done=True, finish_reason=finish,
-                               completion_tokens=len(row.produced)))
-            return False
-        return True
+        row.token = token
+        return not emit_token(row.job, row.stream, row.produced, token, logprob,
+                              token in self._eos)
 
     def _drop_cancelled(self) -> None:
         cancelled = [i for i, r in enumerate(self._rows) if r.job.cancel.is_set()]

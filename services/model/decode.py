@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from services.model.types import GenParams
+from services.model.types import GenParams, Piece
 
 
 class TextStream:
@@ -58,6 +58,30 @@ class TextStream:
         piece = self.text[self._sent:upto]
         self._sent = max(self._sent, upto)
         return piece
+
+
+def emit_token(job, stream: TextStream, produced: list[int], token: int, logprob: float,
+               end: bool) -> str:
+    """Hand a row's sampled token (or, `end`, its end-of-turn) to its job, then its final
+    piece if this ends it; the finish reason, empty while the row goes on. Both engines'
+    rows end here alike: end of turn, a stop sequence, or max_new_tokens."""
+    prompt = len(job.input_ids)
+    finish = ""
+    if end:
+        finish = "stop"
+    else:
+        produced.append(token)
+        text, stopped = stream.push(token)
+        job.emit(Piece(text=text, tokens=1, prompt_tokens=prompt, token_ids=(token,),
+                       logprob=logprob))
+        if stopped:
+            finish = "stop"
+        elif len(produced) >= job.params.max_new_tokens:
+            finish = "length"
+    if finish:
+        job.emit(Piece(text=stream.flush(), tokens=0, prompt_tokens=prompt, done=True,
+                       finish_reason=finish, completion_tokens=len(produced)))
+    return finish
 
 
 def pick(logits: torch.Tensor, params: GenParams, generator: torch.Generator | None) -> int:

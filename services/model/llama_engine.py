@@ -29,9 +29,8 @@ import torch
 
 from vfmos_runtime.errors import Internal, InvalidArgument, Unavailable
 from services.model.batch import EngineStats, Job
-from services.model.decode import TextStream, pick
+from services.model.decode import TextStream, emit_token, pick
 from services.model.prefix import common_prefix
-from services.model.types import Piece
 
 log = logging.getLogger("vfm-modeld.llama")
 
@@ -360,26 +359,12 @@ class LlamaEngine:
             token = pick(torch.from_numpy(logits.copy()), params, row.generator)
         top = logits.max()
         logprob = float(logits[token] - top - np.log(np.exp(logits - top).sum()))
-        prompt = len(row.job.input_ids)
-        finish = ""
-        if self.model.is_eog(token):
-            finish = "stop"
-        else:
-            row.produced.append(token)
-            row.token = token
-            text, stopped = row.stream.push(token)
-            row.job.emit(Piece(text=text, tokens=1, prompt_tokens=prompt, token_ids=(token,),
-                               logprob=logprob))
-            if stopped:
-                finish = "stop"
-            elif len(row.produced) >= params.max_new_tokens:
-                finish = "length"
-        if finish:
+        if emit_token(row.job, row.stream, row.produced, token, logprob,
+                      self.model.is_eog(token)):
             row.token = None
-            row.job.emit(Piece(text=row.stream.flush(), tokens=0, prompt_tokens=prompt,
-                               done=True, finish_reason=finish,
-                               completion_tokens=len(row.produced)))
             self._leave(row)
+        else:
+            row.token = token
 
 
 def _ahead(other: _Row, row: _Row) -> bool:
