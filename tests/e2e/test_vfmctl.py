@@ -192,6 +192,7 @@ def test_a_cascade_and_the_model_list_as_typed(stack):
     refused = vfmctl(stack, "model", "adapt", "mine", "--from-tenant-log", check=False)
     assert refused.returncode != 0 and "audit.store_text" in refused.stderr
     vfmctl(stack, "spawn", "calibrated", "--model", "auto", "--cascade-rate", "0.1")
-    assert "cascade of the least sure 10%" in vfmctl(stack, "inspect", "calibrated").stdout
+    shown = " ".join(vfmctl(stack, "inspect", "calibrated").stdout.split())  # wrapped cells
+    assert "cascade of the least sure 10%" in shown
     bad = vfmctl(stack, "spawn", "x", "--cascade", "0.5", check=False)
     assert bad.returncode != 0 and "need --model auto" in bad.stderr
