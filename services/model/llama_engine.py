@@ -142,7 +142,6 @@ class LlamaEngine:
         self._free: OrderedDict[int, list[int]] = OrderedDict((s, []) for s in range(self._seqs))
         self._rows: list[_Row] = []
         self._stopping = threading.Event()
-        self._held: list[Job] = []
 
     def active_jobs(self) -> list[Job]:
         return [row.job for row in self._rows]
@@ -173,7 +172,7 @@ class LlamaEngine:
         running = True
         while len(self._rows) < self.max_batch:
             try:
-                job = self._held.pop(0) if self._held else jobs.get(block=block)
+                job = jobs.get(block=block)
             except queue.Empty:
                 break
             if job is None:
