@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from services.model.registry import ENGINES
 from vfmos_runtime.config import load_config, service_parser, service_sockets
 from vfmos_runtime.paths import MODEL_SOCKET, cache_root, default_state_dir
 
@@ -38,7 +39,7 @@ class ModelConfig:
             raise ValueError("--max-batch must be between 1 and 256")
         if not 256 <= self.row_tokens <= 1 << 20:
             raise ValueError("--row-tokens must be between 256 and 1048576")
-        if self.engine not in ("auto", "llama.cpp", "torch"):
+        if self.engine not in ENGINES:
             raise ValueError(f"--engine must be auto, llama.cpp or torch, not {self.engine!r}")
         if self.threads < 0:
             raise ValueError("--threads must be >= 0 (0 = all cores)")
@@ -61,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
                    help="memory for reusable prompt prefixes (KV), per model (default 256)")
     p.add_argument("--max-batch", type=int,
                    help="sequences decoded together by a local model (default 8)")
-    p.add_argument("--engine", choices=("auto", "llama.cpp", "torch"),
+    p.add_argument("--engine", choices=ENGINES,
                    help="engine for local GGUF models: llama.cpp decodes the quantized "
                    "weights; torch dequantizes them (auto, the default: llama.cpp where it "
                    "loads the model, torch otherwise and for adapters and HF directories)")

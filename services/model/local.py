@@ -147,9 +147,6 @@ def gguf_file(entry: ModelEntry, cache: Path) -> Path | None:
     return directory / name
 
 
-ENGINES = ("auto", "llama.cpp", "torch")
-
-
 class LocalBackend:
     """One local model, owned by one worker thread that runs jobs from a queue. Its engine
     is chosen at load: llama.cpp for a GGUF (it decodes the quantized weights as they are),
@@ -202,7 +199,7 @@ class LocalBackend:
     def llama_reason(self) -> str:
         """Why this model is not for the llama.cpp engine; empty when it is."""
         if self._wanted == "torch":
-            return "the registry asks for the PyTorch engine"
+            return "--engine torch or the model's options.engine asks for PyTorch"
         if self.entry.options.get("adapter_dir"):
             return "adapters are served by the PyTorch engine (merged into their base)"
         if gguf_file(self.entry, self._cache) is None:
@@ -220,7 +217,7 @@ class LocalBackend:
                 reason = f"llama.cpp could not load it: {exc}"
                 log.warning("%s: %s", self.entry.name, reason)
         if self._wanted == "llama.cpp":
-            log.warning("%s: the registry asks for llama.cpp, but %s: using the PyTorch engine",
+            log.warning("%s: llama.cpp was asked for, but %s: using the PyTorch engine",
                         self.entry.name, reason)
         else:
             log.info("%s: PyTorch engine (%s)", self.entry.name, reason)

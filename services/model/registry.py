@@ -9,6 +9,7 @@ from pathlib import Path
 from vfmos_runtime.errors import AlreadyExists, InvalidArgument, NotFound
 
 BACKENDS = ("local-torch", "openai")
+ENGINES = ("auto", "llama.cpp", "torch")  # local models: auto = llama.cpp for a GGUF
 
 
 @dataclass
@@ -36,7 +37,7 @@ class ModelEntry:
             raise InvalidArgument(f"model {self.name}: an openai backend needs base_url")
         if self.backend == "local-torch" and not self.source:
             raise InvalidArgument(f"model {self.name}: a local model needs a source path")
-        if self.options.get("engine", "auto") not in ("auto", "llama.cpp", "torch"):
+        if self.options.get("engine", "auto") not in ENGINES:
             raise InvalidArgument(f"model {self.name}: options.engine must be auto, llama.cpp "
                                   f"or torch, not {self.options['engine']!r}")
         if self.context_window <= 0 or self.cost_per_1k_tokens < 0:
