@@ -62,7 +62,6 @@ class _Row:
     pending: list[int] = field(default_factory=list)  # prompt tokens still to prefill
     produced: list[int] = field(default_factory=list)
     token: int | None = None    # sampled, not yet fed
-    reused: int = 0
 
 
 class LlamaModel:
@@ -196,11 +195,9 @@ class LlamaEngine:
             generator = torch.Generator().manual_seed(job.params.seed)
         seq, kept = self._take_stream(job.input_ids)
         row = _Row(job, seq, TextStream(self.tokenizer, job.params.stop), generator,
-                   fed=list(job.input_ids[:kept]), pending=list(job.input_ids[kept:]),
-                   reused=kept)
+                   fed=list(job.input_ids[:kept]), pending=list(job.input_ids[kept:]))
         if kept:
-            self.stats.prefix_hits += 1
-            self.stats.prefix_tokens_reused += kept
+            self._count_reuse(kept)
         self._rows.append(row)
 
     def _take_stream(self, prompt: list[int]) -> tuple[int, int]:
@@ -241,9 +238,11 @@ class LlamaEngine:
         self._lib.llama_memory_seq_rm(self._mem, row.seq, best, -1)
         row.fed += row.pending[:best - have]
         del row.pending[:best - have]
-        row.reused += best - have
+        self._count_reuse(best - have)
+
+    def _count_reuse(self, tokens: int) -> None:
         self.stats.prefix_hits += 1
-        self.stats.prefix_tokens_reused += best - have
+        self.stats.prefix_tokens_reused += tokens
 
     def _release(self, row: _Row) -> None:
         """A leaving row's stream is free again, its tokens kept for a later prompt."""

@@ -196,23 +196,26 @@ class LocalBackend:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
-    def llama_reason(self) -> str:
-        """Why this model is not for the llama.cpp engine; empty when it is."""
+    def _llama_reason(self, path: Path | None) -> str:
+        """Why this model (its GGUF at `path`, if any) is not for the llama.cpp engine;
+        empty when it is."""
         if self._wanted == "torch":
             return "--engine torch or the model's options.engine asks for PyTorch"
         if self.entry.options.get("adapter_dir"):
             return "adapters are served by the PyTorch engine (merged into their base)"
-        if gguf_file(self.entry, self._cache) is None:
+        if path is None:
             return "it is not a GGUF"
         if importlib.util.find_spec("llama_cpp") is None:
             return "llama-cpp-python is not installed"
         return ""
 
     def _load(self) -> None:
-        reason = self.llama_reason()
+        # Resolved once: for Gemma it checks the assembled file's sha256 (~250 MB).
+        path = gguf_file(self.entry, self._cache)
+        reason = self._llama_reason(path)
         if not reason:
             try:
-                return self._load_llama()
+                return self._load_llama(path)
             except Exception as exc:  # the PyTorch engine can still serve it
                 reason = f"llama.cpp could not load it: {exc}"
                 log.warning("%s: %s", self.entry.name, reason)
@@ -223,7 +226,7 @@ class LocalBackend:
             log.info("%s: PyTorch engine (%s)", self.entry.name, reason)
         self._load_torch()
 
-    def _load_llama(self) -> None:
+    def _load_llama(self, path: Path) -> None:
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -231,7 +234,6 @@ class LocalBackend:
 
         hf_logging.disable_progress_bar()
         started = time.monotonic()
-        path = gguf_file(self.entry, self._cache)
         model = LlamaModel(path, self._threads)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
