@@ -28,6 +28,7 @@ from libvfm import AsyncClient
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NEW_TOKENS = 64
+SUMMARISE = "Summarise this text in one sentence:\n"
 
 
 def _entry_and_gguf():
@@ -64,10 +65,9 @@ class Prompts:
 
     def of_length(self, n: int, offset: int = 0) -> list[int]:
         """A question about a passage, `n` tokens in all."""
-        head = self.chat("Summarise this text in one sentence:\n")
+        head = self.chat(SUMMARISE)
         body = self.words[offset:offset + max(1, n - len(head))]
-        ids = self.chat("Summarise this text in one sentence:\n"
-                        + self.tokenizer.decode(body))
+        ids = self.chat(SUMMARISE + self.tokenizer.decode(body))
         return ids[:n - 5] + ids[-5:] if len(ids) > n else ids
 
 
@@ -184,11 +184,6 @@ class Served:
 
     def close(self) -> None:
         self.backend.stop()
-
-
-def _rates(results: list[tuple[float, float, int]], wall: float | None = None) -> float:
-    tokens = sum(r[2] for r in results)
-    return tokens / (wall if wall else max(r[0] + r[1] for r in results))
 
 
 def measure_direct(name: str, prompts8: list[list[int]], long: dict[int, list[int]],
