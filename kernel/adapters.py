@@ -35,6 +35,7 @@ DATA_CALL_TIMEOUT_S = 30.0          # a lookup, a search, a working set's candid
 # Embedding one entry takes 5-10 ms on an idle core; under fair sharing with other tenants'
 # work a bulk Remember of 200 took over 40 s (bench noisy_neighbour), so: 4 entries/s.
 REMEMBER_S_PER_ENTRY = 0.25
+EMBED_S_PER_TEXT = 0.25            # a 256-token text on a busy core
 GENERATE_BASE_S = 120.0             # prefill of a long prompt on CPU, and a wait for a slot
 GENERATE_S_PER_TOKEN = 0.5          # decode runs at 5-20 tokens/s per row here
 INGEST_PART_TIMEOUT_S = 60.0        # between two parts of an upload, either way
@@ -68,6 +69,8 @@ def generate_timeout(max_new_tokens: int) -> float:
 def _data_timeout(method: str, request) -> float:
     if method == "Remember":
         return DATA_CALL_TIMEOUT_S + REMEMBER_S_PER_ENTRY * len(request.entries)
+    if method == "Embed":
+        return DATA_CALL_TIMEOUT_S + EMBED_S_PER_TEXT * len(request.texts)
     return DATA_CALL_TIMEOUT_S
 
 
@@ -517,6 +520,15 @@ def search_from_data(r: data_pb2.SearchResponse) -> kpb.SearchResponse:
         for h in r.hits])
 
 
+def embed_to_data(tenant: str, r: kpb.EmbedRequest) -> data_pb2.EmbedRequest:
+    return data_pb2.EmbedRequest(tenant=tenant, texts=list(r.texts))
+
+
+def embed_from_data(r: data_pb2.EmbedResponse) -> kpb.EmbedResponse:
+    return kpb.EmbedResponse(embeddings=[kpb.Embedding(values=e.values) for e in r.embeddings],
+                             model=r.model, tokens=r.tokens)
+
+
 def ingest_to_data(tenant: str, part: kpb.IngestRequest) -> data_pb2.IngestRequest:
     return data_pb2.IngestRequest(tenant=tenant, collection=part.collection, source=part.source,
                                   kind=int(part.kind), mtime=_time(part, "mtime"),
@@ -547,6 +559,7 @@ _RELAYED = {
     "DeleteCollection": (delete_collection_to_data, delete_collection_from_data),
     "DeleteSource": (delete_source_to_data, delete_source_from_data),
     "Search": (search_to_data, search_from_data),
+    "Embed": (embed_to_data, embed_from_data),
 }
 
 

@@ -18,7 +18,7 @@ from kernel.identity import Caller
 from kernel.interrupt import Interrupt, Interruption
 from kernel.memory import Item, render
 from kernel.ports import ChatMessage, GenerateCall, ModelClient, ModelInfo, Verdict
-from kernel.process import ProcRecord
+from kernel.process import MAX_SYSTEM_PROMPT, ProcRecord
 from kernel.quota import new_token_cap, remaining_tokens
 from kernel.table import ProcessTable
 from kernel.trust_path import Ending, OutputGuard, Revision, TrustGate, TrustSession, strongest
@@ -44,6 +44,9 @@ class AskQuery:
     stop: tuple[str, ...] = ()
     ttft_slo_ms: float = 0.0
     stateless: bool = False  # no working set, and the exchange is not remembered
+    # The caller's instructions for this Ask alone (an OpenAI app's system message): they
+    # follow the process's own system prompt, never replace it.
+    instructions: str = ""
     # Set by the kernel, never by the caller: the working set rendered; what the model gets
     # instead of the process's system prompt and the question (pseudonymized for an
     # external model; None: as they are); a verifier's feedback for a revision.
@@ -64,6 +67,8 @@ class AskQuery:
             raise InvalidArgument(f"temperature must be 0..5, got {self.temperature}")
         if not 0.0 <= self.top_p <= 1.0:
             raise InvalidArgument(f"top_p must be 0..1, got {self.top_p}")
+        if len(self.instructions) > MAX_SYSTEM_PROMPT:
+            raise InvalidArgument(f"instructions are longer than {MAX_SYSTEM_PROMPT} characters")
         if not 0.0 <= self.ttft_slo_ms <= 3_600_000:
             raise InvalidArgument(f"ttft_slo_ms must be 0..3600000, got {self.ttft_slo_ms}")
 
@@ -208,7 +213,7 @@ class AskRunner:
         record = self._table.begin_ask(caller, query.pid, interrupt.fire)
         usage, finish, degraded = Usage(ask_id=new_ask_id()), "", []
         trust = self._trust.session(record.tenant, record.pid, query.prompt,
-                                    record.spec.system_prompt) if self._trust.enabled else None
+                                    system_of(record, query)) if self._trust.enabled else None
         ending, error = None, ""
         try:
             await self._refresh_models()
@@ -267,7 +272,7 @@ class AskRunner:
                      usage: Usage) -> tuple[str, CascadePlan | None]:
         """The router's model for this Ask (vfm-modeld keeps the decision under ask_id), or
         with a cascade the model that answers first and the plan."""
-        chars = len(record.spec.system_prompt) + len(query.prompt) + sum(len(i.text) for i in items)
+        chars = len(system_of(record, query)) + len(query.prompt) + sum(len(i.text) for i in items)
         policy = record.spec.route
         budget = record.spec.quota.cost_budget
         if budget:  # the route also keeps within what is left of the process's total budget
@@ -381,7 +386,7 @@ class AskRunner:
             query.model_prompt = trust.model_question
         if self._backend(model) == "openai":
             masked = await trust.pseudonymize(
-                record.spec.system_prompt,
+                system_of(record, query),
                 query.prompt if query.model_prompt is None else query.model_prompt, items)
             if masked is not None:
                 query.system_prompt, query.model_prompt, masked_items = masked
@@ -622,7 +627,7 @@ class AskRunner:
               max_new: int) -> GenerateCall:
         spec = record.spec
         messages = []
-        own = spec.system_prompt if query.system_prompt is None else query.system_prompt
+        own = system_of(record, query) if query.system_prompt is None else query.system_prompt
         feedback = f"A reviewer checked your previous answer to this question: " \
                    f"{query.feedback}\nAnswer again." if query.feedback else ""
         system = "\n\n".join(part for part in (own, query.context, feedback) if part)
@@ -635,6 +640,12 @@ class AskRunner:
             assistant_prefix="".join(answer.text), assistant_prefix_ids=tuple(answer.ids),
             temperature=query.temperature, top_p=query.top_p, seed=query.seed,
             stop=tuple(query.stop), priority=spec.priority, tenant=record.tenant)
+
+
+def system_of(record: ProcRecord, query: AskQuery) -> str:
+    """What the model is told first: the process's system prompt, then the Ask's own
+    instructions."""
+    return "\n\n".join(part for part in (record.spec.system_prompt, query.instructions) if part)
 
 
 def _add_usage(total: Usage, part: Usage) -> None:

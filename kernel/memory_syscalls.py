@@ -103,6 +103,11 @@ class MemorySyscalls:
         return await self.relay.forward("Search", caller.tenant, request)
 
     @syscall
+    async def Embed(self, caller: Caller, request: pb.EmbedRequest):
+        validate.embed_texts(request.texts)
+        return await self.relay.forward("Embed", caller.tenant, request)
+
+    @syscall
     async def ListCollections(self, caller: Caller, request: pb.ListCollectionsRequest):
         """vfm-datad lists them all (by name); the kernel pages them."""
         reply = await self.relay.forward("ListCollections", caller.tenant, request)

@@ -166,7 +166,7 @@ class KernelServicer(MemorySyscalls, TrustSyscalls, kernel_pb2_grpc.KernelServic
                          max_new_tokens=request.max_new_tokens, temperature=request.temperature,
                          top_p=request.top_p, seed=request.seed, stop=tuple(request.stop),
                          ttft_slo_ms=validate.duration_field(request, "ttft_slo", 3600) * 1000,
-                         stateless=request.stateless)
+                         stateless=request.stateless, instructions=request.instructions)
         async for item in self.asks.ask(caller, query):
             if isinstance(item, AskDone):
                 yield pb.AskResponse(done=pb.AskDone(

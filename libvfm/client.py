@@ -21,6 +21,7 @@ from libvfm.types import (AuditRecord, AuditVerification, Escalation, Policy, Po
                           PolicyTest)
 from libvfm.types import FeedbackResult, RouteCandidate, RouteExplanation, RoutePolicy
 from libvfm.types import ModelInfo, ModelJob
+from vfmos_runtime import validate
 from vfmos_runtime.convert import enum_value
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos.kernel.v1 import kernel_pb2_grpc
@@ -145,17 +146,20 @@ class AsyncClient:
     async def ask_stream(self, pid: int, prompt: str, *, max_new_tokens: int = 0,
                          temperature: float = 0.0, top_p: float = 0.0, seed: int = 0,
                          stop: list[str] | None = None, ttft_slo_ms: float = 0.0,
-                         stateless: bool = False) -> AsyncIterator[str | AskResult]:
+                         stateless: bool = False,
+                         instructions: str = "") -> AsyncIterator[str | AskResult]:
         """Yield text pieces as they are generated, then one AskResult.
 
         `ttft_slo_ms` asks for the first token within that time: the scheduler serves such
         requests earliest-deadline-first within their tenant. `stateless` leaves the
         process's memory out: no working set is assembled and the exchange is not remembered.
+        `instructions` are a system message for this Ask alone, read after the process's
+        own system prompt.
         """
         request = pb.AskRequest(pid=pid, prompt=prompt, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, seed=seed, stop=stop or [],
                                 ttft_slo=convert.duration(ttft_slo_ms / 1000, "ttft_slo_ms"),
-                                stateless=stateless)
+                                stateless=stateless, instructions=instructions)
         pieces: list[str] = []
         for attempt in (0, 1):
             call = self._stub.Ask(request, metadata=self._metadata(renew=attempt == 1))
@@ -274,6 +278,11 @@ class AsyncClient:
         return [convert.hit_from_pb(h) for h in reply.hits]
 
     # routing
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], str, int]:
+        """Unit vectors of `texts` from the data service's embedder: (vectors, model, tokens)."""
+        reply = await self._call("Embed", pb.EmbedRequest(texts=validate.embed_texts(texts)))
+        return [list(e.values) for e in reply.embeddings], reply.model, reply.tokens
+
     async def explain_route(self, pid: int, question: str) -> RouteExplanation:
         """What the router predicts for each allowed model, and its choice (process with
         model "auto"); nothing is asked."""

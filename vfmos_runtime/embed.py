@@ -80,6 +80,12 @@ class TransformerEmbedder:
                 out[idx] = pooled.numpy()
         return out
 
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the model reads of `texts` (each cut at its window, as `embed` does)."""
+        with self._lock:
+            ids = self._tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        return sum(len(row) for row in ids)
+
 
 def load_embedder(path: str | None = None) -> Embedder:
     """The embedder named by a path (any HF encoder directory), or the packaged MiniLM."""

@@ -15,6 +15,9 @@ KERNEL_SECRET_HEADER = "x-vfm-kernel"
 # Limits every part checks the same way.
 MAX_NEW_TOKENS = 4096
 MAX_TENANT = 128
+# Embed: texts per call, characters per text.
+MAX_EMBED_TEXTS = 256
+MAX_EMBED_CHARS = 32 * 1024
 
 # The user-space services the kernel knows by name.
 MODEL_SERVICE = "vfm-modeld"

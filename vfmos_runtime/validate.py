@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from vfmos_runtime.errors import InvalidArgument
+from vfmos_runtime.protocol import MAX_EMBED_CHARS, MAX_EMBED_TEXTS
 
 # Times every part can turn into a date: unix seconds from 1970 up to the year 3000.
 MAX_UNIX_S = 32_503_680_000
@@ -65,6 +66,18 @@ def number(value: float, field: str, low: float, high: float) -> float:
     if not (math.isfinite(value) and low <= value <= high):
         raise InvalidArgument(f"{field} must be a number in {low:g}..{high:g}, got {value}")
     return value
+
+
+def embed_texts(texts) -> list[str]:
+    """The texts of an Embed call: 1 .. MAX_EMBED_TEXTS, none blank or over MAX_EMBED_CHARS."""
+    if not 1 <= len(texts) <= MAX_EMBED_TEXTS:
+        raise InvalidArgument(f"texts must hold 1..{MAX_EMBED_TEXTS} texts, got {len(texts)}")
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise InvalidArgument(f"texts[{i}] is empty")
+        if len(text) > MAX_EMBED_CHARS:
+            raise InvalidArgument(f"texts[{i}] is longer than {MAX_EMBED_CHARS} characters")
+    return list(texts)
 
 
 def pid(value: int, field: str = "pid") -> int:

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import numpy as np
 
 from vfmos_runtime.errors import Cancelled, InvalidArgument, NotFound
 from vfmos_runtime.protocol import MAX_TENANT
@@ -74,6 +75,12 @@ class DataService:
             work.cancel()  # the thread stops at its next checkpoint
             future.add_done_callback(lambda f: _abandoned(f, fn, tenant))
             raise
+
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """Vectors of `texts` from the embedder retrieval uses, and the tokens it read."""
+        count = getattr(self.embedder, "count_tokens", None)
+        tokens = count(texts) if count is not None else sum(self.counter.count(texts))
+        return self.embedder.embed(texts), tokens
 
     def knowledge_for(self, tenant: str, collections: list[str], question: str,
                       k: int) -> list[tuple[object, int]]:

@@ -7,6 +7,7 @@ import logging
 
 from google.protobuf.message import DecodeError
 
+from vfmos_runtime import validate
 from vfmos_runtime.boundary import rpc as boundary
 from vfmos_runtime.convert import enum_str, seconds, timestamp
 from vfmos_runtime.errors import InvalidArgument
@@ -112,6 +113,14 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
                                 since=_when(seconds(request, "since")),
                                 until=_when(seconds(request, "until")))
         return pb.SearchResponse(hits=[hit_to_pb(h, request.collection) for h in hits])
+
+    @rpc
+    async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        tenant = check_tenant(request.tenant)
+        texts = validate.embed_texts(request.texts)
+        vectors, tokens = await self.s.run(tenant, self.s.embed, texts)
+        return pb.EmbedResponse(embeddings=[pb.Embedding(values=row.tolist()) for row in vectors],
+                                model=self.s.embedder.name, tokens=tokens)
 
     # episodic memory
     @rpc
