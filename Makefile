@@ -68,4 +68,5 @@ install-systemd: setup
 	deploy/install-systemd.sh --prefix $(abspath $(VENV))
 
 clean:
-	rm -rf $(VENV) $(GENERATED) $(PROTOS:.proto=_pb2.pyi) .tools examples/node/node_modules
+	rm -rf $(VENV) $(GENERATED) $(PROTOS:.proto=_pb2.pyi) .tools examples/node/node_modules \
+		examples/openai-node/node_modules

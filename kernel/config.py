@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kernel.process import DEFAULT_REAP_AFTER_S
-from vfmos_runtime.config import load_config, state_dir_named
+from vfmos_runtime.config import listen_is_loopback, load_config, state_dir_named
 from vfmos_runtime.paths import KERNEL_SOCKET, default_data_dir, default_state_dir
 
 
@@ -86,21 +85,6 @@ class KernelConfig:
     @property
     def socket(self) -> Path:
         return self.state_dir / KERNEL_SOCKET
-
-
-def listen_is_loopback(listen: str) -> bool:
-    """Whether HOST:PORT (or [V6]:PORT) binds loopback only; an empty host, a wildcard and
-    any name but localhost may reach other hosts."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"--listen {listen!r}: use HOST:PORT, e.g. 127.0.0.1:7070")
-    host = host.removeprefix("[").removesuffix("]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Stacks that tests bring up (`vfmctl up`) serve the OpenAI gateway on a free port, never on
+# the 8080 a developer's own `make run` holds.
+os.environ.setdefault("VFM_GATEWAY_LISTEN", "127.0.0.1:0")
 
 
 class Daemon:

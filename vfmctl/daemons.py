@@ -37,7 +37,10 @@ SERVICES = (Daemon("vfm-datad", "services.data.main", "loading the embedding mod
                    "loading the default model (the first start converts it, ~30 s)"),
             Daemon("vfm-trustd", "services.trust.main",
                    "loading the embedding model and the checks"))
-ALL = (KERNEL, *SERVICES)
+# The OpenAI-compatible gateway: a client of the kernel, started last, stopped first.
+GATEWAY = Daemon("vfm-gatewayd", "services.gateway.main", "opening the OpenAI-compatible API")
+GATEWAY_ADDRESS_FILE = "gateway.addr"   # what it serves on, written once it listens
+ALL = (KERNEL, *SERVICES, GATEWAY)
 SUPERVISOR_MODULE = "vfmctl.supervisor"
 STOP_TIMEOUT_S = 15.0
 
@@ -184,9 +187,11 @@ def _start_supervisor(state_dir: Path, args: dict[str, list[str]]) -> None:
 
 
 def up(state_dir: Path, say, timeout_s: float = 600.0, kernel_args: list[str] | None = None,
-       service_args: dict[str, list[str]] | None = None) -> list[str]:
+       service_args: dict[str, list[str]] | None = None,
+       gateway_args: list[str] | None = None) -> list[str]:
     """Start the supervisor (which starts whatever is not running yet) and wait until each
-    daemon serves. If one cannot start, everything this call started is stopped again."""
+    daemon serves. If one cannot start, everything this call started is stopped again.
+    `gateway_args` None leaves the OpenAI gateway out."""
     os.umask(PRIVATE_UMASK)  # pid files, logs, and the daemons the supervisor starts
     for change in secure_state(state_dir):
         say(change)
@@ -195,8 +200,11 @@ def up(state_dir: Path, say, timeout_s: float = 600.0, kernel_args: list[str] | 
     for daemon in SERVICES:
         args[daemon.name] = ["--kernel-socket", str(sock),
                              *(service_args or {}).get(daemon.name, [])]
-    started = [d.name for d in ALL if running_pid(state_dir, d) is None]
-    since = {path: _size(path) for d in ALL
+    if gateway_args is not None:
+        args[GATEWAY.name] = ["--kernel-socket", str(sock), *gateway_args]
+    wanted = [d for d in ALL if d.name in args]
+    started = [d.name for d in wanted if running_pid(state_dir, d) is None]
+    since = {path: _size(path) for d in wanted
              for path in (log_file(state_dir, d), err_file(state_dir, d))}
     ours = supervisor_pid(state_dir) is None
     if ours:
@@ -211,6 +219,11 @@ def up(state_dir: Path, say, timeout_s: float = 600.0, kernel_args: list[str] | 
                 say(f"starting {daemon.name}: {daemon.ready_hint}")
             _wait("starting", lambda d=daemon: _serving(client, d.name), timeout_s,
                   daemon, state_dir, say, since)
+        if gateway_args is not None:
+            if GATEWAY.name in started:
+                say(f"starting {GATEWAY.name}: {GATEWAY.ready_hint}")
+            _wait("starting", lambda: gateway_address(state_dir) is not None, 60.0, GATEWAY,
+                  state_dir, say, since)
     except (UpError, KeyboardInterrupt):
         if ours:
             down(state_dir, lambda _line: None)
@@ -218,6 +231,16 @@ def up(state_dir: Path, say, timeout_s: float = 600.0, kernel_args: list[str] | 
     finally:
         client.close()
     return started
+
+
+def gateway_address(state_dir: Path) -> str | None:
+    """The running gateway's base address ("http://127.0.0.1:8080"), or None."""
+    if running_pid(state_dir, GATEWAY) is None:
+        return None
+    try:
+        return (state_dir / GATEWAY_ADDRESS_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _pings(client: Client) -> bool:
@@ -244,7 +267,7 @@ def down(state_dir: Path, say, timeout_s: float = STOP_TIMEOUT_S) -> int:
         say(f"stopping {', '.join(d.name for d in reversed(running)) or 'the supervisor'}"
             f" (supervisor pid {supervisor})")
         stop_pid(supervisor, timeout_s * (len(ALL) + 1))
-    for daemon in (*reversed(SERVICES), KERNEL):
+    for daemon in reversed(ALL):
         pid = running_pid(state_dir, daemon)
         if pid is not None:
             say(f"stopping {daemon.name} (pid {pid})")
@@ -270,4 +293,5 @@ def wait_foreground(state_dir: Path, say) -> None:
     down(state_dir, say)
 
 
-__all__ = ["UpError", "down", "restarts", "running_pid", "up", "wait_foreground"]
+__all__ = ["UpError", "down", "gateway_address", "restarts", "running_pid", "up",
+           "wait_foreground"]

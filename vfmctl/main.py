@@ -67,10 +67,15 @@ def cmd_up(args) -> int:
         kernel_args.append("--insecure")
     service_args = {"vfm-modeld": ["--models", str(Path(args.models).resolve())]} \
         if args.models else {}
+    listen = args.gateway_listen or os.environ.get("VFM_GATEWAY_LISTEN", "")
+    gateway = None if listen == "off" else (["--listen", listen] if listen else [])
     started = daemons.up(state_dir, _say, timeout_s=args.timeout, kernel_args=kernel_args,
-                         service_args=service_args)
+                         service_args=service_args, gateway_args=gateway)
     _say(f"VFMOS is up ({', '.join(started) or 'already running'}); "
          f"socket {state_dir / KERNEL_SOCKET}")
+    address = daemons.gateway_address(state_dir)
+    if address:
+        _say(f"OpenAI-compatible API on {address}/v1 (API keys: 'vfmctl token create TENANT')")
     if not args.detach:
         _say("running in the foreground; Ctrl-C stops every daemon")
         daemons.wait_foreground(state_dir, _say)
@@ -258,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="PEM private key for --listen")
     p.add_argument("--insecure", action="store_true",
                    help="allow --listen off loopback without TLS (tokens travel in clear)")
+    p.add_argument("--gateway-listen", metavar="HOST:PORT",
+                   help="where vfm-gatewayd serves the OpenAI API (default 127.0.0.1:8080 or "
+                        "$VFM_GATEWAY_LISTEN; port 0 picks a free one; 'off': no gateway)")
     p.add_argument("--models", help="JSON file of extra models for vfm-modeld (local paths, "
                    "OpenAI-compatible servers); see README")
     p.add_argument("--timeout", type=float, default=600.0,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import psutil
 
-from vfmctl.daemons import (ALL, KERNEL, SERVICES, Daemon, err_file, log_file, pid_file,
-                            running_pid, status_file, stop_pid, supervisor_log)
+from vfmctl.daemons import (ALL, Daemon, err_file, log_file, pid_file, running_pid,
+                            status_file, stop_pid, supervisor_log)
 from vfmos_runtime.logs import LogSettings, setup_logging
 from vfmos_runtime.paths import PRIVATE_UMASK
 
@@ -52,13 +52,15 @@ class Watched:
 class Supervisor:
     def __init__(self, state_dir: Path, args: dict[str, list[str]]):
         self.state_dir, self.args = state_dir, args
-        self.watched = {d.name: Watched() for d in ALL}
+        # The daemons `up` asked for (the gateway may be left out), in start order.
+        self.daemons = [d for d in ALL if d.name in args] if args else list(ALL)
+        self.watched = {d.name: Watched() for d in self.daemons}
         self.stopping = False
 
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: self._stop_requested())
-        for daemon in ALL:  # a daemon that already runs (an older `up`) is adopted
+        for daemon in self.daemons:  # a daemon that already runs (an older `up`) is adopted
             pid = running_pid(self.state_dir, daemon)
             if pid is not None:
                 self.watched[daemon.name].pid = pid
@@ -67,7 +69,7 @@ class Supervisor:
         while not self.stopping:
             now = time.time()
             changed = False
-            for daemon in ALL:
+            for daemon in self.daemons:
                 changed |= self._look(daemon, now)
             if changed:
                 self._write()
@@ -115,7 +117,7 @@ class Supervisor:
                  f", restart {w.restarts}" if w.restarts else "")
 
     def _stop_all(self) -> None:
-        for daemon in (*reversed(SERVICES), KERNEL):
+        for daemon in reversed(self.daemons):
             w = self.watched[daemon.name]
             if w.pid and self._alive(daemon, w):
                 log.info("stopping %s (pid %d)", daemon.name, w.pid)

@@ -6,6 +6,7 @@ A bad value is one `ConfigError` line that names the setting and where it came f
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import tomllib
 import types
@@ -129,3 +130,18 @@ def coerce(value: Any, kind: Any) -> Any:
     if kind is str:
         return str(value)
     return value
+
+
+def listen_is_loopback(listen: str) -> bool:
+    """Whether HOST:PORT (or [V6]:PORT) binds loopback only; an empty host, a wildcard and
+    any name but localhost may reach other hosts."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--listen {listen!r}: use HOST:PORT, e.g. 127.0.0.1:7070")
+    host = host.removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
