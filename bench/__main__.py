@@ -25,6 +25,7 @@ BENCHES = {
     "cascade": "bench.cascade",
     "adapt": "bench.adapt",
     "engine": "bench.engine",
+    "gateway": "bench.gateway",
 }
 
 
