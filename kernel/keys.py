@@ -1,9 +1,9 @@
-"""Budgets of bearer tokens ("virtual keys"): each token's limits, what it has used, and the
-exact arithmetic that holds every syscall and Ask made with it to them.
+"""Budgets of bearer tokens ("virtual keys"): their limits, their usage, the exact arithmetic.
 
-Accounts change only on the kernel's event loop, and every check is made in the same step
-as the charge it allows (no await between them): concurrent calls of one token see each
-other's charges at once, so their sum can never pass a limit."""
+Each token's account holds every syscall and Ask made with it to its limits. Accounts
+change only on the kernel's event loop, and every check is made in the same step as the
+charge it allows (no await between them): concurrent calls of one token see each other's
+charges at once, so their sum can never pass a limit."""
 
 from __future__ import annotations
 

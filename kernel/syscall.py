@@ -1,5 +1,4 @@
-"""The syscall decorator: identify the caller, hold it to its token's limits, then run the
-handler inside the shared boundary."""
+"""The syscall decorator: identify the caller, hold it to its token's limits, run the handler."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from kernel.keys import (KeyAccount, KeyLedger, RequestWindow, budget_nano, nano
                          new_record, room)
 from tests.unit.test_ask_runner import PROMPT, FakeModel, Kernel, answer
 from vfmos_runtime.errors import InvalidArgument, QuotaExceeded
-from vfmos_runtime.types import TokenLimits
+from vfmos_runtime.types import ProcessSpec, TokenLimits
 from vfmos_runtime.validate import token_limits
 
 PRICE = 2.0  # what the in-memory model costs per 1k tokens
@@ -123,10 +123,9 @@ class KeyedKernel(Kernel):
         self.keys = KeyLedger(self.store)
         self.account = self.keys.add(b"digest-of-the-key", new_record(
             KEYED.key, KEYED.tenant, False, "", limits, 0.0))
-        self.runner._keys = self.keys
+        self.runner._keys = self.keys  # what kernel/main.py passes to AskRunner
 
     def spawn_keyed(self) -> int:
-        from vfmos_runtime.types import ProcessSpec
         return asyncio.run(self.table.spawn(KEYED, ProcessSpec(name="p"))).pid
 
     async def ask_keyed(self, pid: int, tokens: int) -> list:
