@@ -5,10 +5,12 @@ What it sends, kept as honest as the real vfm-modeld's wire traffic: one `Genera
 token (tokens=1, a short word of text, its token id, and `prompt_tokens` on every chunk, as
 `services/model/batch.py` emits them), then one final chunk (done, finish_reason "length",
 completion_tokens, model). Every answer runs to `max_new_tokens`. No sleeping, no batching of
-tokens into one message: it streams as fast as gRPC lets it. `ListModels` reports one default
-model whose `max_batch` is large (64) so the kernel runs every ask at once.
+tokens into one message: it streams as fast as gRPC lets it (tests that need an answer to
+last a while give `--token-delay-ms`). `ListModels` reports one default model whose
+`max_batch` is large (64) so the kernel runs every ask at once.
 
-    python -m bench.fake_modeld --socket PATH | --state-dir DIR [--kernel-socket PATH] [--max-batch 64]
+    python -m bench.fake_modeld --socket PATH | --state-dir DIR [--kernel-socket PATH]
+        [--max-batch 64] [--token-delay-ms 0]
 
 Without --kernel-socket it only serves (the bench's direct baseline reads it like that).
 """
@@ -16,6 +18,7 @@ Without --kernel-socket it only serves (the bench's direct baseline reads it lik
 from __future__ import annotations
 
 import argparse
+import asyncio
 from pathlib import Path
 
 from services.registration import serve_registered
@@ -52,14 +55,17 @@ def prompt_tokens(request: pb.GenerateRequest) -> int:
 
 
 class FakeModel(model_pb2_grpc.ModelServiceServicer):
-    def __init__(self, max_batch: int):
+    def __init__(self, max_batch: int, token_delay_s: float = 0.0):
         self.max_batch = max_batch
+        self.token_delay_s = token_delay_s
 
     async def Generate(self, request: pb.GenerateRequest, context):
         prompt = prompt_tokens(request)
         n = request.max_new_tokens or DEFAULT_NEW_TOKENS
         vocab = len(VOCAB)
         for i in range(n):
+            if self.token_delay_s:
+                await asyncio.sleep(self.token_delay_s)
             word = i % vocab
             yield pb.GenerateResponse(text=VOCAB[word], tokens=1, prompt_tokens=prompt,
                                       token_ids=(100 + word,))
@@ -72,8 +78,9 @@ class FakeModel(model_pb2_grpc.ModelServiceServicer):
             cost_per_1k_tokens=0.0, loaded=True, is_default=True, max_batch=self.max_batch)])
 
 
-async def serve(socket: Path, kernel_socket: Path | None, max_batch: int) -> None:
-    servicer = FakeModel(max_batch)
+async def serve(socket: Path, kernel_socket: Path | None, max_batch: int,
+                token_delay_s: float = 0.0) -> None:
+    servicer = FakeModel(max_batch, token_delay_s)
     service_name = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
     # One server serves both the kernel and the direct baseline, so it admits anyone: the
     # registration's secret is kept but not checked (the real gate costs once per call).
@@ -99,12 +106,15 @@ def main() -> int:
     parser.add_argument("--state-dir", type=Path, help="where the default socket lives")
     parser.add_argument("--kernel-socket", type=Path, help="register with this vfmd as vfm-modeld")
     parser.add_argument("--max-batch", type=int, default=64, help="max_batch in ListModels")
+    parser.add_argument("--token-delay-ms", type=float, default=0.0,
+                        help="wait this long before each token (default 0: none)")
     args = parser.parse_args()
     if args.socket is None:
         if args.state_dir is None:
             parser.error("give --socket or --state-dir")
         args.socket = args.state_dir / "fake-modeld.sock"
-    return run_daemon(lambda: serve(args.socket, args.kernel_socket, args.max_batch))
+    return run_daemon(lambda: serve(args.socket, args.kernel_socket, args.max_batch,
+                                    args.token_delay_ms / 1000))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from kernel.context import ContextManager
 from kernel.dispatch import Dispatcher, Lease
 from kernel.identity import Caller
 from kernel.interrupt import Interrupt, Interruption
+from kernel.keys import KeyAccount, KeyLedger
 from kernel.memory import Item, render
 from kernel.ports import ChatMessage, GenerateCall, ModelClient, ModelInfo, Verdict
 from kernel.process import MAX_SYSTEM_PROMPT, ProcRecord
@@ -54,6 +55,7 @@ class AskQuery:
     system_prompt: str | None = None
     model_prompt: str | None = None
     feedback: str = ""
+    key: KeyAccount | None = None  # the caller's bearer token, charged with the answer
 
     def validate(self) -> None:
         if not self.prompt.strip():
@@ -154,8 +156,9 @@ class _Segment:
 class AskRunner:
     def __init__(self, table: ProcessTable, models: ModelClient, dispatcher: Dispatcher,
                  context: ContextManager, trust: TrustGate | None = None,
-                 asks: AskLog | None = None):
+                 asks: AskLog | None = None, keys: KeyLedger | None = None):
         self._asks = asks
+        self._keys = keys
         self._feedback_tasks: set[asyncio.Task] = set()
         self._context = context
         self._trust = trust or TrustGate(None)
@@ -210,6 +213,9 @@ class AskRunner:
     async def _run(self, caller: Caller, query: AskQuery, answer: _Answer) -> AskDone:
         started = time.perf_counter()
         interrupt = Interrupt()
+        key = query.key = self._keys.get(caller.key) if self._keys is not None else None
+        if key is not None:
+            key.admit_ask()
         record = self._table.begin_ask(caller, query.pid, interrupt.fire)
         usage, finish, degraded = Usage(ask_id=new_ask_id()), "", []
         trust = self._trust.session(record.tenant, record.pid, query.prompt,
@@ -253,6 +259,8 @@ class AskRunner:
             confidence = answer.confidence.value()
             usage.confidence = confidence if confidence is not None else 0.0
             self._table.end_ask(query.pid, interrupt.fire, usage)
+            if key is not None:
+                self._keys.settle(key)
             if trust is not None:
                 trust.close()
             self._trust.record(record.tenant, record.pid, usage, query.prompt,
@@ -533,16 +541,25 @@ class AskRunner:
                       usage: Usage, interrupt: Interrupt, started: float,
                       segment: _Segment) -> bool:
         """One Generate stream, accounted piece by piece. True when it stopped short of
-        the budget only to be asked again for the exact remainder."""
-        quota, counters = record.spec.quota, record.counters
+        the budget only to be asked again for the exact remainder.
+
+        The caller's key is charged each piece in the step that checks it fits (no await
+        between), so concurrent Asks of one key share what it has left to the token."""
+        key, price = query.key, self._price(model)
         asked = query.max_new_tokens or DEFAULT_NEW_TOKENS
-        limited = quota.max_tokens > 0
+        limited = record.spec.quota.max_tokens > 0 or (key is not None and key.limited)
         out = usage.tokens_out
         # Ask for what may still come. Until the prompt's size is known (from the first
         # piece) this counts the budget without it, and the stream is cut at the true cap.
         spent = answer.spent  # an earlier attempt's tokens (this Ask's, not yet in counters)
-        cap = new_token_cap(quota, counters, usage.tokens_in + spent, asked)
+
+        def cap_now() -> int:
+            return self._cap(record, key, price, usage.tokens_in + spent, asked, out)
+        cap = cap_now()
         if out >= cap:
+            if key is not None and not (usage.tokens_in or out or spent) and \
+                    key.room(price) == 0:
+                raise key.exhausted(price)  # its key ran out while it waited: nothing charged
             segment.finish = "quota" if cap < asked else "length"
             return False
         stream = self._model.generate(self._call(record, query, model, answer, cap - out))
@@ -559,18 +576,20 @@ class AskRunner:
                 if need_prompt and piece.prompt_tokens:
                     need_prompt = False
                     self._check_prompt_fits(record, piece.prompt_tokens, stream)
+                    if key is not None:
+                        self._charge_key_prompt(key, piece.prompt_tokens, price, stream)
                     usage.tokens_in = piece.prompt_tokens
                 if piece.done:
                     finish = piece.finish_reason or "stop"
                     if finish == "length" and limited:
-                        cap = new_token_cap(quota, counters, usage.tokens_in + spent, asked)
+                        cap = cap_now()
                         if out >= cap and cap < asked:
                             finish = "quota"  # the request was cut to the budget's remainder
                     segment.finish = finish
                     break
                 n = piece.tokens
                 if limited:
-                    cap = new_token_cap(quota, counters, usage.tokens_in + spent, asked)
+                    cap = cap_now()
                 if out + n > cap:
                     stream.cancel()
                     if n > 1 and out < cap:
@@ -580,6 +599,8 @@ class AskRunner:
                     break
                 out += n
                 charge(tenant, n)
+                if key is not None:
+                    key.charge(n, price)
                 confidence.add(n, piece.logprob)
                 if first and n:
                     first = False
@@ -611,6 +632,23 @@ class AskRunner:
     def _price(self, model: str) -> float:
         info = self._models.get(model)
         return info.cost_per_1k_tokens if info else 0.0
+
+    @staticmethod
+    def _cap(record: ProcRecord, key: KeyAccount | None, price: float, prompt_tokens: int,
+             asked: int, out: int) -> int:
+        """New tokens the Ask may have in all: what the process's budget leaves, and what
+        its key can still pay for at this model's price on top of the `out` it paid for."""
+        cap = new_token_cap(record.spec.quota, record.counters, prompt_tokens, asked)
+        room = key.room(price) if key is not None else None
+        return cap if room is None else min(cap, out + room)
+
+    @staticmethod
+    def _charge_key_prompt(key: KeyAccount, prompt_tokens: int, price: float, stream) -> None:
+        refusal = key.prompt_refusal(prompt_tokens, price)
+        if refusal is not None:
+            stream.cancel()
+            raise refusal
+        key.charge(prompt_tokens, price)
 
     @staticmethod
     def _check_prompt_fits(record: ProcRecord, prompt_tokens: int, stream) -> None:

@@ -20,9 +20,12 @@ from typing import Callable
 
 import msgpack
 
+from kernel.keys import KeyLedger, new_record
 from kernel.store import KernelStore
 from vfmos_runtime.protocol import TICKET_HEADER
 from vfmos_runtime.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from vfmos_runtime.types import TokenLimits
+from vfmos_runtime.validate import token_limits
 
 log = logging.getLogger("vfmd.identity")
 
@@ -43,6 +46,7 @@ class Caller:
     uid: int
     admin: bool
     transport: str
+    key: str = ""  # the bearer token's id, whose limits its calls are held to ("": none)
 
     def may_touch(self, tenant: str) -> bool:
         return self.admin or self.tenant == tenant
@@ -142,25 +146,29 @@ def _digest(secret: str) -> bytes:
 
 
 class TokenBook:
-    """Bearer tokens for TCP clients; only their sha256 is stored."""
+    """Bearer tokens for TCP clients; only their sha256 is stored, with the token's limits
+    and usage (kept live by `keys`)."""
 
     PREFIX = "vfm_"
 
-    def __init__(self, store: KernelStore):
+    def __init__(self, store: KernelStore, keys: KeyLedger | None = None):
         self._store = store
+        self.keys = keys or KeyLedger(store)
         self._cache: dict[bytes, Caller] = {}
 
-    async def create(self, tenant: str, admin: bool, label: str) -> tuple[str, str]:
+    async def create(self, tenant: str, admin: bool, label: str,
+                     limits: TokenLimits | None = None) -> tuple[str, str]:
         """A new token, durable before it is shown: (secret, token id). Its tenant is a token
         tenant's plain name, or, when an admin names one explicitly ("unix:alice"), a local
         user's: the one mapping between the two namespaces, and only an admin makes it."""
         check_tenant(tenant)
+        limits = token_limits(limits or TokenLimits())
         secret = self.PREFIX + secrets.token_urlsafe(32)
         digest = _digest(secret)
         token_id = digest.hex()[:12]
-        await asyncio.wrap_future(self._store.put_token(digest, {
-            "token_id": token_id, "tenant": tenant, "admin": admin, "label": label[:128],
-            "created_at": time.time()}))
+        info = new_record(token_id, tenant, admin, label[:128], limits, time.time())
+        await asyncio.wrap_future(self._store.put_token(digest, info))
+        self.keys.add(digest, info)
         return secret, token_id
 
     def verify(self, secret: str) -> Caller | None:
@@ -170,12 +178,17 @@ class TokenBook:
             info = self._store.get_token(digest)
             if info is None:
                 return None
-            caller = Caller(info["tenant"], -1, bool(info["admin"]), "tcp")
+            caller = Caller(info["tenant"], -1, bool(info["admin"]), "tcp", info["token_id"])
             self._cache[digest] = caller
         return caller
 
     def list(self) -> list[dict]:
-        return [info for _, info in self._store.tokens()]
+        """Every token's record, its usage as it is now (the store's may lag a few Asks)."""
+        infos = []
+        for _, info in self._store.tokens():
+            account = self.keys.get(info["token_id"])
+            infos.append({**info, **account.usage()} if account is not None else info)
+        return infos
 
     async def revoke(self, token_id: str) -> None:
         # An id is 12 hex digits (what `token list` shows); anything else cannot name a token,
@@ -186,6 +199,7 @@ class TokenBook:
         for digest, info in self._store.tokens():
             if hmac.compare_digest(info["token_id"].encode(), token_id.encode()):
                 self._cache.pop(digest, None)
+                self.keys.drop(token_id)
                 await asyncio.wrap_future(self._store.delete_token(digest))
                 return
         raise NotFound(f"no token with id {token_id!r}")
@@ -197,6 +211,10 @@ class Authenticator:
     def __init__(self, tickets: TicketBook, tokens: TokenBook):
         self.tickets = tickets
         self.tokens = tokens
+
+    @property
+    def keys(self) -> KeyLedger:
+        return self.tokens.keys
 
     def identify(self, metadata, peer: str) -> Caller:
         ticket = bearer = None

@@ -24,6 +24,7 @@ from kernel.memory import PageTable
 from kernel.outbox import ExchangeOutbox, OutboxStore
 from kernel.scheduler import Policy
 from kernel.identity import Authenticator, CredentialsServer, TicketBook, TokenBook
+from kernel.keys import KeyLedger
 from kernel.registry import ServiceRegistry
 from vfmos_runtime.notify import notify_ready, notify_stopping
 from vfmos_runtime.server import (DaemonStartError, ServerConfig, create_server,
@@ -56,7 +57,8 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     table = ProcessTable(store, reap_after_s=cfg.reap_after_s)
     registry = ServiceRegistry(store, interval_s=cfg.health_interval_s)
     tickets = TicketBook(admin_uids=frozenset({0, os.geteuid()}))
-    auth = Authenticator(tickets, TokenBook(store))
+    keys = KeyLedger(store)  # every bearer token's limits and usage
+    auth = Authenticator(tickets, TokenBook(store, keys))
     dispatcher = Dispatcher(Policy(cfg.policy), {**cfg.tenant_weights, **table.weights()},
                             max_slots=cfg.max_slots)
     data = GrpcDataClient(registry)
@@ -65,7 +67,7 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     trust = TrustGate(GrpcTrustClient(registry) if cfg.trust == "on" else None,
                       escalations, audit)
     models = GrpcModelClient(registry)
-    asks = AskRunner(table, models, dispatcher, context, trust, ask_log)
+    asks = AskRunner(table, models, dispatcher, context, trust, ask_log, keys)
     servicer = KernelServicer(table, registry, auth, asks, dispatcher, started, context,
                               TrustParts(TrustPolicyClient(registry), audit, escalations),
                               RouteDesk(table, models, ask_log, audit), ModelDesk(models, audit))

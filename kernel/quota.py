@@ -68,7 +68,7 @@ def admit(pid: int, quota: Quota, counters: Counters, running: int,
         wait = bucket.seconds_until_positive(now)
         raise QuotaExceeded(
             f"process {pid} is over {quota.tokens_per_minute} tokens/minute; "
-            f"retry in {wait:.1f}s", "tokens_per_minute", subject)
+            f"retry in {wait:.1f}s", "tokens_per_minute", subject, retry_after_s=wait)
 
 
 def new_token_cap(quota: Quota, counters: Counters, prompt_tokens: int, asked: int) -> int:

@@ -15,9 +15,11 @@ from kernel.convert import process_to_pb, quota_from_pb, spec_from_pb, verdict_t
 from kernel.dispatch import Dispatcher
 from kernel.pagination import page
 from vfmos_runtime import validate
-from vfmos_runtime.convert import counters_to_pb, duration, enum_value, timestamp, usage_to_pb
+from vfmos_runtime.convert import (counters_to_pb, duration, enum_value, timestamp,
+                                   token_limits_from_pb, token_limits_to_pb, usage_to_pb)
 from kernel.figures import DaemonFigures
 from kernel.identity import Authenticator, Caller, check_tenant, require_admin
+from kernel.keys import NANO, limits_of
 from kernel.registry import ServiceRegistry
 from kernel.model_desk import ModelDesk
 from kernel.ports import AdaptJob
@@ -141,7 +143,8 @@ class KernelServicer(MemorySyscalls, TrustSyscalls, kernel_pb2_grpc.KernelServic
     @syscall
     async def CreateToken(self, caller: Caller, request: pb.CreateTokenRequest):
         require_admin(caller, "create tokens")
-        secret, token_id = await self.auth.tokens.create(request.tenant, request.admin, request.label)
+        secret, token_id = await self.auth.tokens.create(
+            request.tenant, request.admin, request.label, token_limits_from_pb(request.limits))
         return pb.CreateTokenResponse(token=secret, token_id=token_id)
 
     @syscall
@@ -158,7 +161,9 @@ class KernelServicer(MemorySyscalls, TrustSyscalls, kernel_pb2_grpc.KernelServic
                             request.page_size, request.page_token)
         return pb.ListTokensResponse(next_page_token=token, tokens=[pb.TokenInfo(
             token_id=i["token_id"], tenant=i["tenant"], admin=i["admin"], label=i["label"],
-            create_time=timestamp(i["created_at"])) for i in found])
+            create_time=timestamp(i["created_at"]),
+            limits=token_limits_to_pb(limits_of(i)), tokens_used=i.get("tokens_used", 0),
+            cost_spent=i.get("cost_nano", 0) / NANO) for i in found])
 
     @syscall
     async def Ask(self, caller: Caller, request: pb.AskRequest):

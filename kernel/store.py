@@ -121,6 +121,17 @@ class KernelStore:
     def put_token(self, digest: bytes, info: dict) -> Future:
         return self._put(digest, _pack(info), self._tokens)
 
+    def put_token_usage(self, digest: bytes, usage: dict) -> Future:
+        """Set the usage fields of a token's record, if it is still stored: a revoke queued
+        before this write wins, and a revoked token is never written back."""
+        fields = dict(usage)  # the values as they are now: later charges go in a later write
+
+        def write(txn) -> None:
+            raw = txn.get(digest, db=self._tokens)
+            if raw is not None:
+                txn.put(digest, _pack({**_unpack(raw), **fields}), db=self._tokens)
+        return self._writer.submit(write)
+
     def get_token(self, digest: bytes) -> dict | None:
         with self._env.begin() as txn:
             raw = txn.get(digest, db=self._tokens)

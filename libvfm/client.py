@@ -11,12 +11,14 @@ import grpc
 from libvfm import convert, convert_trust
 from vfmos_runtime.errors import (InvalidArgument, Unauthenticated, Unavailable, VfmError,
                                   from_rpc_error)
+from vfmos_runtime import validate
 from vfmos_runtime.credentials import fetch_ticket
 from vfmos_runtime.paths import kernel_socket
 from vfmos_runtime.protocol import INGEST_PART_BYTES, MAX_MESSAGE_BYTES, TICKET_HEADER
 from libvfm.types import (AskResult, Collection, DaemonStatus, Identity, IngestResult,
                           MemoryEntry, Process, ProcessSpec, Quota, RecallHit, SearchHit,
-                          ServiceRegistration, SystemUsage, TokenInfo, Usage, WorkingSet)
+                          ServiceRegistration, SystemUsage, TokenInfo, TokenLimits, Usage,
+                          WorkingSet)
 from libvfm.types import (AuditRecord, AuditVerification, Escalation, Policy, PolicyApplied,
                           PolicyTest)
 from libvfm.types import FeedbackResult, RouteCandidate, RouteExplanation, RoutePolicy
@@ -345,9 +347,14 @@ class AsyncClient:
         return ServiceRegistration(convert.seconds(reply, "heartbeat_interval"),
                                    reply.kernel_secret)
 
-    async def token_create(self, tenant: str, admin: bool = False, label: str = "") -> tuple[str, str]:
-        reply = await self._call("CreateToken", pb.CreateTokenRequest(
-            tenant=tenant, admin=admin, label=label))
+    async def token_create(self, tenant: str, admin: bool = False, label: str = "", *,
+                           limits: TokenLimits | None = None) -> tuple[str, str]:
+        """A new bearer token (admin): (secret, token id). Every syscall made with it is held
+        to `limits` (None: no limits); a bad limit raises InvalidArgument before sending."""
+        request = pb.CreateTokenRequest(tenant=tenant, admin=admin, label=label)
+        if limits is not None:
+            request.limits.CopyFrom(convert.token_limits_to_pb(validate.token_limits(limits)))
+        reply = await self._call("CreateToken", request)
         return reply.token, reply.token_id
 
     async def token_revoke(self, token_id: str) -> None:

@@ -14,6 +14,8 @@ from vfmos_runtime.convert import quota_to_pb as quota_to_pb
 from vfmos_runtime.convert import route_from_pb
 from vfmos_runtime.convert import spec_to_pb as spec_to_pb
 from vfmos_runtime.convert import timestamp as timestamp
+from vfmos_runtime.convert import token_limits_from_pb
+from vfmos_runtime.convert import token_limits_to_pb as token_limits_to_pb
 from vfmos_runtime.convert import usage_from_pb as usage_from_pb
 from vfmos.kernel.v1 import kernel_pb2 as pb
 
@@ -75,7 +77,8 @@ def daemon_from_pb(msg: pb.DaemonStatus) -> DaemonStatus:
 
 
 def token_from_pb(msg: pb.TokenInfo) -> TokenInfo:
-    return TokenInfo(msg.token_id, msg.tenant, msg.admin, msg.label, seconds(msg, "create_time"))
+    return TokenInfo(msg.token_id, msg.tenant, msg.admin, msg.label, seconds(msg, "create_time"),
+                     token_limits_from_pb(msg.limits), msg.tokens_used, msg.cost_spent)
 
 
 def entry_to_pb(e: MemoryEntry) -> pb.MemoryEntry:

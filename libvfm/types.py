@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from vfmos_runtime.types import Counters, ProcessSpec, Usage
 from vfmos_runtime.types import Quota as Quota  # part of libvfm's API
 from vfmos_runtime.types import RoutePolicy as RoutePolicy  # part of libvfm's API
+from vfmos_runtime.types import TokenLimits as TokenLimits  # part of libvfm's API
 
 
 @dataclass
@@ -257,11 +258,16 @@ class DaemonStatus:
 
 @dataclass
 class TokenInfo:
+    """A bearer token (never its secret): its limits, and what its Asks used so far."""
+
     token_id: str
     tenant: str
     admin: bool
     label: str
     created_at: float
+    limits: TokenLimits = field(default_factory=TokenLimits)
+    tokens_used: int = 0     # prompt + answer tokens of its Asks
+    cost_spent: float = 0.0  # their cost, in the model registry's cost unit
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from libvfm import Client, Quota
+from libvfm import Client, Quota, TokenLimits
 from libvfm.errors import NotFound, VfmError
 from libvfm.paths import KERNEL_SOCKET, default_state_dir, kernel_socket
 from libvfm.types import AskResult
@@ -212,16 +212,18 @@ def cmd_whoami(args) -> int:
 def cmd_token(args) -> int:
     with _client(args) as client:
         if args.token_cmd == "create":
-            secret, token_id = client.token_create(args.tenant, admin=args.admin, label=args.label)
+            limits = TokenLimits(max_tokens=args.max_tokens, cost_budget=args.cost_budget,
+                                 requests_per_minute=args.requests_per_minute,
+                                 max_concurrent=args.max_concurrent)
+            secret, token_id = client.token_create(args.tenant, admin=args.admin,
+                                                   label=args.label, limits=limits)
             _show(args, {"token": secret, "token_id": token_id}, lambda v: (
                 print(v["token"]), _say(f"token id {v['token_id']}: shown once, store it now")))
         elif args.token_cmd == "revoke":
             client.token_revoke(args.token_id)
             _say(f"revoked {args.token_id}")
         else:
-            _show(args, client.token_list(), lambda ts: [
-                print(f"{t.token_id}  {t.tenant}{' (admin)' if t.admin else ''}  {t.label}")
-                for t in ts])
+            _show(args, client.token_list(), output.token_table)
     return 0
 
 
@@ -326,13 +328,25 @@ def build_parser() -> argparse.ArgumentParser:
     add("whoami", cmd_whoami, "show the identity (tenant) the kernel sees for you")
     p = add("token", cmd_token, "manage bearer tokens for TCP clients (admin)")
     tsub = p.add_subparsers(dest="token_cmd", metavar="ACTION", required=True)
-    t = tsub.add_parser("create", help="create a token for a tenant; printed once")
+    t = tsub.add_parser("create", help="create a token for a tenant; printed once",
+                        description="Create a bearer token for TENANT; the secret is printed "
+                        "once. The kernel holds every call made with it, over TCP or the "
+                        "socket, to the limits given (each 0 = unlimited, the default).")
     t.add_argument("tenant")
     t.add_argument("--admin", action="store_true", help="the token may act for every tenant")
     t.add_argument("--label", default="", help="a note to recognise the token by")
+    t.add_argument("--max-tokens", type=int, default=0, metavar="N",
+                   help="total tokens (prompt + answer) of the token's asks (0 = unlimited)")
+    t.add_argument("--cost-budget", type=float, default=0.0, metavar="X",
+                   help="total cost of its asks, in the model registry's unit (0 = unlimited)")
+    t.add_argument("--requests-per-minute", type=int, default=0, metavar="R",
+                   help="calls of any kind in any 60 s (0 = unlimited)")
+    t.add_argument("--max-concurrent", type=int, default=0, metavar="C",
+                   help="calls in flight at once; an ask counts until it ends (0 = unlimited)")
     r = tsub.add_parser("revoke", help="revoke a token by its id")
     r.add_argument("token_id")
-    listing = tsub.add_parser("list", help="list tokens (ids and tenants, never secrets)")
+    listing = tsub.add_parser("list", help="list tokens (ids, tenants, limits and usage, "
+                              "never secrets)")
     for action in (w, t, r, listing):
         _common(action, json_output=action is not w)
     return parser

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from libvfm.types import (Collection, DaemonStatus, Process, RecallHit, SearchHit,
-                          SystemUsage, WorkingSet)
+                          SystemUsage, TokenInfo, WorkingSet)
 
 
 def console() -> Console:
@@ -118,6 +118,21 @@ def daemon_table(daemons: list[DaemonStatus], restarts: dict[str, int] | None = 
                       f"{d.rss_mb:.0f} MB" if d.rss_mb else "-", f"{d.cpu_percent:.0f}%",
                       _age(d.uptime_s) if d.uptime_s else "-", str(restarts.get(d.name, 0)),
                       d.address or "-")
+    console().print(table)
+
+
+def token_table(tokens: list[TokenInfo]) -> None:
+    """Each token with its usage against its limits ("-": no limit)."""
+    table = Table(box=None, pad_edge=False)
+    for col in ("ID", "TENANT", "TOKENS", "COST", "RPM", "CONCURRENT", "LABEL"):
+        table.add_column(col)
+    for t in tokens:
+        lim = t.limits
+        table.add_row(t.token_id, escape(t.tenant) + (" (admin)" if t.admin else ""),
+                      _quota_text(t.tokens_used, lim.max_tokens),
+                      _quota_text(round(t.cost_spent, 6), lim.cost_budget),
+                      str(lim.requests_per_minute or "-"), str(lim.max_concurrent or "-"),
+                      escape(t.label))
     console().print(table)
 
 

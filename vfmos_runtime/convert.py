@@ -7,7 +7,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos_runtime.errors import InvalidArgument
-from vfmos_runtime.types import Counters, ProcessSpec, Quota, RoutePolicy, Usage
+from vfmos_runtime.types import Counters, ProcessSpec, Quota, RoutePolicy, TokenLimits, Usage
 from vfmos_runtime.validate import unix_seconds
 
 # Other names the data service has always accepted for a document kind.
@@ -95,6 +95,17 @@ def quota_to_pb(quota: Quota) -> pb.Quota:
 def quota_from_pb(msg: pb.Quota) -> Quota:
     return Quota(msg.max_tokens, msg.tokens_per_minute, msg.max_concurrent,
                  msg.max_resident_pages, msg.cost_budget)
+
+
+def token_limits_to_pb(limits: TokenLimits) -> pb.TokenLimits:
+    return pb.TokenLimits(max_tokens=limits.max_tokens, cost_budget=limits.cost_budget,
+                          requests_per_minute=limits.requests_per_minute,
+                          max_concurrent=limits.max_concurrent)
+
+
+def token_limits_from_pb(msg: pb.TokenLimits) -> TokenLimits:
+    return TokenLimits(msg.max_tokens, msg.cost_budget, msg.requests_per_minute,
+                       msg.max_concurrent)
 
 
 def route_to_pb(route: RoutePolicy) -> pb.RoutePolicy:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -63,14 +65,18 @@ class Internal(VfmError):
 
 
 class QuotaExceeded(VfmError):
-    """A quota is spent; `quota` names it (max_tokens, tokens_per_minute, ...)."""
+    """A quota is spent; `quota` names it (max_tokens, tokens_per_minute, ...).
+    `retry_after_s` > 0: the quota is a rate and one more call fits after that many seconds
+    (it travels as a google.rpc.RetryInfo, which an HTTP gateway turns into Retry-After)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, message: str, quota: str = "", subject: str = ""):
+    def __init__(self, message: str, quota: str = "", subject: str = "",
+                 retry_after_s: float = 0.0):
         super().__init__(message)
         self.quota = quota
         self.subject = subject
+        self.retry_after_s = retry_after_s
 
 
 _BY_CODE: dict[grpc.StatusCode, type[VfmError]] = {
@@ -109,7 +115,8 @@ def short_message(message: str) -> str:
 
 def to_status(err: VfmError) -> grpc.Status:
     """The rich gRPC status for `err`: a quota refusal carries a QuotaFailure naming the quota
-    and an ErrorInfo whose reason (QUOTA_MAX_TOKENS, ...) programs can switch on."""
+    and an ErrorInfo whose reason (QUOTA_MAX_TOKENS, ...) programs can switch on, and a
+    RetryInfo when it says when to try again."""
     details = []
     if isinstance(err, QuotaExceeded):
         details.append(_packed(error_details_pb2.QuotaFailure(
@@ -119,6 +126,10 @@ def to_status(err: VfmError) -> grpc.Status:
         details.append(_packed(error_details_pb2.ErrorInfo(
             reason=reason, domain=ERROR_DOMAIN,
             metadata={"quota": err.quota, "subject": short_message(err.subject)})))
+        if err.retry_after_s > 0:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(math.ceil(err.retry_after_s * 1e9))
+            details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(code=err.code.value[0], message=short_message(err.message),
                                details=details)
     return rpc_status.to_status(status)
@@ -129,22 +140,29 @@ def from_rpc_error(exc: grpc.RpcError) -> VfmError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     message = (exc.details() if hasattr(exc, "details") else "") or str(code)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        quota, subject = _quota_violation(exc)
-        return QuotaExceeded(message, quota=quota, subject=subject)
+        quota, subject, retry_after_s = _quota_violation(exc)
+        return QuotaExceeded(message, quota=quota, subject=subject, retry_after_s=retry_after_s)
     if code == grpc.StatusCode.UNAVAILABLE and "connect" in message.lower():
         message = f"cannot reach the daemon ({message})"
     return _BY_CODE.get(code, Internal)(message)
 
 
-def _quota_violation(exc: grpc.RpcError) -> tuple[str, str]:
+def _quota_violation(exc: grpc.RpcError) -> tuple[str, str, float]:
+    """The quota's name, its subject and the seconds to wait (0: not said) of a refusal."""
     try:
         status = rpc_status.from_call(exc)
     except (AttributeError, ValueError):
-        return "", ""
+        return "", "", 0.0
+    quota = subject = ""
+    retry_after_s = 0.0
     for detail in status.details if status else ():
         if detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
             failure = error_details_pb2.QuotaFailure()
             detail.Unpack(failure)
-            if failure.violations:
-                return failure.violations[0].description, failure.violations[0].subject
-    return "", ""
+            if failure.violations and not quota:
+                quota, subject = failure.violations[0].description, failure.violations[0].subject
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            retry_after_s = max(0.0, info.retry_delay.ToNanoseconds() / 1e9)
+    return quota, subject, retry_after_s

@@ -16,6 +16,17 @@ class Quota:
     cost_budget: float = 0.0
 
 
+@dataclass
+class TokenLimits:
+    """Limits of one bearer token ("virtual key") over every syscall made with it; 0 means
+    no limit. Tokens and cost count its Asks (prompt + answer; Usage.cost)."""
+
+    max_tokens: int = 0
+    cost_budget: float = 0.0
+    requests_per_minute: int = 0
+    max_concurrent: int = 0
+
+
 AUTO_MODEL = "auto"  # a process's model name that asks the router for a model per Ask
 
 

@@ -92,3 +92,28 @@ def enum_field(enum, value: int, field: str) -> int:
         raise InvalidArgument(f"{field} has no value {value}; use one of "
                               f"{', '.join(v.name for v in enum.DESCRIPTOR.values)}")
     return value
+
+
+# A bearer token's limits (TokenLimits): beyond these a value is a mistake, not a setting.
+# A key's cost is counted in billionths of the cost unit in 64 bits, hence its lower bound.
+MAX_KEY_TOKENS = 10**15
+MAX_KEY_COST = 10**9
+MAX_KEY_REQUESTS_PER_MINUTE = 1_000_000
+MAX_KEY_CONCURRENT = 100_000
+
+
+def token_limits(limits):
+    """`limits` (a TokenLimits) if every field is 0 (no limit) or a sane positive value."""
+    for name, high in (("max_tokens", MAX_KEY_TOKENS),
+                       ("requests_per_minute", MAX_KEY_REQUESTS_PER_MINUTE),
+                       ("max_concurrent", MAX_KEY_CONCURRENT)):
+        value = getattr(limits, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+            raise InvalidArgument(f"{name} must be a whole number 0..{high} (0 = unlimited), "
+                                  f"got {value!r}")
+    cost = limits.cost_budget
+    if isinstance(cost, bool) or not isinstance(cost, (int, float)) or \
+            not (math.isfinite(cost) and 0 <= cost <= MAX_KEY_COST):
+        raise InvalidArgument(f"cost_budget must be a number 0..{MAX_KEY_COST} (0 = unlimited), "
+                              f"got {cost!r}")
+    return limits

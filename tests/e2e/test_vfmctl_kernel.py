@@ -40,3 +40,33 @@ def test_ps_all_lists_every_process_past_one_page(kernel, state_dir):
             client.kill(pid)
     listed = json.loads(vfmctl(state_dir, "ps", "-a", "-o", "json").stdout)
     assert [p["pid"] for p in listed] == pids
+
+
+def test_token_create_with_limits_and_list_shows_them_with_usage(kernel, state_dir):
+    made = json.loads(vfmctl(state_dir, "token", "create", "alice", "--max-tokens", "500",
+                             "--cost-budget", "1.5", "--requests-per-minute", "60",
+                             "--max-concurrent", "2", "--label", "ci", "-o", "json").stdout)
+    listed = json.loads(vfmctl(state_dir, "token", "list", "-o", "json").stdout)
+    mine = next(t for t in listed if t["token_id"] == made["token_id"])
+    assert mine["limits"] == {"max_tokens": 500, "cost_budget": 1.5,
+                              "requests_per_minute": 60, "max_concurrent": 2}
+    assert (mine["tokens_used"], mine["cost_spent"]) == (0, 0.0)
+    table = vfmctl(state_dir, "token", "list").stdout
+    row = next(line for line in table.splitlines() if made["token_id"] in line)
+    assert row.split()[1:6] == ["alice", "0/500", "0/1.5", "60", "2"]
+
+
+@pytest.mark.parametrize("flag,value,field", [
+    ("--max-tokens", "-1", "max_tokens"),
+    ("--cost-budget", "nan", "cost_budget"),
+    ("--cost-budget", "1e12", "cost_budget"),
+    ("--requests-per-minute", "99999999999", "requests_per_minute"),
+    ("--max-concurrent", "-2", "max_concurrent"),
+])
+def test_token_create_with_a_bad_limit_is_bad_input_in_one_line(kernel, state_dir, flag, value,
+                                                                 field):
+    done = vfmctl(state_dir, "token", "create", "alice", flag, value, check=False)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0] and "Traceback" not in done.stderr
+    assert json.loads(vfmctl(state_dir, "token", "list", "-o", "json").stdout) == []

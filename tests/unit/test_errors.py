@@ -57,3 +57,29 @@ def test_quota_refusal_also_carries_a_machine_readable_error_info():
     infos[0].Unpack(info)
     assert (info.reason, info.domain) == ("QUOTA_MAX_TOKENS", "vfmos.dev")
     assert dict(info.metadata) == {"quota": "max_tokens", "subject": "pid 4"}
+
+
+def test_a_rate_refusal_says_when_to_retry_in_a_retry_info():
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = errors.to_status(errors.QuotaExceeded("slow down", "key_requests_per_minute",
+                                                   "token abc", retry_after_s=12.25))
+    rich = rpc_status.from_call(FakeRpcError(status))
+    found = [d for d in rich.details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+    assert len(found) == 1
+    info = error_details_pb2.RetryInfo()
+    found[0].Unpack(info)
+    assert info.retry_delay.ToNanoseconds() == 12_250_000_000
+    back = errors.from_rpc_error(FakeRpcError(status))
+    assert back.retry_after_s == 12.25 and back.quota == "key_requests_per_minute"
+
+
+def test_a_budget_refusal_has_no_retry_info():
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = errors.to_status(errors.QuotaExceeded("spent", "key_max_tokens", "token abc"))
+    rich = rpc_status.from_call(FakeRpcError(status))
+    assert not any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in rich.details)
+    assert errors.from_rpc_error(FakeRpcError(status)).retry_after_s == 0.0
