@@ -206,7 +206,8 @@ class _GenerateStream:
         done = chunk.done  # only the last piece has a finish reason: no enum lookup per token
         return GenPiece(chunk.text, chunk.tokens, chunk.token_ids, chunk.prompt_tokens, done,
                         enum_str(model_pb2.FinishReason, chunk.finish_reason) if done else "",
-                        chunk.logprob if chunk.HasField("logprob") else None)
+                        chunk.logprob if chunk.HasField("logprob") else None,
+                        chunk.tool_calls_json if done else "")
 
 
 def _adapt_job(j) -> AdaptJob:
@@ -225,7 +226,7 @@ def _generate_request(call: GenerateCall) -> model_pb2.GenerateRequest:
         max_new_tokens=call.max_new_tokens, assistant_prefix=call.assistant_prefix,
         assistant_prefix_ids=call.assistant_prefix_ids, temperature=call.temperature,
         top_p=call.top_p, seed=call.seed, stop=list(call.stop), priority=call.priority,
-        tenant=call.tenant)
+        tenant=call.tenant, tools_json=call.tools_json)
 
 
 # data service

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ class AskQuery:
     # The caller's instructions for this Ask alone (an OpenAI app's system message): they
     # follow the process's own system prompt, never replace it.
     instructions: str = ""
+    # An app's OpenAI messages, tools and tool_choice (JSON), for a model behind an
+    # OpenAI-compatible backend; "" = an ordinary Ask.
+    tools_json: str = ""
     # Set by the kernel, never by the caller: the working set rendered; what the model gets
     # instead of the process's system prompt and the question (pseudonymized for an
     # external model; None: as they are); a verifier's feedback for a revision.
@@ -71,6 +75,8 @@ class AskQuery:
             raise InvalidArgument(f"top_p must be 0..1, got {self.top_p}")
         if len(self.instructions) > MAX_SYSTEM_PROMPT:
             raise InvalidArgument(f"instructions are longer than {MAX_SYSTEM_PROMPT} characters")
+        if self.tools_json:
+            check_tools_json(self.tools_json)
         if not 0.0 <= self.ttft_slo_ms <= 3_600_000:
             raise InvalidArgument(f"ttft_slo_ms must be 0..3600000, got {self.ttft_slo_ms}")
 
@@ -91,6 +97,7 @@ class AskDone:
     degraded: list[Degradation] = field(default_factory=list)
     verdict: Verdict | None = None  # None with the trust agent off
     escalation_id: str = ""
+    tool_calls_json: str = ""  # finish "tool-calls": the calls (OpenAI JSON array)
 
 
 class _Answer:
@@ -112,6 +119,7 @@ class _Answer:
         self.on_grown = self.grown.set
         self.confidence = Confidence()
         self.spent = 0        # tokens of earlier attempts (a revision, a cascade's first answer)
+        self.tool_calls_json = ""  # what the model called, when it ended by calling tools
         self._relayed = 0
 
     def show(self, text: str) -> None:
@@ -232,6 +240,9 @@ class AskRunner:
             if model == AUTO_MODEL:
                 model, cascade = await self._route(record, query, items, usage.ask_id, usage)
             usage.model = model
+            if query.tools_json and self._backend(model) != "openai":
+                raise InvalidArgument(f"model {model} runs in vfm-modeld and takes no tools; "
+                                      "only a model behind an OpenAI-compatible server does")
             deadline = time.monotonic() + query.ttft_slo_ms / 1000 if query.ttft_slo_ms else None
             request = self._dispatcher.request(query.pid, record.tenant, record.spec.priority,
                                                deadline)
@@ -274,7 +285,8 @@ class AskRunner:
             if lost:
                 degraded.append(Degradation("not-remembered", lost))
         return AskDone(finish, usage, degraded, trust.final_verdict() if trust else None,
-                       ending.escalation_id if ending else "")
+                       ending.escalation_id if ending else "",
+                       answer.tool_calls_json if finish == "tool-calls" else "")
 
     async def _route(self, record: ProcRecord, query: AskQuery, items: list[Item], ask_id: str,
                      usage: Usage) -> tuple[str, CascadePlan | None]:
@@ -581,6 +593,7 @@ class AskRunner:
                     usage.tokens_in = piece.prompt_tokens
                 if piece.done:
                     finish = piece.finish_reason or "stop"
+                    answer.tool_calls_json = piece.tool_calls_json
                     if finish == "length" and limited:
                         cap = cap_now()
                         if out >= cap and cap < asked:
@@ -677,7 +690,23 @@ class AskRunner:
             model=model, messages=tuple(messages), max_new_tokens=max_new,
             assistant_prefix="".join(answer.text), assistant_prefix_ids=tuple(answer.ids),
             temperature=query.temperature, top_p=query.top_p, seed=query.seed,
-            stop=tuple(query.stop), priority=spec.priority, tenant=record.tenant)
+            stop=tuple(query.stop), priority=spec.priority, tenant=record.tenant,
+            tools_json=query.tools_json)
+
+
+def check_tools_json(text: str) -> None:
+    """An Ask's tools_json: a JSON object with a non-empty "messages" list and a "tools"
+    list (OpenAI's shapes; the server behind the model checks the rest)."""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InvalidArgument(f"tools_json is longer than {MAX_PROMPT_CHARS} characters")
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"tools_json is not JSON: {exc}") from None
+    if not isinstance(value, dict) or not isinstance(value.get("messages"), list) \
+            or not value["messages"] or not isinstance(value.get("tools"), list):
+        raise InvalidArgument('tools_json must be an object with a non-empty "messages" list '
+                              'and a "tools" list')
 
 
 def system_of(record: ProcRecord, query: AskQuery) -> str:

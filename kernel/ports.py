@@ -36,6 +36,7 @@ class GenerateCall:
     stop: tuple[str, ...] = ()
     priority: int = 0
     tenant: str = ""  # another tenant's adapter is unknown to this call
+    tools_json: str = ""  # an app's messages and tools, for an OpenAI-compatible backend
 
 
 @dataclass(slots=True)
@@ -51,6 +52,7 @@ class GenPiece:
     done: bool = False
     finish_reason: str = ""
     logprob: float | None = None  # sum over its tokens, when the model reports it
+    tool_calls_json: str = ""     # the last piece of a "tool-calls" finish: the calls
 
 
 @dataclass(frozen=True)

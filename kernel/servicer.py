@@ -171,7 +171,8 @@ class KernelServicer(MemorySyscalls, TrustSyscalls, kernel_pb2_grpc.KernelServic
                          max_new_tokens=request.max_new_tokens, temperature=request.temperature,
                          top_p=request.top_p, seed=request.seed, stop=tuple(request.stop),
                          ttft_slo_ms=validate.duration_field(request, "ttft_slo", 3600) * 1000,
-                         stateless=request.stateless, instructions=request.instructions)
+                         stateless=request.stateless, instructions=request.instructions,
+                         tools_json=request.tools_json)
         async for item in self.asks.ask(caller, query):
             if isinstance(item, AskDone):
                 yield pb.AskResponse(done=pb.AskDone(
@@ -180,7 +181,7 @@ class KernelServicer(MemorySyscalls, TrustSyscalls, kernel_pb2_grpc.KernelServic
                         pb.Degradation(kind=enum_value(pb.DegradationKind, d.kind),
                                        reason=d.reason) for d in item.degraded],
                     verdict=verdict_to_pb(item.verdict) if item.verdict else None,
-                    escalation_id=item.escalation_id))
+                    escalation_id=item.escalation_id, tool_calls_json=item.tool_calls_json))
             else:
                 yield pb.AskResponse(text=item)
 

@@ -148,20 +148,23 @@ class AsyncClient:
     async def ask_stream(self, pid: int, prompt: str, *, max_new_tokens: int = 0,
                          temperature: float = 0.0, top_p: float = 0.0, seed: int = 0,
                          stop: list[str] | None = None, ttft_slo_ms: float = 0.0,
-                         stateless: bool = False,
-                         instructions: str = "") -> AsyncIterator[str | AskResult]:
+                         stateless: bool = False, instructions: str = "",
+                         tools_json: str = "") -> AsyncIterator[str | AskResult]:
         """Yield text pieces as they are generated, then one AskResult.
 
         `ttft_slo_ms` asks for the first token within that time: the scheduler serves such
         requests earliest-deadline-first within their tenant. `stateless` leaves the
         process's memory out: no working set is assembled and the exchange is not remembered.
         `instructions` are a system message for this Ask alone, read after the process's
-        own system prompt.
+        own system prompt. `tools_json` (a model behind an OpenAI-compatible server only)
+        hands the model an app's OpenAI messages, tools and tool_choice as one JSON object;
+        a tool call ends the answer with finish reason "tool-calls" and `AskResult.tool_calls`.
         """
         request = pb.AskRequest(pid=pid, prompt=prompt, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, seed=seed, stop=stop or [],
                                 ttft_slo=convert.duration(ttft_slo_ms / 1000, "ttft_slo_ms"),
-                                stateless=stateless, instructions=instructions)
+                                stateless=stateless, instructions=instructions,
+                                tools_json=tools_json)
         pieces: list[str] = []
         for attempt in (0, 1):
             call = self._stub.Ask(request, metadata=self._metadata(renew=attempt == 1))

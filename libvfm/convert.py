@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from libvfm.types import (AskResult, CheckResult, Collection, ContextItem, DaemonStatus,
                           Degradation, Identity, MemoryEntry, ModelJob, Process, ProcessSpec,
                           SearchHit,
@@ -26,7 +28,8 @@ def ask_result_from_pb(text: str, done: pb.AskDone) -> AskResult:
                      [Degradation(enum_str(pb.DegradationKind, d.kind), d.reason)
                       for d in done.degraded],
                      verdict_from_pb(done.verdict, done.escalation_id)
-                     if done.HasField("verdict") else None)
+                     if done.HasField("verdict") else None,
+                     json.loads(done.tool_calls_json) if done.tool_calls_json else [])
 
 
 def verdict_from_pb(v: pb.Verdict, escalation_id: str = "") -> Verdict:

@@ -126,6 +126,9 @@ class AskResult:
     usage: Usage
     degraded: list[Degradation] = field(default_factory=list)  # empty: it lacked nothing
     verdict: Verdict | None = None  # None when vfmd runs with the trust agent off
+    # finish "tool-calls": what the model called, in OpenAI's shape
+    # ({"id", "type": "function", "function": {"name", "arguments"}})
+    tool_calls: list[dict] = field(default_factory=list)
 
     @property
     def escalation_id(self) -> str:

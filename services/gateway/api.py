@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import math
 import secrets
 import struct
@@ -21,7 +22,8 @@ MAX_STOP = 4            # OpenAI's own limit on stop sequences
 MAX_USER_CHARS = 256
 # Finish reasons of an Ask, as OpenAI names them; the Ask's own name stays in `vfm`.
 FINISH = {"stop": "stop", "length": "length", "quota": "length", "killed": "stop",
-          "refused": "content_filter", "escalated": "content_filter"}
+          "refused": "content_filter", "escalated": "content_filter",
+          "tool-calls": "tool_calls"}
 INSTRUCTION_ROLES = ("system", "developer")
 TURN_ROLES = ("user", "assistant")
 
@@ -69,6 +71,9 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     user: str = ""
+    # With tools: the app's messages, tools and tool_choice for the model's server (JSON);
+    # the call is then stateless (the app holds the transcript).
+    tools_json: str = ""
 
 
 @dataclass
@@ -236,14 +241,63 @@ def conversation(messages: Any, param: str = "messages",
 _NO_TOOLS = "tools need a model behind an OpenAI-compatible backend that supports them"
 
 
+def tool_call(body: dict, messages: Any) -> tuple[Conversation, str] | None:
+    """A chat request with tools: (its conversation, the JSON the model's server gets), or
+    None without. System and developer messages are the Ask's instructions; every other
+    message goes to the server as the app wrote it (tool calls and results included); the
+    last user message is the question the trust agent screens."""
+    tools = body.get("tools")
+    used = isinstance(messages, list) and any(
+        isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls"))
+        for m in messages)
+    if tools in (None, []) and not used:
+        return None
+    if not isinstance(tools, list) or not tools or not all(
+            isinstance(t, dict) and t.get("type") == "function"
+            and isinstance(t.get("function"), dict) and t["function"].get("name")
+            for t in tools):
+        raise BadRequest("'tools' must be a non-empty list of {'type': 'function', "
+                         "'function': {'name': ...}}", "tools")
+    choice = body.get("tool_choice")
+    if choice is not None and choice not in ("none", "auto", "required") \
+            and not (isinstance(choice, dict) and choice.get("type") == "function"):
+        raise BadRequest("'tool_choice' must be 'none', 'auto', 'required' or a function",
+                         "tool_choice")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of messages", "messages")
+    rules, turns, question = [], [], ""
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in (
+                *INSTRUCTION_ROLES, *TURN_ROLES, "tool"):
+            raise BadRequest(f"messages[{i}] needs a role: system, developer, user, "
+                             "assistant or tool", "messages")
+        if message["role"] in INSTRUCTION_ROLES:
+            rules.append(text_of(message.get("content"), f"messages[{i}]"))
+            continue
+        if message["role"] == "user":
+            question = text_of(message.get("content"), f"messages[{i}]")
+        if message["role"] == "assistant" and message.get("content") is None:
+            # OpenAI allows a tool call's content to be null; some servers (llama.cpp's)
+            # refuse null, and none refuses ""
+            message = {**message, "content": ""}
+        turns.append(message)
+    if not question.strip():
+        raise BadRequest("a tool call needs a user message with text", "messages")
+    wire = {"messages": turns, "tools": tools}
+    if choice is not None:
+        wire["tool_choice"] = choice
+    return (Conversation("\n\n".join(r for r in rules if r.strip()), [], question),
+            json.dumps(wire))
+
+
 def parse_chat(body: Any) -> ChatRequest:
     body = _object(body)
     model = _model(body)
     n = _optional(body, "n", int, "an integer", 1)
     if n != 1:
         raise BadRequest("'n' must be 1: one FM process answers once per call", "n")
-    _refuse_unsupported(body, ("tools", "functions", "tool_choice", "function_call"),
-                        _NO_TOOLS)
+    _refuse_unsupported(body, ("functions", "function_call"),
+                        "the legacy function calling is gone; use 'tools'")
     _refuse_unsupported(body, ("logprobs", "top_logprobs", "frequency_penalty",
                                "presence_penalty", "logit_bias", "audio", "prediction"),
                         "this gateway does not offer it")
@@ -252,8 +306,11 @@ def parse_chat(body: Any) -> ChatRequest:
     user = _optional(body, "user", str, "a string", "")
     if len(user) > MAX_USER_CHARS:
         raise BadRequest(f"'user' is longer than {MAX_USER_CHARS} characters", "user")
-    return ChatRequest(model, conversation(body.get("messages")),
-                       _sampling(body, ("max_tokens", "max_completion_tokens")), stream, usage,
+    sampling = _sampling(body, ("max_tokens", "max_completion_tokens"))
+    tools = tool_call(body, body.get("messages"))
+    if tools is not None:
+        return ChatRequest(model, tools[0], sampling, stream, usage, user, tools[1])
+    return ChatRequest(model, conversation(body.get("messages")), sampling, stream, usage,
                        user)
 
 
@@ -356,9 +413,12 @@ def extras(result, pid: int) -> dict:
 
 
 def chat_completion(cid: str, model: str, result, pid: int) -> dict:
+    message = {"role": "assistant", "content": result.text, "refusal": None}
+    if result.tool_calls:
+        message["tool_calls"] = result.tool_calls
+        message["content"] = result.text or None
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text,
-                                                 "refusal": None},
+            "choices": [{"index": 0, "message": message,
                          "logprobs": None, "finish_reason": FINISH[result.finish_reason]}],
             "usage": usage_of(result), "vfm": extras(result, pid)}
 

@@ -26,7 +26,7 @@ from libvfm.types import AskResult
 from services.gateway import api
 from services.gateway.keys import Key, Keys
 from services.gateway.turns import TurnBook
-from vfmos_runtime.errors import FailedPrecondition, NotFound, VfmError
+from vfmos_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, VfmError
 
 log = logging.getLogger("vfm-gatewayd.http")
 EMBED_DIMENSIONS = 384      # MiniLM's; the data service's embedder
@@ -129,7 +129,7 @@ async def _body(request: Request, gw: Gateway) -> object:
 
 async def _ask(gw: Gateway, key: Key, model: str, question: str, sampling: api.Sampling,
                instructions: str = "", history: list[api.Turn] | None = None,
-               stateless: bool = False) -> Asked:
+               stateless: bool = False, tools_json: str = "") -> Asked:
     """Resolve the model to a process, bring its memory up to date, start the Ask and wait
     for its first piece. A process that ended since the last look is looked up again once."""
     for attempt in (0, 1):
@@ -139,9 +139,14 @@ async def _ask(gw: Gateway, key: Key, model: str, question: str, sampling: api.S
         pieces = key.client.ask_stream(
             proc.pid, question, max_new_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-            stop=sampling.stop, stateless=stateless, instructions=instructions)
+            stop=sampling.stop, stateless=stateless, instructions=instructions,
+            tools_json=tools_json)
         try:
             return Asked(proc.pid, pieces, await anext(pieces))
+        except InvalidArgument as err:
+            if tools_json and "tools" in err.message:  # a model that takes none: name the field
+                raise api.BadRequest(err.message, "tools") from None
+            raise
         except (NotFound, FailedPrecondition):
             await pieces.aclose()
             gw.turns.forget(proc.pid)
@@ -205,11 +210,13 @@ async def chat_completions(request: Request) -> Response:
     call = api.parse_chat(await _body(request, gw))
     conv = call.conversation
     asked = await _ask(gw, key, call.model, conv.question, call.sampling, conv.instructions,
-                       conv.history)
+                       conv.history, stateless=bool(call.tools_json), tools_json=call.tools_json)
     cid = api.new_id("chatcmpl")
+    remembered = not call.tools_json  # with tools the app holds the transcript: stateless
     if not call.stream:
         result = await _result(asked)
-        _learn(gw, asked.pid, conv.question, result)
+        if remembered:
+            _learn(gw, asked.pid, conv.question, result)
         return JSONResponse(api.chat_completion(cid, call.model, result, asked.pid))
 
     async def events():
@@ -219,7 +226,11 @@ async def chat_completions(request: Request) -> Response:
         try:
             async for item in _items(asked):
                 if isinstance(item, AskResult):
-                    _learn(gw, asked.pid, conv.question, item)
+                    if remembered:
+                        _learn(gw, asked.pid, conv.question, item)
+                    if item.tool_calls:
+                        yield _sse(api.chat_chunk(cid, call.model, created, {"tool_calls": [
+                            {"index": i, **c} for i, c in enumerate(item.tool_calls)]}))
                     last = api.chat_chunk(cid, call.model, created, {},
                                           api.FINISH[item.finish_reason])
                     last["vfm"] = api.extras(item, asked.pid)

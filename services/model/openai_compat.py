@@ -45,6 +45,9 @@ class OpenAIBackend:
         return None
 
     def _body(self, messages: list[dict], params: GenParams) -> dict:
+        if params.tools_json:  # the app's own turns and tools, after our system message
+            app = json.loads(params.tools_json)
+            messages = [m for m in messages if m["role"] == "system"] + list(app["messages"])
         body = {"model": self.entry.remote_model or self.entry.name, "messages": list(messages),
                 "stream": True, "max_tokens": params.max_new_tokens,
                 "temperature": params.temperature,
@@ -62,6 +65,10 @@ class OpenAIBackend:
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
+        if params.tools_json:
+            body["tools"] = app["tools"]
+            if app.get("tool_choice") is not None:
+                body["tool_choice"] = app["tool_choice"]
         for name in self._refused:
             body.pop(name, None)
         return body
@@ -78,6 +85,7 @@ class OpenAIBackend:
         """One piece per streamed event, then a piece that squares the token count with the
         server's usage (a server may put several tokens in one event), then the done piece."""
         counted, prompt_tokens, completion_tokens, finish = 0, 0, 0, "stop"
+        calls: dict[int, dict] = {}
         async with contextlib.aclosing(self._events(self._body(messages, params))) as events:
             async for event in events:
                 choice = (event.get("choices") or [{}])[0]
@@ -85,7 +93,13 @@ class OpenAIBackend:
                 prompt_tokens = usage.get("prompt_tokens") or prompt_tokens
                 completion_tokens = usage.get("completion_tokens") or completion_tokens
                 if choice.get("finish_reason"):
-                    finish = "length" if choice["finish_reason"] == "length" else "stop"
+                    finish = {"length": "length", "tool_calls": "tool-calls"}.get(
+                        choice["finish_reason"], "stop")
+                if _add_tool_calls(calls, (choice.get("delta") or {}).get("tool_calls")):
+                    # a call streams as text does, an event a token: it is charged as it
+                    # comes even from a server that reports no usage
+                    counted += 1
+                    yield Piece(text="", tokens=1, prompt_tokens=prompt_tokens)
                 text = (choice.get("delta") or {}).get("content") or ""
                 if text:
                     counted += 1
@@ -93,8 +107,12 @@ class OpenAIBackend:
                                 logprob=_logprob(choice))
         if completion_tokens > counted:
             yield Piece(text="", tokens=completion_tokens - counted, prompt_tokens=prompt_tokens)
+        if calls:
+            finish = "tool-calls"
         yield Piece(text="", tokens=0, prompt_tokens=prompt_tokens, done=True,
-                    finish_reason=finish, completion_tokens=completion_tokens or counted)
+                    finish_reason=finish, completion_tokens=completion_tokens or counted,
+                    tool_calls_json=json.dumps([calls[i] for i in sorted(calls)])
+                    if calls else "")
 
     async def _events(self, body: dict) -> AsyncIterator[dict]:
         """The server's JSON events, read in a thread; closing this generator ends the read."""
@@ -210,6 +228,22 @@ def _message(data) -> str:
         return "; ".join(_message(d) if not isinstance(d, dict) or "msg" not in d
                          else f"{'.'.join(map(str, d.get('loc', ())))}: {d['msg']}" for d in data)
     return str(data)
+
+
+def _add_tool_calls(calls: dict[int, dict], deltas) -> bool:
+    """Merge one event's tool-call deltas (OpenAI streams each call in pieces by `index`:
+    its id and name once, its arguments a few characters at a time) into `calls`; True
+    when there were any."""
+    for delta in deltas or ():
+        if not isinstance(delta, dict):
+            continue
+        call = calls.setdefault(int(delta.get("index") or 0), {
+            "id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        call["id"] = delta.get("id") or call["id"]
+        function = delta.get("function") or {}
+        call["function"]["name"] = function.get("name") or call["function"]["name"]
+        call["function"]["arguments"] += function.get("arguments") or ""
+    return bool(deltas)
 
 
 def _logprob(choice: dict) -> float | None:

@@ -82,7 +82,10 @@ class ModelService:
     async def generate(self, model: str, messages: list[dict], params: GenParams,
                        tenant: str = "") -> AsyncIterator[Piece]:
         self._validate(messages, params)
-        self.check_tenant(model, tenant)
+        entry = self.check_tenant(model, tenant)
+        if params.tools_json and entry.backend != "openai":
+            raise InvalidArgument(f"model {entry.name} runs here ({entry.backend}) and takes no "
+                                  "tools: only a model behind an OpenAI-compatible server does")
         backend = self.backend(model)
         async for piece in backend.generate(messages, params):
             yield piece

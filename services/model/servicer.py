@@ -37,7 +37,8 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                            top_p=request.top_p, seed=request.seed, stop=tuple(request.stop),
                            assistant_prefix=request.assistant_prefix,
                            assistant_prefix_ids=tuple(request.assistant_prefix_ids),
-                           priority=request.priority, merge_queued=True)
+                           priority=request.priority, merge_queued=True,
+                           tools_json=request.tools_json)
         model = self.service.check_tenant(request.model, request.tenant).name
         started, first = time.perf_counter(), True
         async for piece in self.service.generate(request.model, messages, params,
@@ -51,7 +52,8 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                 text=piece.text, tokens=piece.tokens, prompt_tokens=piece.prompt_tokens,
                 done=piece.done, finish_reason=reason,
                 completion_tokens=piece.completion_tokens, model=model if piece.done else "",
-                token_ids=piece.token_ids, logprob=piece.logprob)
+                token_ids=piece.token_ids, logprob=piece.logprob,
+                tool_calls_json=piece.tool_calls_json)
 
     @rpc
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:

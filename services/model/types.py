@@ -18,6 +18,8 @@ class GenParams:
     # The reader takes several decode steps in one piece: steps already queued when it
     # asks for the next piece come merged (the gRPC servicer: one message, not one each).
     merge_queued: bool = False
+    # An OpenAI-compatible backend only: the app's messages, tools and tool_choice (JSON).
+    tools_json: str = ""
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Piece:
     completion_tokens: int = 0
     token_ids: tuple[int, ...] = ()
     logprob: float | None = None  # sum over its tokens; None when the engine does not say
+    tool_calls_json: str = ""     # the last piece of a "tool-calls" finish: the calls
 
     def merged(self, later: "Piece") -> "Piece":
         """This piece and the next one as one (neither is the final piece)."""

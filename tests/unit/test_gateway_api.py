@@ -77,6 +77,31 @@ def test_completion_responses_and_embedding_inputs():
             api.parse_embeddings({"model": "m", **bad}, 384)
 
 
+def test_tools_pass_the_apps_turns_through_and_keep_the_rules_as_instructions():
+    import json
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    call = api.parse_chat({"model": "m", "tools": tools, "tool_choice": "auto", "messages": [
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function",
+                                                              "function": {"name": "f"}}]},
+        {"role": "tool", "tool_call_id": "1", "content": "Sunny"}]})
+    wire = json.loads(call.tools_json)
+    assert call.conversation.instructions == "Use tools." and not call.conversation.history
+    assert call.conversation.question == "Weather?"
+    assert [m["role"] for m in wire["messages"]] == ["user", "assistant", "tool"]
+    assert wire["messages"][1]["content"] == "" and wire["tool_choice"] == "auto"
+    assert wire["tools"] == tools
+    assert api.parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}]}
+                          ).tools_json == ""
+    for bad, param in (({"tools": [{"type": "retrieval"}]}, "tools"),
+                       ({"tools": tools, "tool_choice": "sometimes"}, "tool_choice"),
+                       ({"functions": [{"name": "f"}]}, "functions")):
+        with pytest.raises(BadRequest) as err:
+            api.parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], **bad})
+        assert err.value.param == param
+
+
 def test_turn_book_is_bounded_and_per_process():
     book = TurnBook(max_processes=2, max_turns=3)
     book.learn(1, [Turn("user", f"q{i}") for i in range(4)])
