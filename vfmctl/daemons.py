@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import psutil
 from libvfm import Client
 from libvfm.errors import VfmError
 from libvfm.paths import KERNEL_SOCKET
+from libvfm.types import DaemonStatus
 from vfmos_runtime.paths import PRIVATE_UMASK, secure_state
 
 
@@ -243,6 +245,32 @@ def gateway_address(state_dir: Path) -> str | None:
         return None
 
 
+def gateway_status(state_dir: Path) -> DaemonStatus | None:
+    """vfm-gatewayd as `vfmctl status` shows a daemon (it is a client of the kernel, so the
+    kernel does not list it): SERVING while its /healthz answers 200; None when not started."""
+    pid = running_pid(state_dir, GATEWAY)
+    if pid is None:
+        return None
+    address = gateway_address(state_dir) or ""
+    health = "NOT_SERVING"
+    if address:
+        try:
+            with urllib.request.urlopen(f"{address}/healthz", timeout=2) as reply:
+                health = "SERVING" if reply.status == 200 else "NOT_SERVING"
+        except (OSError, ValueError):
+            pass
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            rss, cpu = proc.memory_info().rss / 1e6, proc.cpu_percent(interval=0.05)
+            started = proc.create_time()
+    except psutil.Error:
+        return None
+    return DaemonStatus(name=GATEWAY.name, address=address, pid=pid, health=health,
+                        rss_mb=round(rss, 1), cpu_percent=cpu,
+                        uptime_s=max(0.0, time.time() - started), last_seen=time.time())
+
+
 def _pings(client: Client) -> bool:
     try:
         client.ping()
@@ -293,5 +321,5 @@ def wait_foreground(state_dir: Path, say) -> None:
     down(state_dir, say)
 
 
-__all__ = ["UpError", "down", "gateway_address", "restarts", "running_pid", "up",
-           "wait_foreground"]
+__all__ = ["UpError", "down", "gateway_address", "gateway_status", "restarts", "running_pid",
+           "up", "wait_foreground"]

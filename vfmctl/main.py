@@ -93,7 +93,11 @@ def cmd_status(args) -> int:
         found = client.services()
     # Restarts are the supervisor's count, in the state dir of a kernel on this host.
     local = Path(args.socket).parent if args.socket else args.state_dir or kernel_socket().parent
-    restarts = {} if args.target or os.environ.get("VFM_TARGET") else daemons.restarts(local)
+    remote = bool(args.target or os.environ.get("VFM_TARGET"))
+    restarts = {} if remote else daemons.restarts(local)
+    gateway = None if remote else daemons.gateway_status(local)
+    if gateway is not None:
+        found.append(gateway)
     if args.output == "json":
         output.print_json([{**d.to_dict(), "restarts": restarts.get(d.name, 0)} for d in found])
     else:

@@ -34,9 +34,26 @@ def stack(tmp_path_factory):
 def test_status_lists_every_daemon_serving(stack):
     out = json.loads(vfmctl(stack, "status", "-o", "json").stdout)
     by_name = {d["name"]: d for d in out}
-    assert set(by_name) >= {"vfmd", "vfm-modeld", "vfm-datad"}
+    assert set(by_name) >= {"vfmd", "vfm-modeld", "vfm-datad", "vfm-gatewayd"}
+    assert by_name["vfm-gatewayd"]["address"].startswith("http://127.0.0.1:")
     for d in by_name.values():
         assert d["health"] == "SERVING" and d["pid"] > 0 and d["rss_mb"] > 0 and d["uptime_s"] > 0
+
+
+def test_the_openai_gateway_serves_a_token_made_by_vfmctl(stack):
+    import getpass
+
+    import openai
+    from pathlib import Path
+    proc = json.loads(vfmctl(stack, "spawn", "openai-bot", "-o", "json").stdout)
+    key = vfmctl(stack, "token", "create", f"unix:{getpass.getuser()}").stdout.strip()
+    base = (Path(stack) / "gateway.addr").read_text().strip() + "/v1"
+    sdk = openai.OpenAI(base_url=base, api_key=key, max_retries=0)
+    assert "openai-bot" in [m.id for m in sdk.models.list()]
+    reply = sdk.chat.completions.create(model="openai-bot", max_tokens=6,
+                                        messages=[{"role": "user", "content": "Hi."}])
+    assert reply.choices[0].message.content.strip()
+    assert reply.model_extra["vfm"]["pid"] == proc["pid"]
 
 
 def test_second_up_is_a_no_op(stack):
