@@ -152,6 +152,8 @@ class AuditStore:
         self.head_path = head_path
         self._file_lock = threading.Lock()
         self._file_seq = 0  # the seq the head file was last written with
+        self._durable: tuple[int, bytes] | None = None  # the newest durable head, not yet filed
+        store.after_each_commit(self._file_durable_head)
 
     def head(self) -> Head | None:
         with self._store.read() as txn:
@@ -178,11 +180,24 @@ class AuditStore:
             return also(txn) if also is not None else None
         future = self._store.submit(write)
         # A done callback runs on the writer thread once the record is durable (or at once,
-        # here, when it already is): the file never names a record that is not durable,
-        # and it never goes back to an earlier head.
-        future.add_done_callback(
-            lambda f: f.exception() or self._write_head_file(head.seq, packed))
+        # here, when it already is): it notes the head, and the file is replaced once per
+        # group commit with the newest one noted (one fsync for all of a group's records).
+        # The file never names a record that is not durable, and never goes back.
+        future.add_done_callback(lambda f: f.exception() or self._note_durable(head.seq, packed))
         return future
+
+    def _note_durable(self, seq: int, packed: bytes) -> None:
+        with self._file_lock:
+            if self._durable is None or seq > self._durable[0]:
+                self._durable = (seq, packed)
+        if threading.current_thread().name != "store-writer":
+            self._file_durable_head()  # durable already when appended: no commit hook comes
+
+    def _file_durable_head(self) -> None:
+        with self._file_lock:
+            durable, self._durable = self._durable, None
+        if durable is not None:
+            self._write_head_file(*durable)
 
     def rows(self, after: int = 0) -> Iterable[tuple[bytes, bytes]]:
         """(key, value) pairs from seq `after + 1` on, in key order; a read transaction each."""

@@ -41,6 +41,10 @@ class KernelStore:
         """Write transactions committed so far (each one fsync)."""
         return self._writer.transactions
 
+    def after_each_commit(self, hook: Callable[[], None]) -> None:
+        """`hook()` on the writer thread once after each group commit (see the writer)."""
+        self._writer.after_each_group(hook)
+
     def close(self) -> None:
         """Write what is staged or queued, then close."""
         for pid, table in self._staged_pages.items():

@@ -35,6 +35,7 @@ class GroupCommitWriter:
         self._queue: deque[tuple[Write, Future]] = deque()
         self._wake = threading.Condition()
         self._closing = False
+        self._after_group: list[Callable[[], None]] = []
         self.transactions = 0  # committed so far
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
@@ -51,6 +52,12 @@ class GroupCommitWriter:
             self._queue.append((write, future))
             self._wake.notify()
         return future
+
+    def after_each_group(self, hook: Callable[[], None]) -> None:
+        """Run `hook()` on the writer thread after each group is committed and its Futures
+        are settled, before the next group: work that one group needs once, not once per
+        write (the audit head file: one fsync per group, not one per Ask)."""
+        self._after_group.append(hook)
 
     def close(self) -> None:
         """Commit everything queued so far, then stop the thread."""
@@ -69,6 +76,11 @@ class GroupCommitWriter:
                 group = list(self._queue)
                 self._queue.clear()
             self._commit(group)
+            for hook in self._after_group:
+                try:
+                    hook()
+                except Exception as exc:  # the writer must outlive a hook's bug
+                    log.error("an after-commit hook failed: %s", exc, exc_info=exc)
 
     def _commit(self, group: list[tuple[Write, Future]]) -> None:
         try:
