@@ -210,6 +210,7 @@ VALID: dict[str, dict] = {
         "mtime": {"seconds": 1_683_500_000}, "data": _TIDES.encode()}},
     "DeleteSource": {"collection": PLAYGROUND_COLLECTION, "source": "tides.txt"},
     "Search": {"collection": PLAYGROUND_COLLECTION, "query": "low water", "k": 3},
+    "Embed": {"texts": ["low water", "high tide"]},
     "GetUsage": {}, "SetTenantWeight": {"tenant": "mallory", "weight": 2.0},
     "Ping": {"payload": b"ping"}, "WhoAmI": {}, "ListServices": {},
     "RegisterService": {"name": "vfm-trustd", "address": "unix:///tmp/vfm-fuzz-nowhere.sock",

@@ -132,9 +132,9 @@ def test_a_killed_daemon_serves_again_and_status_counts_the_restart(stack, name)
 
 def test_down_stops_everything_and_nothing_comes_back(stack):
     state, _ = stack
-    assert len(processes_of(state)) >= 5  # the supervisor and four daemons
+    assert len(processes_of(state)) >= 6  # the supervisor, four daemons and the gateway
     done = vfmctl(state, "down")
-    assert "stopped 4 daemon(s)" in done.stderr
+    assert "stopped 5 daemon(s)" in done.stderr
     assert processes_of(state) == []  # the supervisor too: nothing can start them again
     assert not any(state.glob("*.pid"))
     assert vfmctl(state, "status", check=False).returncode == 6
