@@ -64,6 +64,24 @@ def wait_for(predicate, timeout: float = 20.0, what: str = "condition", log=None
     raise AssertionError(f"timed out waiting for {what}" + (f"\n--- log ---\n{log()}" if log else ""))
 
 
+def node_example(directory: Path, installed: str) -> str:
+    """node's path, once `npm ci` has installed the example in `directory` (skipped without
+    node and npm, or when the registry cannot be reached); `installed` names a package dir
+    under node_modules that shows an earlier install."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        pytest.skip("node and npm are needed for the Node.js examples")
+    if not (directory / "node_modules" / installed).exists():
+        try:
+            done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=directory,
+                                  capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            pytest.skip("npm ci timed out (registry unreachable?)")
+        if done.returncode != 0:
+            pytest.skip(f"npm ci failed (registry unreachable?): {done.stderr[-400:]}")
+    return node
+
+
 def start_kernel(state_dir: Path, *extra: str, env: dict | None = None) -> Daemon:
     """vfmd on `state_dir`; without vfm-trustd unless `extra` says `--trust on` (vfmd refuses
     every Ask while trust is on and no vfm-trustd ever answered)."""

@@ -219,33 +219,27 @@ async def chat_completions(request: Request) -> Response:
             _learn(gw, asked.pid, conv.question, result)
         return JSONResponse(api.chat_completion(cid, call.model, result, asked.pid))
 
-    async def events():
+    async def chunks():
         created = int(time.time())
-        yield _sse(api.chat_chunk(cid, call.model, created, {"role": "assistant",
-                                                             "content": ""}))
-        try:
-            async for item in _items(asked):
-                if isinstance(item, AskResult):
-                    if remembered:
-                        _learn(gw, asked.pid, conv.question, item)
-                    if item.tool_calls:
-                        yield _sse(api.chat_chunk(cid, call.model, created, {"tool_calls": [
-                            {"index": i, **c} for i, c in enumerate(item.tool_calls)]}))
-                    last = api.chat_chunk(cid, call.model, created, {},
-                                          api.FINISH[item.finish_reason])
-                    last["vfm"] = api.extras(item, asked.pid)
-                    yield _sse(last)
-                    if call.include_usage:
-                        tail = api.chat_chunk(cid, call.model, created, {})
-                        tail["choices"], tail["usage"] = [], api.usage_of(item)
-                        yield _sse(tail)
-                elif item:
-                    yield _sse(api.chat_chunk(cid, call.model, created, {"content": item}))
-        except VfmError as err:
-            yield _sse(_stream_error(err))
-            return
-        yield _sse("[DONE]")
-    return _event_stream(events())
+        yield api.chat_chunk(cid, call.model, created, {"role": "assistant", "content": ""})
+        async for item in _items(asked):
+            if isinstance(item, AskResult):
+                if remembered:
+                    _learn(gw, asked.pid, conv.question, item)
+                if item.tool_calls:
+                    yield api.chat_chunk(cid, call.model, created, {"tool_calls": [
+                        {"index": i, **c} for i, c in enumerate(item.tool_calls)]})
+                last = api.chat_chunk(cid, call.model, created, {},
+                                      api.FINISH[item.finish_reason])
+                last["vfm"] = api.extras(item, asked.pid)
+                yield last
+                if call.include_usage:
+                    tail = api.chat_chunk(cid, call.model, created, {})
+                    tail["choices"], tail["usage"] = [], api.usage_of(item)
+                    yield tail
+            elif item:
+                yield api.chat_chunk(cid, call.model, created, {"content": item})
+    return _event_stream(_data_events(chunks()))
 
 
 async def completions(request: Request) -> Response:
@@ -261,23 +255,18 @@ async def completions(request: Request) -> Response:
         body["usage"], body["vfm"] = api.usage_of(result), api.extras(result, asked.pid)
         return JSONResponse(body)
 
-    async def events():
-        try:
-            async for item in _items(asked):
-                if isinstance(item, AskResult):
-                    last = api.completion(cid, call.model, created, "",
-                                          api.FINISH[item.finish_reason])
-                    last["vfm"] = api.extras(item, asked.pid)
-                    if call.include_usage:
-                        last["usage"] = api.usage_of(item)
-                    yield _sse(last)
-                elif item:
-                    yield _sse(api.completion(cid, call.model, created, item, None))
-        except VfmError as err:
-            yield _sse(_stream_error(err))
-            return
-        yield _sse("[DONE]")
-    return _event_stream(events())
+    async def chunks():
+        async for item in _items(asked):
+            if isinstance(item, AskResult):
+                last = api.completion(cid, call.model, created, "",
+                                      api.FINISH[item.finish_reason])
+                last["vfm"] = api.extras(item, asked.pid)
+                if call.include_usage:
+                    last["usage"] = api.usage_of(item)
+                yield last
+            elif item:
+                yield api.completion(cid, call.model, created, item, None)
+    return _event_stream(_data_events(chunks()))
 
 
 async def responses(request: Request) -> Response:
@@ -342,6 +331,18 @@ async def embeddings(request: Request) -> Response:
         await gw.keys.process(key, call.model)  # one of the caller's processes: its embedder
     vectors, _model, tokens = await key.client.embed(call.texts)
     return JSONResponse(api.embeddings(vectors, call.model, tokens, call.base64))
+
+
+async def _data_events(chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    """Chat and completion chunks as `data:` events, then `[DONE]`; an error after the first
+    byte (the status is sent by then) is a last `data: {"error": ...}` event instead."""
+    try:
+        async for chunk in chunks:
+            yield _sse(chunk)
+    except VfmError as err:
+        yield _sse(_stream_error(err))
+        return
+    yield _sse("[DONE]")
 
 
 def _event_stream(events: AsyncIterator[bytes]) -> StreamingResponse:

@@ -22,7 +22,7 @@ import pytest
 from concurrent.futures import ThreadPoolExecutor
 
 from libvfm import Client, Quota, TokenLimits
-from tests.conftest import REPO, Daemon, start_kernel, wait_for
+from tests.conftest import REPO, Daemon, node_example, start_kernel, wait_for
 
 NODE_EXAMPLE = REPO / "examples" / "openai-node"
 
@@ -340,18 +340,7 @@ def test_curl_streams_server_sent_events(gw):
 
 @pytest.fixture(scope="module")
 def node():
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if not node or not npm:
-        pytest.skip("node and npm are needed for the Node.js example")
-    if not (NODE_EXAMPLE / "node_modules" / "openai").exists():
-        try:
-            done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_EXAMPLE,
-                                  capture_output=True, text=True, timeout=300)
-        except subprocess.TimeoutExpired:
-            pytest.skip("npm ci timed out (registry unreachable?)")
-        if done.returncode != 0:
-            pytest.skip(f"npm ci failed (registry unreachable?): {done.stderr[-400:]}")
-    return node
+    return node_example(NODE_EXAMPLE, "openai")
 
 
 def test_openai_node_sdk_chats_plain_and_streamed(gw, node):

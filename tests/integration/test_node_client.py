@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import pytest
 
 from libvfm import Client
 from tests.conftest import REPO
+from tests.conftest import node_example as run_node_example
 
 EXAMPLE = REPO / "examples" / "node"
 
 
 @pytest.fixture(scope="module")
 def node_example():
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if not node or not npm:
-        pytest.skip("node and npm are needed for the Node.js example")
-    if not (EXAMPLE / "node_modules" / "@grpc" / "grpc-js").exists():
-        try:
-            result = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=EXAMPLE,
-                                    capture_output=True, text=True, timeout=300)
-        except subprocess.TimeoutExpired:
-            pytest.skip("npm ci timed out (registry unreachable?)")
-        if result.returncode != 0:
-            pytest.skip(f"npm ci failed (registry unreachable?): {result.stderr[-400:]}")
-    return node
+    return run_node_example(EXAMPLE, "@grpc/grpc-js")
 
 
 def test_node_client_spawns_and_reads_back_a_process(node_example, kernel, state_dir):
