@@ -152,8 +152,9 @@ class AuditStore:
         self.head_path = head_path
         self._file_lock = threading.Lock()
         self._file_seq = 0  # the seq the head file was last written with
-        self._durable: tuple[int, bytes] | None = None  # the newest durable head, not yet filed
-        store.after_each_commit(self._file_durable_head)
+        # The newest head written by the transaction in progress (writer thread only).
+        self._staged: tuple[int, bytes] | None = None
+        store.after_each_transaction(self._file_staged_head)
 
     def head(self) -> Head | None:
         with self._store.read() as txn:
@@ -177,27 +178,19 @@ class AuditStore:
         def write(txn):
             txn.put(key, value, db=self._db)
             txn.put(_HEAD_KEY, packed, db=self._head_db)
+            if self._staged is None or head.seq > self._staged[0]:
+                self._staged = (head.seq, packed)
             return also(txn) if also is not None else None
-        future = self._store.submit(write)
-        # A done callback runs on the writer thread once the record is durable (or at once,
-        # here, when it already is): it notes the head, and the file is replaced once per
-        # group commit with the newest one noted (one fsync for all of a group's records).
-        # The file never names a record that is not durable, and never goes back.
-        future.add_done_callback(lambda f: f.exception() or self._note_durable(head.seq, packed))
-        return future
+        # Once the transaction is durable, and before anyone awaiting it goes on, the head
+        # file is replaced with the newest head it wrote: one fsync for all of a group's
+        # records, not one each. The file never names a record that is not durable, and
+        # never goes back.
+        return self._store.submit(write)
 
-    def _note_durable(self, seq: int, packed: bytes) -> None:
-        with self._file_lock:
-            if self._durable is None or seq > self._durable[0]:
-                self._durable = (seq, packed)
-        if threading.current_thread().name != "store-writer":
-            self._file_durable_head()  # durable already when appended: no commit hook comes
-
-    def _file_durable_head(self) -> None:
-        with self._file_lock:
-            durable, self._durable = self._durable, None
-        if durable is not None:
-            self._write_head_file(*durable)
+    def _file_staged_head(self, committed: bool) -> None:
+        staged, self._staged = self._staged, None
+        if committed and staged is not None:
+            self._write_head_file(*staged)
 
     def rows(self, after: int = 0) -> Iterable[tuple[bytes, bytes]]:
         """(key, value) pairs from seq `after + 1` on, in key order; a read transaction each."""

@@ -41,9 +41,9 @@ class KernelStore:
         """Write transactions committed so far (each one fsync)."""
         return self._writer.transactions
 
-    def after_each_commit(self, hook: Callable[[], None]) -> None:
-        """`hook()` on the writer thread once after each group commit (see the writer)."""
-        self._writer.after_each_group(hook)
+    def after_each_transaction(self, hook: Callable[[bool], None]) -> None:
+        """`hook(committed)` on the writer thread after each transaction (see the writer)."""
+        self._writer.after_each_transaction(hook)
 
     def close(self) -> None:
         """Write what is staged or queued, then close."""

@@ -35,7 +35,7 @@ class GroupCommitWriter:
         self._queue: deque[tuple[Write, Future]] = deque()
         self._wake = threading.Condition()
         self._closing = False
-        self._after_group: list[Callable[[], None]] = []
+        self._after_commit: list[Callable[[bool], None]] = []
         self.transactions = 0  # committed so far
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
@@ -53,11 +53,12 @@ class GroupCommitWriter:
             self._wake.notify()
         return future
 
-    def after_each_group(self, hook: Callable[[], None]) -> None:
-        """Run `hook()` on the writer thread after each group is committed and its Futures
-        are settled, before the next group: work that one group needs once, not once per
-        write (the audit head file: one fsync per group, not one per Ask)."""
-        self._after_group.append(hook)
+    def after_each_transaction(self, hook: Callable[[bool], None]) -> None:
+        """Run `hook(committed)` on the writer thread after each transaction, before its
+        Futures are settled (so whoever awaits a write sees the hook's work done): work a
+        group needs once, not once per write (the audit head file: one fsync per group).
+        `committed` False: the transaction was rolled back."""
+        self._after_commit.append(hook)
 
     def close(self) -> None:
         """Commit everything queued so far, then stop the thread."""
@@ -76,11 +77,6 @@ class GroupCommitWriter:
                 group = list(self._queue)
                 self._queue.clear()
             self._commit(group)
-            for hook in self._after_group:
-                try:
-                    hook()
-                except Exception as exc:  # the writer must outlive a hook's bug
-                    log.error("an after-commit hook failed: %s", exc, exc_info=exc)
 
     def _commit(self, group: list[tuple[Write, Future]]) -> None:
         try:
@@ -98,9 +94,21 @@ class GroupCommitWriter:
             future.set_result(result)
 
     def _transaction(self, writes: list[Write]) -> list:
-        with self._env.begin(write=True) as txn:
-            results = [write(txn) for write in writes]
-            if self._before_commit is not None:
-                self._before_commit()
+        try:
+            with self._env.begin(write=True) as txn:
+                results = [write(txn) for write in writes]
+                if self._before_commit is not None:
+                    self._before_commit()
+        except BaseException:
+            self._hooks(False)
+            raise
         self.transactions += 1
+        self._hooks(True)
         return results
+
+    def _hooks(self, committed: bool) -> None:
+        for hook in self._after_commit:
+            try:
+                hook(committed)
+            except Exception as exc:  # the writer must outlive a hook's bug
+                log.error("an after-commit hook failed: %s", exc, exc_info=exc)
