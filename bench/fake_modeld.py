@@ -4,9 +4,11 @@ with no model behind it, registered with a kernel as `vfm-modeld`.
 What it sends, kept as honest as the real vfm-modeld's wire traffic: one `GenerateResponse` per
 token (tokens=1, a short word of text, its token id, and `prompt_tokens` on every chunk, as
 `services/model/batch.py` emits them), then one final chunk (done, finish_reason "length",
-completion_tokens, model). Every answer runs to `max_new_tokens`. No sleeping, no batching of
-tokens into one message: it streams as fast as gRPC lets it (tests that need an answer to
-last a while give `--token-delay-ms`). `ListModels` reports one default model whose
+completion_tokens, model). Every answer runs to `max_new_tokens`. No sleeping, no joining of
+tokens: it streams as fast as gRPC lets it (tests that need an answer to last a while give
+`--token-delay-ms`). `Generate` sends one message per token; `GenerateMany` (what the kernel
+uses) sends one message per decode step, one token for each running generation, as the real
+engine's steps arrive. `ListModels` reports one default model whose
 `max_batch` is large (64) so the kernel runs every ask at once.
 
     python -m bench.fake_modeld --socket PATH | --state-dir DIR [--kernel-socket PATH]
@@ -71,6 +73,55 @@ class FakeModel(model_pb2_grpc.ModelServiceServicer):
                                       token_ids=(100 + word,))
         yield pb.GenerateResponse(done=True, finish_reason=pb.FINISH_REASON_LENGTH,
                                   prompt_tokens=prompt, completion_tokens=n, model=MODEL)
+
+    async def GenerateMany(self, requests, context):
+        """GenerateMany as a batched engine's decode loop: each step adds one token to every
+        running generation and is one message, sent as fast as gRPC lets it. Like Generate
+        here it never runs ahead of its reader, so no chunks are ever joined: one token per
+        generation per message, as the real engine's steps are when the kernel keeps up."""
+        running: dict[int, list[int]] = {}  # id: [prompt tokens, tokens asked, tokens sent]
+        wake = asyncio.Event()
+
+        async def read() -> None:
+            async for message in requests:
+                if message.WhichOneof("action") == "start":
+                    running[message.id] = [prompt_tokens(message.start),
+                                           message.start.max_new_tokens or DEFAULT_NEW_TOKENS, 0]
+                else:
+                    running.pop(message.id, None)
+                wake.set()
+
+        reader = asyncio.create_task(read())
+        reader.add_done_callback(lambda _: wake.set())
+        vocab = len(VOCAB)
+        try:
+            while True:
+                if not running:
+                    if reader.done():
+                        return
+                    wake.clear()
+                    await wake.wait()
+                    continue
+                if self.token_delay_s:
+                    await asyncio.sleep(self.token_delay_s)
+                chunks = []
+                for gid, state in list(running.items()):
+                    prompt, n, i = state
+                    if i < n:
+                        word = i % vocab
+                        state[2] = i + 1
+                        chunk = pb.GenerateResponse(text=VOCAB[word], tokens=1,
+                                                    prompt_tokens=prompt,
+                                                    token_ids=(100 + word,))
+                    else:
+                        del running[gid]
+                        chunk = pb.GenerateResponse(
+                            done=True, finish_reason=pb.FINISH_REASON_LENGTH,
+                            prompt_tokens=prompt, completion_tokens=n, model=MODEL)
+                    chunks.append(pb.GenerateManyChunk(id=gid, chunk=chunk))
+                yield pb.GenerateManyResponse(chunks=chunks)
+        finally:
+            reader.cancel()
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[pb.ModelInfo(

@@ -14,11 +14,12 @@ from typing import AsyncIterator, Sequence
 import grpc
 
 from kernel.memory import Candidates, Item
-from kernel.ports import (AdaptJob, CandidatesQuery, CandidatesReply, CheckResult, GenerateCall, GenPiece,
+from kernel.ports import (AdaptJob, CandidatesQuery, CandidatesReply, CheckResult, GenerateCall,
                           RouteCandidate, RouteDecision,
                           ItemVerdict, MemoryEntry, ModelInfo, OutputDecision, Placeholder,
                           Pseudonymized, ScreenItem, Screening, TrustPolicy, TrustScope,
                           TrustSpan, Verdict, Verification)
+from kernel.model_mux import ModelMux, MuxStream
 from kernel.registry import ServiceRegistry
 from vfmos_runtime.convert import enum_str, enum_value, seconds, timestamp
 from vfmos_runtime.errors import DeadlineExceeded, Unavailable, VfmError, from_rpc_error
@@ -79,7 +80,11 @@ def _service_error(registry: ServiceRegistry, service: str, exc: grpc.RpcError) 
         # An older build of the service (or a stand-in) without this call: not the caller's
         # fault and not a kernel bug.
         return Unavailable(f"service {service} does not offer this call (an older version?)")
-    err = from_rpc_error(exc)
+    return _service_failure(registry, service, from_rpc_error(exc))
+
+
+def _service_failure(registry: ServiceRegistry, service: str, err: VfmError) -> VfmError:
+    """What a service's error means to the kernel's caller."""
     if err.code == grpc.StatusCode.UNAVAILABLE:
         registry.suspect(service)
         return Unavailable(f"service {service} is unavailable: {err.message}")
@@ -97,12 +102,30 @@ class GrpcModelClient:
 
     def __init__(self, registry: ServiceRegistry):
         self._registry = registry
+        self._mux: ModelMux | None = None
 
     def _stub(self) -> model_pb2_grpc.ModelServiceStub:
         return model_pb2_grpc.ModelServiceStub(self._registry.channel(MODEL_SERVICE))
 
-    def generate(self, call: GenerateCall) -> "_GenerateStream":
-        return _GenerateStream(self, _generate_request(call))
+    def generate(self, call: GenerateCall) -> MuxStream:
+        request = _generate_request(call)
+        return MuxStream(self._mux_now, request, generate_timeout(request.max_new_tokens))
+
+    def _mux_now(self) -> ModelMux:
+        """The GenerateMany stream new generations go on: a new one when the service
+        registered again (new address or secret) or the last one broke."""
+        channel = self._registry.channel(MODEL_SERVICE)
+        metadata = self._registry.metadata(MODEL_SERVICE)
+        mux = self._mux
+        if mux is None or mux.broken is not None or mux.channel is not channel \
+                or mux.metadata != metadata:
+            if mux is not None:
+                mux.retire()
+            mux = self._mux = ModelMux(
+                channel, metadata,
+                error=lambda exc: _service_error(self._registry, MODEL_SERVICE, exc),
+                failure=lambda err: _service_failure(self._registry, MODEL_SERVICE, err))
+        return mux
 
     async def list_models(self) -> list[ModelInfo]:
         try:
@@ -164,50 +187,6 @@ class GrpcModelClient:
                 request, timeout=timeout, metadata=self._registry.metadata(MODEL_SERVICE))
         except grpc.RpcError as exc:
             raise _service_error(self._registry, MODEL_SERVICE, exc) from None
-
-
-class _GenerateStream:
-    """One `Generate` call read message by message (`call.read()`: no async generator in
-    between, this loop runs once per streamed token)."""
-
-    def __init__(self, client: GrpcModelClient, request: model_pb2.GenerateRequest):
-        self._client = client
-        self._request = request
-        self._call: grpc.aio.UnaryStreamCall | None = None
-        self._cancelled = False
-
-    def cancel(self) -> None:
-        self._cancelled = True
-        if self._call is not None:
-            self._call.cancel()  # the model service drops the sequence within one decode step
-
-    def __aiter__(self) -> AsyncIterator[GenPiece]:
-        return self
-
-    async def __anext__(self) -> GenPiece:
-        call = self._call
-        if call is None:
-            if self._cancelled:
-                raise StopAsyncIteration
-            call = self._call = self._client._stub().Generate(
-                self._request, timeout=generate_timeout(self._request.max_new_tokens),
-                metadata=self._client._registry.metadata(MODEL_SERVICE))
-        try:
-            chunk = await call.read()
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if self._cancelled and not (task and task.cancelling()):
-                raise StopAsyncIteration from None  # our own cancel: the stream just ends
-            raise
-        except grpc.RpcError as exc:
-            raise _service_error(self._client._registry, MODEL_SERVICE, exc) from None
-        if chunk is grpc.aio.EOF:
-            raise StopAsyncIteration
-        done = chunk.done  # only the last piece has a finish reason: no enum lookup per token
-        return GenPiece(chunk.text, chunk.tokens, chunk.token_ids, chunk.prompt_tokens, done,
-                        enum_str(model_pb2.FinishReason, chunk.finish_reason) if done else "",
-                        chunk.logprob if chunk.HasField("logprob") else None,
-                        chunk.tool_calls_json if done else "")
 
 
 def _adapt_job(j) -> AdaptJob:

@@ -86,6 +86,14 @@ _BY_CODE: dict[grpc.StatusCode, type[VfmError]] = {
         FailedPrecondition, Unavailable, Cancelled, DeadlineExceeded, Internal, QuotaExceeded,
     )
 }
+_BY_NUMBER: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def error_for_code(number: int, message: str) -> VfmError:
+    """The typed VfmError for a gRPC status code sent as a number (an error reported inside
+    a message, as GenerateMany reports one generation's)."""
+    code = _BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+    return _BY_CODE.get(code, Internal)(message or str(code))
 
 
 ERROR_DOMAIN = "vfmos.dev"

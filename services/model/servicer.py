@@ -11,6 +11,7 @@ from vfmos_runtime.convert import enum_str, enum_value
 from vfmos_runtime.errors import Unavailable
 from services.model.router import RoutePolicy
 from services.model.adapters import AdapterJobs, AdaptJob
+from services.model.mux import serve_many
 from services.model.routing import RoutingService
 from services.model.service import ModelService
 from services.model.types import GenParams
@@ -30,6 +31,16 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
 
     @rpc
     async def Generate(self, request: pb.GenerateRequest, context):
+        async for response in self._responses(request):
+            yield response
+
+    @rpc
+    async def GenerateMany(self, requests, context):
+        async for response in serve_many(requests, self._responses, log):
+            yield response
+
+    async def _responses(self, request: pb.GenerateRequest):
+        """One generation's chunks (Generate's stream; one generation of GenerateMany)."""
         # an unspecified role reads "" and is refused by the domain's role check
         messages = [{"role": enum_str(pb.Role, m.role), "content": m.content}
                     for m in request.messages]
