@@ -164,8 +164,10 @@ class _Segment:
 class AskRunner:
     def __init__(self, table: ProcessTable, models: ModelClient, dispatcher: Dispatcher,
                  context: ContextManager, trust: TrustGate | None = None,
-                 asks: AskLog | None = None, keys: KeyLedger | None = None):
+                 asks: AskLog | None = None, keys: KeyLedger | None = None,
+                 stream_interval_s: float = 0.0):
         self._asks = asks
+        self._interval = stream_interval_s
         self._keys = keys
         self._feedback_tasks: set[asyncio.Task] = set()
         self._context = context
@@ -181,20 +183,28 @@ class AskRunner:
         """Yield the answer's text pieces, then one AskDone.
 
         The answer is produced by its own task and relayed from `_Answer.text` as it grows:
-        the first piece goes out at once, and when the reader is slower than the model the
-        pieces that accumulated meanwhile go out joined, in one message (far fewer writes
-        for the same text). The AskDone stays last."""
+        the first piece goes out at once, and the next ones no sooner than the stream
+        interval after the one before: the pieces that came meanwhile (or while the reader
+        was slower than the model) go out joined, in one message (far fewer writes for the
+        same text). The AskDone stays last."""
         query.validate()
         # A cascade's first answer is never shown as it comes: it may be replaced.
         answer = _Answer(checked=self._trust.enabled or self._cascades(caller, query.pid))
         texts, grown = answer.shown, answer.shown_grown
         run = asyncio.ensure_future(self._run(caller, query, answer))
         run.add_done_callback(lambda _: grown.set())  # the answer is over: wake the relay
-        sent = 0
+        sent, interval, clock = 0, self._interval, time.monotonic
+        due = 0.0  # when the next message may go
         try:
             while True:
                 n = len(texts)
                 if n > sent:
+                    if interval:
+                        now = clock()
+                        if now < due and not run.done():
+                            await asyncio.sleep(due - now)
+                            continue
+                        due = now + interval
                     piece = texts[sent] if n == sent + 1 else "".join(texts[sent:n])
                     sent = n
                     yield piece

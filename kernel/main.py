@@ -67,7 +67,8 @@ async def serve(cfg: kconfig.KernelConfig) -> None:
     trust = TrustGate(GrpcTrustClient(registry) if cfg.trust == "on" else None,
                       escalations, audit)
     models = GrpcModelClient(registry)
-    asks = AskRunner(table, models, dispatcher, context, trust, ask_log, keys)
+    asks = AskRunner(table, models, dispatcher, context, trust, ask_log, keys,
+                     stream_interval_s=cfg.stream_interval_ms / 1000)
     servicer = KernelServicer(table, registry, auth, asks, dispatcher, started, context,
                               TrustParts(TrustPolicyClient(registry), audit, escalations),
                               RouteDesk(table, models, ask_log, audit), ModelDesk(models, audit))

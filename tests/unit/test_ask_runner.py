@@ -29,9 +29,10 @@ class FakeModel:
     where the assistant prefix ends (so a continuation visibly carries on), ids 1000+i.
     It runs while `running` is set; each piece is `per_piece` tokens."""
 
-    def __init__(self, max_batch: int = 8, per_piece: int = 1):
+    def __init__(self, max_batch: int = 8, per_piece: int = 1, piece_delay_s: float = 0.0):
         self.max_batch = max_batch
         self.per_piece = per_piece
+        self.piece_delay_s = piece_delay_s
         self.calls: list[GenerateCall] = []
         self.streams: list[FakeStream] = []
         self.running = asyncio.Event()
@@ -65,7 +66,7 @@ class FakeStream:
         return self
 
     async def __anext__(self) -> GenPiece:
-        await asyncio.sleep(0)
+        await asyncio.sleep(self.model.piece_delay_s)
         if self.model.pause_at is not None and self.model.produced >= self.model.pause_at:
             self.model.running.clear()  # the test acts at a known token, then lets it go on
             self.model.pause_at = None
@@ -100,7 +101,7 @@ class FakeData:
 
 
 class Kernel:
-    def __init__(self, path, model: FakeModel):
+    def __init__(self, path, model: FakeModel, stream_interval_s: float = 0.0):
         self.store = KernelStore(path)
         self.table = ProcessTable(self.store)
         self.dispatcher = Dispatcher()
@@ -108,7 +109,8 @@ class Kernel:
         data = FakeData()
         self.outbox = ExchangeOutbox(OutboxStore(self.store), data)
         context = ContextManager(self.table, data, PageTable(self.store), self.outbox)
-        self.runner = AskRunner(self.table, model, self.dispatcher, context)
+        self.runner = AskRunner(self.table, model, self.dispatcher, context,
+                                stream_interval_s=stream_interval_s)
 
     def spawn(self, name: str = "p", priority: int = 20, quota: Quota | None = None) -> int:
         spec = ProcessSpec(name=name, priority=priority, quota=quota or Quota())
@@ -126,8 +128,8 @@ class Kernel:
 def kernel(tmp_path):
     made: list[Kernel] = []
 
-    def make(**options) -> Kernel:
-        k = Kernel(tmp_path, FakeModel(**options))
+    def make(stream_interval_s: float = 0.0, **options) -> Kernel:
+        k = Kernel(tmp_path, FakeModel(**options), stream_interval_s)
         made.append(k)
         return k
     yield make
@@ -318,6 +320,31 @@ def test_a_slow_reader_gets_the_pieces_joined_the_first_one_at_once(kernel):
     text, done = answer(pieces)
     assert text == tokens(0, 20) and len(pieces) == 3  # <0>, then the other 19 in one
     assert done.usage.tokens_out == 20
+
+
+async def _timed_pieces(k: Kernel, pid: int, tokens: int) -> list[tuple[float, object]]:
+    loop = asyncio.get_running_loop()
+    return [(loop.time(), item) async for item in k.runner.ask(
+        ALICE, AskQuery(pid=pid, prompt="Go.", max_new_tokens=tokens))]
+
+
+def test_the_stream_interval_joins_fast_text_the_first_piece_at_once(kernel):
+    k = kernel(stream_interval_s=0.04, piece_delay_s=0.002)
+    timed = asyncio.run(_timed_pieces(k, k.spawn(), 100))
+    pieces = [item for _, item in timed]
+    text, done = answer(pieces)
+    assert text == tokens(0, 100) and done.usage.tokens_out == 100
+    assert pieces[0] == "<0>"  # the first token is not held back
+    texts = timed[:-1]
+    gaps = [b[0] - a[0] for a, b in zip(texts, texts[1:])]
+    assert 3 <= len(texts) < 40  # streamed in several messages, far fewer than 100 pieces
+    assert min(gaps) >= 0.035    # no two messages closer than the interval (timer slack)
+
+
+def test_without_a_stream_interval_each_piece_goes_as_it_comes(kernel):
+    k = kernel(piece_delay_s=0.002)
+    pieces = [item for _, item in asyncio.run(_timed_pieces(k, k.spawn(), 30))]
+    assert answer(pieces)[0] == tokens(0, 30) and len(pieces) == 31
 
 
 def test_a_caller_that_goes_away_stops_the_generation_and_is_accounted(kernel):
