@@ -11,7 +11,7 @@ from kernel.context import ContextManager
 from kernel.memory_syscalls import MemorySyscalls
 from kernel.trust_syscalls import TrustParts, TrustSyscalls
 from kernel.syscall import syscall
-from kernel.convert import process_to_pb, quota_from_pb, spec_from_pb, verdict_to_pb
+from kernel.convert import ProcessViews, quota_from_pb, spec_from_pb, verdict_to_pb
 from kernel.dispatch import Dispatcher
 from kernel.pagination import page
 from vfmos_runtime import validate
@@ -47,9 +47,10 @@ class KernelServicer(MemorySyscalls, TrustSyscalls, kernel_pb2_grpc.KernelServic
         self.asks = asks
         self.started_at = started_at
         self.figures = DaemonFigures()  # CPU percent is measured between two calls
+        self._views = ProcessViews()
 
     def _proc(self, record) -> pb.Process:
-        return process_to_pb(record, self.table.running(record.pid))
+        return self._views.get(record, self.table.running(record.pid))
 
     @syscall
     async def SpawnProcess(self, caller: Caller, request: pb.SpawnProcessRequest):
