@@ -3,10 +3,13 @@ service, against the same clients reading that service directly, while other cli
 `Get`/`List`.
 
 Setup: a real vfmd on a temp state dir and `bench.fake_modeld` in its own process, registered
-with it as `vfm-modeld`. The fake has no model: it streams one `GenerateResponse` per token
+with it as `vfm-modeld`. The fake has no model: each generation is one chunk per token
 (tokens=1, a short word, its token id, prompt_tokens on every chunk, as the real vfm-modeld
-does), then a done chunk; `ListModels` says max_batch 64, so all asks run at once. With no
-model cost, what is measured is the relay: vfmd's work per streamed token.
+does), then a done chunk, never joined. Read directly (`Generate`) that is one message per
+token; the kernel reads `GenerateMany`, where like a batched engine the fake sends one
+message per decode step holding one token of every running generation. `ListModels` says
+max_batch 64, so all asks run at once. With no model cost, what is measured is the relay:
+vfmd's work per streamed token (its `--stream-interval` is left at the default).
 
 Windows, each with its own fresh client processes, all warm before the window opens:
   * unloaded (`--duration`/2 at the start and again at the end): the `--readers` clients
