@@ -60,6 +60,14 @@ class FakeModel(model_pb2_grpc.ModelServiceServicer):
     def __init__(self, max_batch: int, token_delay_s: float = 0.0):
         self.max_batch = max_batch
         self.token_delay_s = token_delay_s
+        self._wakes: set[asyncio.Event] = set()
+        self.draining = False
+
+    def drain(self) -> None:
+        """Stopping: end each GenerateMany stream once it has nothing running."""
+        self.draining = True
+        for wake in self._wakes:
+            wake.set()
 
     async def Generate(self, request: pb.GenerateRequest, context):
         prompt = prompt_tokens(request)
@@ -93,11 +101,12 @@ class FakeModel(model_pb2_grpc.ModelServiceServicer):
 
         reader = asyncio.create_task(read())
         reader.add_done_callback(lambda _: wake.set())
+        self._wakes.add(wake)
         vocab = len(VOCAB)
         try:
             while True:
                 if not running:
-                    if reader.done():
+                    if reader.done() or self.draining:
                         return
                     wake.clear()
                     await wake.wait()
@@ -121,6 +130,7 @@ class FakeModel(model_pb2_grpc.ModelServiceServicer):
                     chunks.append(pb.GenerateManyChunk(id=gid, chunk=chunk))
                 yield pb.GenerateManyResponse(chunks=chunks)
         finally:
+            self._wakes.discard(wake)
             reader.cancel()
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
@@ -146,7 +156,7 @@ async def serve(socket: Path, kernel_socket: Path | None, max_batch: int,
         await serve_until_signal(server)
         return
     await serve_registered(server, health, "vfm-modeld", service_name, socket, kernel_socket,
-                           close=lambda: None, gate=gate)
+                           close=lambda: None, gate=gate, drain=servicer.drain)
 
 
 def main() -> int:

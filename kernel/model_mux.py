@@ -179,8 +179,7 @@ class ModelMux:
             self._writing = False
 
     async def _read(self) -> None:
-        # The service ended the stream it was not asked to end: it is going away.
-        error: VfmError = self._failure(Unavailable("it ended the generation stream"))
+        error: VfmError | None = None
         streams = self._streams
         try:
             while True:
@@ -207,6 +206,11 @@ class ModelMux:
         except asyncio.CancelledError:
             error = Unavailable("the kernel is stopping")
         finally:
+            if error is None:
+                # The service ended the stream (it is stopping): what is running is cut.
+                error = Unavailable(f"service {MODEL_SERVICE} ended the generation stream")
+                if streams:
+                    error = self._failure(Unavailable("it ended the generation stream"))
             self.broken = error
             for stream in list(streams.values()):
                 stream.fail(error)

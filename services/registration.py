@@ -45,9 +45,11 @@ async def register_forever(kernel_socket: Path, name: str, address: str,
 
 async def serve_registered(server: grpc.aio.Server, health, name: str, service_name: str,
                            socket: Path, kernel_socket: Path, close: Callable[[], None],
-                           gate: KernelGate, background: tuple[asyncio.Task, ...] = ()) -> None:
+                           gate: KernelGate, background: tuple[asyncio.Task, ...] = (),
+                           drain: Callable[[], None] | None = None) -> None:
     """Mark the (started) server SERVING, register with the kernel, tell systemd we are
-    ready, and serve until a signal; then stop the background tasks and `close()`."""
+    ready, and serve until a signal; then `drain()` (end the long-lived streams that are
+    idle), stop the background tasks and `close()`."""
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
     tasks = (asyncio.create_task(register_forever(kernel_socket, name, f"unix:{socket}", gate)),
@@ -56,6 +58,8 @@ async def serve_registered(server: grpc.aio.Server, health, name: str, service_n
 
     async def on_stop() -> None:
         notify_stopping()
+        if drain is not None:
+            drain()
         for task in tasks:
             task.cancel()
         await health.enter_graceful_shutdown()

@@ -58,7 +58,8 @@ async def serve(cfg: ModelConfig) -> None:
     log.info("%s serving on %s (default model %s)", NAME, socket, registry.default)
     await serve_registered(server, health, NAME, SERVICE_NAME, socket,
                            cfg.kernel_socket,
-                           lambda: (adapters.stop(), service.stop(), routing.close()), gate)
+                           lambda: (adapters.stop(), service.stop(), routing.close()), gate,
+                           drain=servicer.many.drain)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from vfmos.model.v1 import model_pb2 as pb
 
 Responses = Callable[[pb.GenerateRequest], AsyncIterator[pb.GenerateResponse]]
 _INTERNAL = grpc.StatusCode.INTERNAL.value[0]
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 
 
 def join(earlier: pb.GenerateResponse, later: pb.GenerateResponse) -> None:
@@ -72,58 +73,81 @@ class Outbox:
         return pb.GenerateManyResponse(chunks=chunks)
 
 
-async def serve_many(requests: AsyncIterator[pb.GenerateManyRequest], responses: Responses,
-                     log: logging.Logger) -> AsyncIterator[pb.GenerateManyResponse]:
-    """Run a GenerateMany stream: start and cancel generations as `requests` say, yield
-    what they produce. Ends when the caller has closed its side and every generation is
-    over; a bad request (zero or reused id) ends the stream with INVALID_ARGUMENT."""
-    outbox = Outbox()
-    running: dict[int, asyncio.Task] = {}
+class ManyStreams:
+    """The GenerateMany streams a daemon serves. The kernel keeps one open for as long as
+    both run, so when the daemon stops (`drain`), each stream ends as soon as none of its
+    generations runs: stopping does not wait out the server's grace period for it."""
 
-    async def run(gid: int, request: pb.GenerateRequest) -> None:
-        try:
-            async for chunk in responses(request):
-                outbox.put(gid, chunk)
-        except VfmError as exc:
-            outbox.fail(gid, exc.code.value[0], short_message(exc.message))
-        except asyncio.CancelledError:
-            pass  # cancelled by the caller: nothing more is sent for it
-        except Exception as exc:  # noqa: BLE001 - one generation's bug ends only it
-            incident = secrets.token_hex(4)
-            log.error("Generate failed (error id %s)", incident, exc_info=exc)
-            outbox.fail(gid, _INTERNAL, f"internal error in Generate (error id {incident}; "
-                                        "see the daemon's log)")
-        finally:
-            if running.get(gid) is asyncio.current_task():
-                del running[gid]
+    def __init__(self):
+        self._outboxes: set[Outbox] = set()
+        self.draining = False
+
+    def drain(self) -> None:
+        self.draining = True
+        for outbox in self._outboxes:
             outbox.ready.set()
 
-    async def read() -> None:
-        async for message in requests:
-            gid = message.id
-            action = message.WhichOneof("action")
-            if action == "start":
-                if not gid or gid in running:
-                    raise InvalidArgument(f"generation id {gid} is zero or already running")
-                running[gid] = asyncio.create_task(run(gid, message.start))
-            elif action == "cancel":
-                task = running.pop(gid, None)
-                if task is not None:
-                    task.cancel()
-                outbox.drop(gid)
+    async def serve(self, requests: AsyncIterator[pb.GenerateManyRequest],
+                    responses: Responses,
+                    log: logging.Logger) -> AsyncIterator[pb.GenerateManyResponse]:
+        """Run one stream: start and cancel generations as `requests` say, yield what they
+        produce. Ends when the caller has closed its side (or the daemon stops) and no
+        generation runs; a bad request (zero or reused id) ends it with INVALID_ARGUMENT."""
+        outbox = Outbox()
+        running: dict[int, asyncio.Task] = {}
 
-    reader = asyncio.create_task(read())
-    reader.add_done_callback(lambda _: outbox.ready.set())
-    try:
-        while True:
-            await outbox.ready.wait()
-            outbox.ready.clear()
-            if outbox:
-                yield outbox.take()
-            elif reader.done() and (not running or reader.exception() is not None):
-                reader.result()  # the caller's bad request, if that is what ended it
-                return
-    finally:
-        reader.cancel()
-        for task in list(running.values()):
-            task.cancel()
+        async def run(gid: int, request: pb.GenerateRequest) -> None:
+            try:
+                async for chunk in responses(request):
+                    outbox.put(gid, chunk)
+            except VfmError as exc:
+                outbox.fail(gid, exc.code.value[0], short_message(exc.message))
+            except asyncio.CancelledError:
+                pass  # cancelled by the caller: nothing more is sent for it
+            except Exception as exc:  # noqa: BLE001 - one generation's bug ends only it
+                incident = secrets.token_hex(4)
+                log.error("Generate failed (error id %s)", incident, exc_info=exc)
+                outbox.fail(gid, _INTERNAL, f"internal error in Generate (error id {incident}; "
+                                            "see the daemon's log)")
+            finally:
+                if running.get(gid) is asyncio.current_task():
+                    del running[gid]
+                outbox.ready.set()
+
+        async def read() -> None:
+            async for message in requests:
+                gid = message.id
+                action = message.WhichOneof("action")
+                if action == "start":
+                    if not gid or gid in running:
+                        raise InvalidArgument(f"generation id {gid} is zero or already running")
+                    if self.draining:
+                        outbox.fail(gid, _UNAVAILABLE, "vfm-modeld is stopping")
+                        continue
+                    running[gid] = asyncio.create_task(run(gid, message.start))
+                elif action == "cancel":
+                    task = running.pop(gid, None)
+                    if task is not None:
+                        task.cancel()
+                    outbox.drop(gid)
+
+        reader = asyncio.create_task(read())
+        reader.add_done_callback(lambda _: outbox.ready.set())
+        self._outboxes.add(outbox)
+        try:
+            while True:
+                outbox.ready.clear()  # every reason to wake is looked at below, before waiting
+                if outbox:
+                    yield outbox.take()
+                    continue
+                if reader.done() and (not running or reader.exception() is not None):
+                    reader.result()  # the caller's bad request, if that is what ended it
+                    return
+                if self.draining and not running:
+                    return
+                await outbox.ready.wait()
+        finally:
+            self._outboxes.discard(outbox)
+            reader.cancel()
+            for task in list(running.values()):
+                task.cancel()

@@ -11,7 +11,7 @@ from vfmos_runtime.convert import enum_str, enum_value
 from vfmos_runtime.errors import Unavailable
 from services.model.router import RoutePolicy
 from services.model.adapters import AdapterJobs, AdaptJob
-from services.model.mux import serve_many
+from services.model.mux import ManyStreams
 from services.model.routing import RoutingService
 from services.model.service import ModelService
 from services.model.types import GenParams
@@ -28,6 +28,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         self.service = service
         self.routing = routing
         self.adapters = adapters
+        self.many = ManyStreams()
 
     @rpc
     async def Generate(self, request: pb.GenerateRequest, context):
@@ -36,7 +37,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
 
     @rpc
     async def GenerateMany(self, requests, context):
-        async for response in serve_many(requests, self._responses, log):
+        async for response in self.many.serve(requests, self._responses, log):
             yield response
 
     async def _responses(self, request: pb.GenerateRequest):

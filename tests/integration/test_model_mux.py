@@ -155,3 +155,58 @@ def test_error_codes_sent_as_numbers_map_to_their_errors(number, kind):
     from vfmos_runtime.errors import error_for_code
     err = error_for_code(number, "why")
     assert type(err).__name__ == kind and err.message == "why"
+
+
+class _Counting(model_pb2_grpc.ModelServiceServicer):
+    """GenerateMany over vfm-modeld's own ManyStreams, each generation `max_new_tokens`
+    chunks 10 ms apart (no model)."""
+
+    def __init__(self):
+        from services.model.mux import ManyStreams
+        self.many = ManyStreams()
+
+    async def _responses(self, request):
+        for i in range(request.max_new_tokens):
+            await asyncio.sleep(0.01)
+            yield model_pb2.GenerateResponse(text=f"<{i}>", tokens=1)
+        yield model_pb2.GenerateResponse(done=True, completion_tokens=request.max_new_tokens)
+
+    async def GenerateMany(self, requests, context):
+        import logging
+        async for response in self.many.serve(requests, self._responses,
+                                              logging.getLogger("test")):
+            yield response
+
+
+def test_a_stopping_service_ends_its_streams_once_idle_not_after_the_grace(tmp_path):
+    """The kernel keeps its stream open; on drain the service finishes what runs, refuses
+    new generations with UNAVAILABLE, and ends the stream, so stopping takes no grace."""
+    sock = tmp_path / "m.sock"
+
+    async def scenario():
+        servicer = _Counting()
+        server, _, _ = create_server(
+            ServerConfig(unix_socket=sock),
+            lambda s: model_pb2_grpc.add_ModelServiceServicer_to_server(servicer, s),
+            ["vfmos.model.v1.ModelService"])
+        await server.start()
+        async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
+            mux = _mux(channel)
+            idle = await _collect(MuxStream(lambda: mux, _request(2), 5.0))
+            running = asyncio.ensure_future(_collect(MuxStream(lambda: mux, _request(30), 5.0)))
+            await asyncio.sleep(0.05)
+            servicer.many.drain()
+            late = await asyncio.gather(_collect(MuxStream(lambda: mux, _request(3), 5.0)),
+                                        return_exceptions=True)
+            finished = await running
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await server.stop(3.0)
+            return idle, late[0], finished, loop.time() - started, mux.broken
+
+    idle, late, finished, stop_s, broken = asyncio.run(scenario())
+    assert sum(p.tokens for p in idle) == 2
+    assert isinstance(late, Unavailable) and "stopping" in late.message
+    assert sum(p.tokens for p in finished) == 30 and finished[-1].done  # not cut
+    assert stop_s < 1.0  # the stream was over: no grace period waited out
+    assert isinstance(broken, Unavailable)  # the next generation opens a new stream
