@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -98,33 +99,37 @@ def test_cancel_stops_generation_within_a_step(service):
     assert waited < 2.0  # 300 tokens would take ~15 s; one step plus a prefill is far less
 
 
-def test_grpc_generate_and_list_models(service, tmp_path):
+@contextlib.asynccontextmanager
+async def _stub(service, tmp_path):
+    """A stub of vfm-modeld's real servicer over `service`, served on a Unix socket."""
     from vfmos_runtime.server import ServerConfig, create_server
     from services.model.servicer import ModelServicer
 
-    routing = RoutingService(service.registry, tmp_path)
+    sock = tmp_path / "m.sock"
+    servicer = ModelServicer(service, RoutingService(service.registry, tmp_path))
+    server, _, _ = create_server(
+        ServerConfig(unix_socket=sock),
+        lambda s: model_pb2_grpc.add_ModelServiceServicer_to_server(servicer, s),
+        ["vfmos.model.v1.ModelService"])
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
+            yield model_pb2_grpc.ModelServiceStub(channel)
+    finally:
+        await server.stop(0)
 
+
+def test_grpc_generate_and_list_models(service, tmp_path):
     async def scenario():
-        sock = tmp_path / "m.sock"
-        servicer = ModelServicer(service, routing)
-        server, _, _ = create_server(
-            ServerConfig(unix_socket=sock),
-            lambda s: model_pb2_grpc.add_ModelServiceServicer_to_server(servicer, s),
-            ["vfmos.model.v1.ModelService"])
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
-                stub = model_pb2_grpc.ModelServiceStub(channel)
-                chunks = [c async for c in stub.Generate(model_pb2.GenerateRequest(
-                    messages=[model_pb2.ChatMessage(role=model_pb2.ROLE_USER, content="Hi!")],
-                    max_new_tokens=5))]
-                models = await stub.ListModels(model_pb2.ListModelsRequest())
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    async for _ in stub.Generate(model_pb2.GenerateRequest(max_new_tokens=5)):
-                        pass
-                return chunks, models, info.value.code()
-        finally:
-            await server.stop(0)
+        async with _stub(service, tmp_path) as stub:
+            chunks = [c async for c in stub.Generate(model_pb2.GenerateRequest(
+                messages=[model_pb2.ChatMessage(role=model_pb2.ROLE_USER, content="Hi!")],
+                max_new_tokens=5))]
+            models = await stub.ListModels(model_pb2.ListModelsRequest())
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in stub.Generate(model_pb2.GenerateRequest(max_new_tokens=5)):
+                    pass
+            return chunks, models, info.value.code()
 
     chunks, models, code = asyncio.run(scenario())
     assert chunks[-1].done and chunks[-1].completion_tokens == 5 and chunks[-1].model
@@ -148,60 +153,45 @@ def test_grpc_generate_many_runs_generations_side_by_side(service, tmp_path):
     """One GenerateMany stream: two greedy generations give what Generate gives for each,
     a cancelled one stops, a bad one fails alone with its own code, and a reused id ends
     the stream with INVALID_ARGUMENT."""
-    from vfmos_runtime.server import ServerConfig, create_server
-    from services.model.servicer import ModelServicer
-
-    routing = RoutingService(service.registry, tmp_path)
     other = "Name three colours."
 
     async def scenario():
-        sock = tmp_path / "m.sock"
-        servicer = ModelServicer(service, routing)
-        server, _, _ = create_server(
-            ServerConfig(unix_socket=sock),
-            lambda s: model_pb2_grpc.add_ModelServiceServicer_to_server(servicer, s),
-            ["vfmos.model.v1.ModelService"])
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
-                stub = model_pb2_grpc.ModelServiceStub(channel)
-                single = {}
-                for gid, content, n in ((1, ASK[0]["content"], 12), (2, other, 9)):
-                    single[gid] = "".join([c.text async for c in stub.Generate(
-                        _many(gid, n, content).start)])
-                call = stub.GenerateMany()
-                for message in (_many(1, 12), _many(2, 9, other), _many(3, 200),
-                                _many(4, 5, model="gpt-17")):
-                    await call.write(message)
-                got = {1: [], 2: [], 3: [], 4: []}
-                errors = {}
-                cancelled = False
-                while not (got[1] and got[1][-1].done and got[2] and got[2][-1].done
-                           and 4 in errors):
-                    message = await call.read()
-                    for c in message.chunks:
-                        if c.error_code:
-                            errors[c.id] = (c.error_code, c.error_message)
-                        else:
-                            got[c.id].append(c.chunk)
-                    if got[3] and not cancelled:
-                        cancelled = True
-                        await call.write(_many(3, cancel=True))
-                seen_after_cancel = len(got[3])
-                await call.done_writing()
-                # the stream ends once nothing runs
-                while (message := await call.read()) is not grpc.aio.EOF:
-                    for c in message.chunks:
+        async with _stub(service, tmp_path) as stub:
+            single = {}
+            for gid, content, n in ((1, ASK[0]["content"], 12), (2, other, 9)):
+                single[gid] = "".join([c.text async for c in stub.Generate(
+                    _many(gid, n, content).start)])
+            call = stub.GenerateMany()
+            for message in (_many(1, 12), _many(2, 9, other), _many(3, 200),
+                            _many(4, 5, model="gpt-17")):
+                await call.write(message)
+            got = {1: [], 2: [], 3: [], 4: []}
+            errors = {}
+            cancelled = False
+            while not (got[1] and got[1][-1].done and got[2] and got[2][-1].done
+                       and 4 in errors):
+                message = await call.read()
+                for c in message.chunks:
+                    if c.error_code:
+                        errors[c.id] = (c.error_code, c.error_message)
+                    else:
                         got[c.id].append(c.chunk)
-                bad = stub.GenerateMany()
-                await bad.write(_many(7, 50))
-                await bad.write(_many(7, 50))
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    while await bad.read() is not grpc.aio.EOF:
-                        pass
-                return single, got, errors, seen_after_cancel, info.value.code()
-        finally:
-            await server.stop(0)
+                if got[3] and not cancelled:
+                    cancelled = True
+                    await call.write(_many(3, cancel=True))
+            seen_after_cancel = len(got[3])
+            await call.done_writing()
+            # the stream ends once nothing runs
+            while (message := await call.read()) is not grpc.aio.EOF:
+                for c in message.chunks:
+                    got[c.id].append(c.chunk)
+            bad = stub.GenerateMany()
+            await bad.write(_many(7, 50))
+            await bad.write(_many(7, 50))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                while await bad.read() is not grpc.aio.EOF:
+                    pass
+            return single, got, errors, seen_after_cancel, info.value.code()
 
     single, got, errors, seen_after_cancel, code = asyncio.run(scenario())
     for gid, n in ((1, 12), (2, 9)):
@@ -211,6 +201,7 @@ def test_grpc_generate_many_runs_generations_side_by_side(service, tmp_path):
     assert len(got[3]) <= seen_after_cancel + 1  # at most one message already on the way
     assert errors[4][0] == grpc.StatusCode.NOT_FOUND.value[0] and "gpt-17" in errors[4][1]
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+
 
 def test_ttft_trace_says_where_the_first_token_time_went(tmp_path):
     path = tmp_path / "ttft.jsonl"
