@@ -140,7 +140,6 @@ def test_grpc_generate_and_list_models(service, tmp_path):
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-
 def _many(gid, tokens=0, content="List the days of the week.", model="", cancel=False):
     if cancel:
         return model_pb2.GenerateManyRequest(id=gid, cancel=True)
