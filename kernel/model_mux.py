@@ -56,14 +56,14 @@ class MuxStream:
     def push(self, chunk: model_pb2.GenerateResponse) -> None:
         self._chunks.append(chunk)
         if chunk.done:
-            self._end()
-        self._wake()
+            self._end()  # wakes the reader too
+        else:
+            self._wake()
 
     def fail(self, error: VfmError) -> None:
         if not self._over:
             self._error = error
             self._end()
-            self._wake()
 
     def _end(self) -> None:
         self._over = True
