@@ -64,6 +64,14 @@ class _Row:
     token: int | None = None    # sampled, not yet fed
 
 
+def extra_buffers_safe(system_info: str) -> bool:
+    """Whether llama.cpp may repack the weights into its extra buffer types. Not where its
+    AMX kernel is built in (`AMX_INT8 = 1`: pip builds for the CPU it runs on, and Sapphire
+    Rapids has AMX): `ggml_backend_amx_mul_mat` segfaults on our batches (llama.cpp issue
+    20824, closed without a fix), so the model uses the plain CPU kernels there."""
+    return "AMX_INT8 = 1" not in system_info
+
+
 class LlamaModel:
     """A GGUF loaded by llama.cpp: the weights once, shared by every context made from it."""
 
@@ -71,6 +79,7 @@ class LlamaModel:
         lib = llama_cpp()
         lib.llama_backend_init()
         params = lib.llama_model_default_params()
+        params.use_extra_bufts = extra_buffers_safe(lib.llama_print_system_info().decode())
         self.path = path
         self.threads = threads
         self.ptr = lib.llama_model_load_from_file(str(path).encode(), params)

@@ -11,7 +11,7 @@ import queue
 import pytest
 
 from services.model.batch import Job
-from services.model.llama_engine import LlamaEngine
+from services.model.llama_engine import LlamaEngine, extra_buffers_safe
 from services.model.local import LocalBackend, gguf_file
 from services.model.registry import ModelEntry, ModelRegistry
 from services.model.service import ModelService
@@ -37,8 +37,21 @@ def reference():
     """llama.cpp's own greedy generation (its high-level API, its own sampler)."""
     from llama_cpp import Llama, llama_vocab_is_eog
 
+    import llama_cpp.llama as high_level
+
     path = gguf_file(ModelRegistry.load().get(""), cache_root())
-    llm = Llama(str(path), n_ctx=2048, n_threads=2, flash_attn=True, verbose=False)
+    lib, defaults = high_level.llama_cpp, high_level.llama_cpp.llama_model_default_params
+
+    def same_kernels_as_the_engine():  # Llama() has no option for it
+        params = defaults()
+        params.use_extra_bufts = extra_buffers_safe(lib.llama_print_system_info().decode())
+        return params
+
+    lib.llama_model_default_params = same_kernels_as_the_engine
+    try:
+        llm = Llama(str(path), n_ctx=2048, n_threads=2, flash_attn=True, verbose=False)
+    finally:
+        lib.llama_model_default_params = defaults
 
     def greedy(ids: list[int], n: int) -> tuple[int, ...]:
         out = []
