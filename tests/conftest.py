@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,18 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait(5)
         return self.proc.returncode if self.proc else 0
+
+
+def free_port() -> int:
+    """A loopback TCP port free at the time of the call."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serving(client, name: str) -> bool:
+    """Whether the kernel that `client` talks to lists service `name` as SERVING."""
+    return any(d.name == name and d.health == "SERVING" for d in client.services())
 
 
 def wait_for(predicate, timeout: float = 20.0, what: str = "condition", log=None):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from libvfm import Client
 from libvfm.errors import InvalidArgument, NotFound
 from libvfm.types import MemoryEntry
-from tests.conftest import Daemon, start_kernel, wait_for
+from tests.conftest import Daemon, free_port, serving, start_kernel, wait_for
 
 
 def start_datad(state_dir: Path, *extra: str) -> Daemon:
@@ -23,21 +22,11 @@ def start_datad(state_dir: Path, *extra: str) -> Daemon:
                    *extra], state_dir / "logs" / "vfm-datad.log").start()
 
 
-def serving(client: Client, name: str) -> bool:
-    return any(d.name == name and d.health == "SERVING" for d in client.services())
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def data_stack():
     state = Path(tempfile.mkdtemp(prefix="vfmd", dir="/tmp"))
     os.chmod(state, 0o755)
-    port = _port()
+    port = free_port()
     parts = {"state": state, "kernel": start_kernel(state, "--listen", f"127.0.0.1:{port}"),
              "datad": start_datad(state)}
     client = Client(state / "vfmd.sock")

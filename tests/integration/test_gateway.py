@@ -22,13 +22,9 @@ import pytest
 from concurrent.futures import ThreadPoolExecutor
 
 from libvfm import Client, Quota, TokenLimits
-from tests.conftest import REPO, Daemon, node_example, start_kernel, wait_for
+from tests.conftest import REPO, Daemon, node_example, serving, start_kernel, wait_for
 
 NODE_EXAMPLE = REPO / "examples" / "openai-node"
-
-
-def serving(client: Client, name: str) -> bool:
-    return any(d.name == name and d.health == "SERVING" for d in client.services())
 
 
 @pytest.fixture(scope="module")

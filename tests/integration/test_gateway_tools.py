@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import openai
 import pytest
 
 from libvfm import Client
-from tests.conftest import Daemon, start_kernel, wait_for
+from tests.conftest import Daemon, free_port, serving, start_kernel, wait_for
 
 WEATHER = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city now",
@@ -26,12 +25,6 @@ WEATHER = [{"type": "function", "function": {
                    "required": ["city"]}}}]
 FORCED = {"type": "function", "function": {"name": "get_weather"}}
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _up(url: str) -> bool:
@@ -42,10 +35,6 @@ def _up(url: str) -> bool:
         return False
 
 
-def serving(client: Client, name: str) -> bool:
-    return any(d.name == name and d.health == "SERVING" for d in client.services())
-
-
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
     pytest.importorskip("llama_cpp.server.app", reason="the llama.cpp server needs the test "
@@ -54,7 +43,7 @@ def llama_server(tmp_path_factory):
     from services.model.registry import ModelRegistry
     from vfmos_runtime.paths import cache_root
     gguf = gguf_file(ModelRegistry.load().get(""), cache_root())
-    port = _port()
+    port = free_port()
     log = tmp_path_factory.mktemp("llama") / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),

@@ -16,8 +16,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from libvfm import Client
 from libvfm.errors import InvalidArgument, NotFound
 from libvfm.types import MemoryEntry
-from tests.conftest import start_kernel, wait_for
-from tests.integration.test_data_service import serving, start_datad
+from tests.conftest import serving, start_kernel, wait_for
+from tests.integration.test_data_service import start_datad
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos.kernel.v1 import kernel_pb2_grpc
 from vfmos_runtime.credentials import fetch_ticket

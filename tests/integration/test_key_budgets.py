@@ -16,8 +16,7 @@ import pytest
 
 from libvfm import AsyncClient, Client, TokenLimits
 from libvfm.errors import QuotaExceeded
-from tests.conftest import Daemon, start_kernel, wait_for
-from tests.integration.test_data_service import _port, serving
+from tests.conftest import Daemon, free_port, serving, start_kernel, wait_for
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos_runtime.credentials import fetch_ticket
 from vfmos.kernel.v1 import kernel_pb2_grpc
@@ -28,7 +27,7 @@ PROMPT_TOKENS = 9  # what the fake model counts for it: 4 words, 4 for the messa
 
 class Stack:
     def __init__(self, state: Path):
-        self.state, self.port = state, _port()
+        self.state, self.port = state, free_port()
         self.modeld: Daemon | None = None
         self.start_kernel()
         self.modeld = Daemon(["-m", "bench.fake_modeld", "--socket", str(state / "fake.sock"),

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from libvfm import Client
-from tests.conftest import Daemon, start_kernel, wait_for
+from tests.conftest import Daemon, serving, start_kernel, wait_for
 from tests.e2e.test_vfmctl import vfmctl
-from tests.integration.test_data_service import serving, start_datad
+from tests.integration.test_data_service import start_datad
 
 SLOW_COMMIT_MS = "2500"
 

@@ -7,7 +7,6 @@ import http.server
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -25,15 +24,10 @@ from services.model.openai_compat import OpenAIBackend
 from services.model.registry import ModelEntry, ModelRegistry
 from services.model.service import ModelService
 from services.model.types import GenParams
+from tests.conftest import free_port
 
 ASK = [{"role": "user", "content": "Write a long, detailed story about a lighthouse."}]
 KEY_ENV = "VFMOS_TEST_REMOTE_KEY"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _healthy(url: str) -> bool:
@@ -53,7 +47,7 @@ def server(tmp_path_factory):
     model_dir = converted_dir(ModelRegistry.load().get(""), cache_root())
     if not (model_dir / "config.json").exists():
         pytest.skip(f"the converted model is not in {model_dir}; start vfm-modeld once")
-    port = _port()
+    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with open(log, "wb") as out:
@@ -181,7 +175,7 @@ def test_model_service_routes_a_registered_remote_model(server, tmp_path):
 
 
 def test_a_server_that_is_down_is_unavailable():
-    base_url = f"http://127.0.0.1:{_port()}/v1"
+    base_url = f"http://127.0.0.1:{free_port()}/v1"
     backend = OpenAIBackend(ModelEntry("gone", backend="openai", base_url=base_url))
     with pytest.raises(Unavailable, match=f"model gone: cannot reach {base_url}: .*refused"):
         _run(backend)

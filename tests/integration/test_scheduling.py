@@ -4,29 +4,21 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from libvfm import Client
-from tests.conftest import Daemon, start_kernel, wait_for
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import Daemon, free_port, start_kernel, wait_for
 
 
 class Stack:
     def __init__(self, *kernel_args: str):
         self.state = Path(tempfile.mkdtemp(prefix="vfmq", dir="/tmp"))
         os.chmod(self.state, 0o755)
-        self.port = _port()
+        self.port = free_port()
         self.kernel = start_kernel(self.state, "--listen", f"127.0.0.1:{self.port}", *kernel_args)
         self.modeld = Daemon(["-m", "services.model.main", "--state-dir", str(self.state),
                               "--kernel-socket", str(self.state / "vfmd.sock")],

@@ -12,8 +12,7 @@ import pytest
 
 from libvfm import Client
 from libvfm.types import MemoryEntry
-from tests.conftest import Daemon, start_kernel, wait_for
-from tests.integration.test_data_service import _port, serving
+from tests.conftest import Daemon, free_port, serving, start_kernel, wait_for
 from tests.integration.test_stack_ask import start_modeld
 
 
@@ -21,7 +20,7 @@ from tests.integration.test_stack_ask import start_modeld
 def full_stack():
     state = Path(tempfile.mkdtemp(prefix="vfmm", dir="/tmp"))
     os.chmod(state, 0o755)
-    port = _port()
+    port = free_port()
     kernel = start_kernel(state, "--listen", f"127.0.0.1:{port}")
     modeld = start_modeld(state)
     datad: Daemon = Daemon(["-m", "services.data.main", "--state-dir", str(state),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -12,18 +11,12 @@ import pytest
 
 from libvfm import Client, Quota
 from libvfm.errors import NotFound, PermissionDenied, Unauthenticated, Unavailable
-from tests.conftest import REPO, start_kernel
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import REPO, free_port, start_kernel
 
 
 @pytest.fixture
 def tcp_kernel(state_dir):
-    port = _free_port()
+    port = free_port()
     daemon = start_kernel(state_dir, "--listen", f"127.0.0.1:{port}")
     yield f"127.0.0.1:{port}"
     daemon.stop()
@@ -151,7 +144,7 @@ def test_tls_listener_with_bearer_token(state_dir):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    port = _free_port()
+    port = free_port()
     daemon = start_kernel(state_dir, "--listen", f"127.0.0.1:{port}", "--tls-cert", str(cert),
                           "--tls-key", str(key))
     try:

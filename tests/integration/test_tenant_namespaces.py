@@ -16,15 +16,15 @@ import pytest
 from libvfm import Client
 from libvfm.errors import InvalidArgument, NotFound
 from libvfm.types import MemoryEntry
-from tests.conftest import REPO, start_kernel, wait_for
-from tests.integration.test_data_service import _port, serving, start_datad
+from tests.conftest import REPO, free_port, serving, start_kernel, wait_for
+from tests.integration.test_data_service import start_datad
 
 
 @pytest.fixture(scope="module")
 def stack():
     state = Path(tempfile.mkdtemp(prefix="vfmn", dir="/tmp"))
     os.chmod(state, 0o755)
-    port = _port()
+    port = free_port()
     kernel = start_kernel(state, "--listen", f"127.0.0.1:{port}")
     datad = start_datad(state)
     admin = Client(state / "vfmd.sock")

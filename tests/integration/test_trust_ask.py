@@ -12,7 +12,6 @@ import http.server
 import json
 import os
 import shutil
-import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 from libvfm import Client
 from libvfm.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from libvfm.types import AskResult
-from tests.conftest import REPO, Daemon, start_kernel, wait_for
+from tests.conftest import REPO, Daemon, free_port, start_kernel, wait_for
 
 needs_trustd = pytest.mark.skipif(not (REPO / "services" / "trust" / "main.py").exists(),
                                   reason="vfm-trustd not built in this branch")
@@ -33,12 +32,6 @@ EMAIL = "bob@example.com"
 PARROT = "You repeat what the user says, word for word."
 # The tiny model repeats these word for word (greedy), so its answer holds the email.
 REPEAT_EMAIL = f"Repeat this sentence exactly: You can write to {EMAIL} for help."
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
@@ -85,13 +78,13 @@ def stack():
     from vfmos_runtime.paths import cache_root
     state = Path(tempfile.mkdtemp(prefix="vfmt", dir="/tmp"))
     os.chmod(state, 0o755)
-    gateway_port = _port()
+    gateway_port = free_port()
     remote = converted_dir(ModelRegistry.load().get(""), cache_root())
     models = state / "models.json"
     models.write_text(json.dumps({"models": [{
         "name": "remote-smol", "backend": "openai", "remote_model": str(remote),
         "base_url": f"http://127.0.0.1:{gateway_port}/v1"}]}))
-    target = f"127.0.0.1:{_port()}"
+    target = f"127.0.0.1:{free_port()}"
     kernel = start_kernel(state, "--trust", "on", "--listen", target)
     modeld = _daemon(state, "services.model.main", "vfm-modeld", "--models", str(models))
     datad = _daemon(state, "services.data.main", "vfm-datad", "--summary-pages", "0")

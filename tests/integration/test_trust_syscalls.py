@@ -17,8 +17,7 @@ from kernel.escalations import EscalationBook
 from kernel.store import KernelStore
 from libvfm import Client
 from libvfm.errors import FailedPrecondition, InvalidArgument, NotFound
-from tests.conftest import Daemon, start_kernel, wait_for
-from tests.integration.test_tenant_isolation import _free_port
+from tests.conftest import Daemon, free_port, start_kernel, wait_for
 from vfmos_runtime.storage import U64, pack, unpack
 from vfmos.kernel.v1 import kernel_pb2 as pb
 from vfmos.kernel.v1 import kernel_pb2_grpc
@@ -56,7 +55,7 @@ def _seed(state_dir: Path, asks_per_tenant: int = 3) -> dict:
 @pytest.fixture
 def stack(state_dir):
     ids = _seed(state_dir)
-    port = _free_port()
+    port = free_port()
     kernel = start_kernel(state_dir, "--listen", f"127.0.0.1:{port}")
     admin = Client(state_dir / "vfmd.sock")
     tokens = {t: admin.token_create(t)[0] for t in TENANTS}
