@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from libvfm import Client
-from tests.conftest import Daemon, free_port, serving, start_kernel, wait_for
+from tests.conftest import REPO, Daemon, free_port, serving, start_kernel, wait_for
 
 WEATHER = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city now",
@@ -46,10 +46,10 @@ def llama_server(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("llama") / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
+        proc = subprocess.Popen([sys.executable, "-m", "tests.llama_kernels", "--model", str(gguf),
                                  "--chat_format", "chatml-function-calling", "--n_ctx", "2048",
                                  "--n_threads", "1", "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     try:
         wait_for(lambda: _up(f"http://127.0.0.1:{port}/v1/models") or proc.poll() is not None,
                  120, "the llama.cpp server", log=log.read_text)

@@ -11,12 +11,13 @@ import queue
 import pytest
 
 from services.model.batch import Job
-from services.model.llama_engine import LlamaEngine, extra_buffers_safe
+from services.model.llama_engine import LlamaEngine
 from services.model.local import LocalBackend, gguf_file
 from services.model.registry import ModelEntry, ModelRegistry
 from services.model.service import ModelService
 from services.model.types import GenParams
 from vfmos_runtime.errors import InvalidArgument, Unavailable
+from tests.llama_kernels import use_engine_kernels
 from vfmos_runtime.paths import cache_root
 
 PROMPTS = ["Name a fruit.", "What is the capital of Italy?", "Say hello in French.",
@@ -37,21 +38,12 @@ def reference():
     """llama.cpp's own greedy generation (its high-level API, its own sampler)."""
     from llama_cpp import Llama, llama_vocab_is_eog
 
-    import llama_cpp.llama as high_level
-
     path = gguf_file(ModelRegistry.load().get(""), cache_root())
-    lib, defaults = high_level.llama_cpp, high_level.llama_cpp.llama_model_default_params
-
-    def same_kernels_as_the_engine():  # Llama() has no option for it
-        params = defaults()
-        params.use_extra_bufts = extra_buffers_safe(lib.llama_print_system_info().decode())
-        return params
-
-    lib.llama_model_default_params = same_kernels_as_the_engine
+    undo = use_engine_kernels()
     try:
         llm = Llama(str(path), n_ctx=2048, n_threads=2, flash_attn=True, verbose=False)
     finally:
-        lib.llama_model_default_params = defaults
+        undo()
 
     def greedy(ids: list[int], n: int) -> tuple[int, ...]:
         out = []
