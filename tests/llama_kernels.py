@@ -3,7 +3,7 @@ the same kernels as our engine: without repacked weight buffers where llama.cpp 
 whose matmul segfaults (see `services.model.llama_engine.extra_buffers_safe`). `Llama()` has
 no option for it, so its default model parameters are wrapped.
 
-    python -m tests.llama_kernels ARGS...   runs `python -m llama_cpp.server ARGS...` so
+`python -m tests.llama_kernels ARGS...` runs `python -m llama_cpp.server ARGS...` that way.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from services.model.local import LocalBackend, gguf_file
 from services.model.registry import ModelEntry, ModelRegistry
 from services.model.service import ModelService
 from services.model.types import GenParams
-from vfmos_runtime.errors import InvalidArgument, Unavailable
 from tests.llama_kernels import use_engine_kernels
+from vfmos_runtime.errors import InvalidArgument, Unavailable
 from vfmos_runtime.paths import cache_root
 
 PROMPTS = ["Name a fruit.", "What is the capital of Italy?", "Say hello in French.",
