@@ -17,8 +17,8 @@ from bench.common import free_port
 from libvfm import Client, RoutePolicy
 from services.model.registry import DEFAULT_MODELS
 from libvfm.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from tests.conftest import start_kernel, wait_for
-from tests.integration.test_stack_ask import modeld_serving, start_modeld
+from tests.conftest import serving, start_kernel, wait_for
+from tests.integration.test_stack_ask import start_modeld
 
 SMALL, LARGE = "smollm2-135m", "gemma3-270m"
 CHEAP = RoutePolicy(quality=0.1, allowed_models=[SMALL, LARGE])  # the small model reaches 10%
@@ -32,7 +32,7 @@ def stack():
     kernel = start_kernel(state, "--listen", target)
     modeld = start_modeld(state)
     admin = Client(state / "vfmd.sock")
-    wait_for(lambda: modeld_serving(admin), 600, "vfm-modeld to serve", log=modeld.log)
+    wait_for(lambda: serving(admin, "vfm-modeld"), 600, "vfm-modeld to serve", log=modeld.log)
     alice_token, _ = admin.token_create("alice")
     bob_token, _ = admin.token_create("bob")
     parts = {"state": state, "kernel": kernel, "modeld": modeld, "admin": admin,
@@ -115,7 +115,7 @@ def test_a_tenants_feedback_survives_a_modeld_restart(stack):
     stack["modeld"] = start_modeld(stack["state"])
     # The kernel may still list the stopped one as serving: wait for the new one's socket.
     socket = stack["state"] / "modeld.sock"
-    wait_for(lambda: socket.exists() and modeld_serving(stack["admin"]), 600,
+    wait_for(lambda: socket.exists() and serving(stack["admin"], "vfm-modeld"), 600,
              "vfm-modeld to serve again", log=stack["modeld"].log)
     after = alice.feedback(alice.ask(pid, "Say bye.", max_new_tokens=4).usage.ask_id, True)
     assert after.tenant_feedback == before.tenant_feedback + 1

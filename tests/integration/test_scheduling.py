@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from libvfm import Client
-from tests.conftest import Daemon, free_port, start_kernel, wait_for
+from tests.conftest import Daemon, free_port, serving, start_kernel, wait_for
 
 
 class Stack:
@@ -24,8 +24,7 @@ class Stack:
                               "--kernel-socket", str(self.state / "vfmd.sock")],
                              self.state / "logs" / "vfm-modeld.log").start()
         self.admin = Client(self.state / "vfmd.sock")
-        wait_for(lambda: any(d.name == "vfm-modeld" and d.health == "SERVING"
-                             for d in self.admin.services()), 300, "vfm-modeld",
+        wait_for(lambda: serving(self.admin, "vfm-modeld"), 300, "vfm-modeld",
                  log=self.modeld.log)
 
     def tenant(self, name: str):

@@ -10,7 +10,7 @@ import pytest
 from libvfm import Client, Quota
 from libvfm.errors import FailedPrecondition, NotFound, QuotaExceeded, Unavailable
 from libvfm.types import AskResult
-from tests.conftest import Daemon, start_kernel, wait_for
+from tests.conftest import Daemon, serving, start_kernel, wait_for
 
 
 def start_modeld(state_dir, *extra: str) -> Daemon:
@@ -18,10 +18,6 @@ def start_modeld(state_dir, *extra: str) -> Daemon:
                      "--kernel-socket", str(state_dir / "vfmd.sock"), *extra],
                     state_dir / "logs" / "vfm-modeld.log").start()
     return daemon
-
-
-def modeld_serving(client: Client) -> bool:
-    return any(d.name == "vfm-modeld" and d.health == "SERVING" for d in client.services())
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +35,7 @@ def stack(tmp_path_factory):
                       '"base_url": "http://127.0.0.1:9/v1", "remote_model": "x"}]}')
     modeld = start_modeld(state, "--models", str(models))
     client = Client(state / "vfmd.sock")
-    wait_for(lambda: modeld_serving(client), 600, "vfm-modeld to serve", log=modeld.log)
+    wait_for(lambda: serving(client, "vfm-modeld"), 600, "vfm-modeld to serve", log=modeld.log)
     parts = {"state": state, "kernel": kernel, "modeld": modeld, "client": client,
              "models": models}
     yield parts
@@ -145,7 +141,7 @@ def test_running_process_comes_back_ready_after_kernel_kill9(stack):
     thread.join(30)
     assert client.get(pid).state == "READY"
     # The service re-registers with the new kernel by itself and asks work again.
-    wait_for(lambda: modeld_serving(client), 30, "vfm-modeld to re-register")
+    wait_for(lambda: serving(client, "vfm-modeld"), 30, "vfm-modeld to re-register")
     assert client.ask(pid, "Still there?", max_new_tokens=3).usage.tokens_out > 0
 
 
@@ -153,14 +149,15 @@ def test_model_service_outage_is_unavailable_then_recovers(stack):
     client = stack["client"]
     pid = client.spawn("patient").pid
     stack["modeld"].kill9()
-    wait_for(lambda: not modeld_serving(client), 10, "the kernel to notice the outage")
+    wait_for(lambda: not serving(client, "vfm-modeld"), 10, "the kernel to notice the outage")
     with pytest.raises(Unavailable, match="vfm-modeld"):
         client.ask(pid, "Anyone?")
     assert client.get(pid).state == "READY"
     status = {d.name: d.health for d in client.services()}
     assert status["vfm-modeld"] in ("UNREACHABLE", "NOT_SERVING")
     stack["modeld"] = start_modeld(stack["state"], "--models", str(stack["models"]))
-    wait_for(lambda: modeld_serving(client), 120, "vfm-modeld to come back", log=stack["modeld"].log)
+    wait_for(lambda: serving(client, "vfm-modeld"), 120, "vfm-modeld to come back",
+             log=stack["modeld"].log)
     assert client.ask(pid, "Back?", max_new_tokens=3).usage.tokens_out > 0
 
 
@@ -172,7 +169,7 @@ def test_a_remote_backend_down_leaves_the_model_service_up(stack):
         client.ask(remote, "hello?", max_new_tokens=3)
     # At once, not after the next health check: the local model never stopped serving.
     assert client.ask(local, "Still fine?", max_new_tokens=3).usage.tokens_out > 0
-    assert modeld_serving(client)
+    assert serving(client, "vfm-modeld")
 
 
 def test_unknown_model_is_a_clear_error(stack):

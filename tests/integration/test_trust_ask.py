@@ -21,7 +21,7 @@ import pytest
 from libvfm import Client
 from libvfm.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from libvfm.types import AskResult
-from tests.conftest import REPO, Daemon, free_port, start_kernel, wait_for
+from tests.conftest import REPO, Daemon, free_port, serving, start_kernel, wait_for
 
 needs_trustd = pytest.mark.skipif(not (REPO / "services" / "trust" / "main.py").exists(),
                                   reason="vfm-trustd not built in this branch")
@@ -67,10 +67,6 @@ def _daemon(state: Path, module: str, name: str, *extra: str) -> Daemon:
                    str(state / "vfmd.sock"), *extra], state / "logs" / f"{name}.log").start()
 
 
-def _serving(client: Client, name: str) -> bool:
-    return any(d.name == name and d.health == "SERVING" for d in client.services())
-
-
 @pytest.fixture(scope="module")
 def stack():
     from services.model.local import converted_dir
@@ -90,9 +86,9 @@ def stack():
     datad = _daemon(state, "services.data.main", "vfm-datad", "--summary-pages", "0")
     trustd = _daemon(state, "services.trust.main", "vfm-trustd")
     client = Client(state / "vfmd.sock")
-    wait_for(lambda: _serving(client, "vfm-modeld"), 600, "vfm-modeld to serve", log=modeld.log)
-    wait_for(lambda: _serving(client, "vfm-datad"), 300, "vfm-datad to serve", log=datad.log)
-    wait_for(lambda: _serving(client, "vfm-trustd"), 600, "vfm-trustd to serve", log=trustd.log)
+    wait_for(lambda: serving(client, "vfm-modeld"), 600, "vfm-modeld to serve", log=modeld.log)
+    wait_for(lambda: serving(client, "vfm-datad"), 300, "vfm-datad to serve", log=datad.log)
+    wait_for(lambda: serving(client, "vfm-trustd"), 600, "vfm-trustd to serve", log=trustd.log)
     parts = {"state": state, "client": client, "kernel": kernel, "modeld": modeld,
              "datad": datad, "trustd": trustd, "gateway_port": gateway_port, "target": target}
     yield parts
@@ -273,7 +269,7 @@ def test_trustd_down_gives_the_policys_outcome(stack):
     never = client.spawn("unseen").pid
     stack["trustd"].stop()
     try:
-        wait_for(lambda: not _serving(client, "vfm-trustd"), 30, "vfm-trustd to be down")
+        wait_for(lambda: not serving(client, "vfm-trustd"), 30, "vfm-trustd to be down")
         result = client.ask(allowing, "Name a colour.", max_new_tokens=4)
         assert result.verdict.unverified and result.text.strip()
         assert "unverified" in result.verdict.summary()
@@ -282,7 +278,7 @@ def test_trustd_down_gives_the_policys_outcome(stack):
                 client.ask(pid, "Name a colour.", max_new_tokens=4)
     finally:
         stack["trustd"] = _daemon(stack["state"], "services.trust.main", "vfm-trustd")
-        wait_for(lambda: _serving(client, "vfm-trustd"), 600, "vfm-trustd to serve again",
+        wait_for(lambda: serving(client, "vfm-trustd"), 600, "vfm-trustd to serve again",
                  log=stack["trustd"].log)
     assert client.ask(strict, "Name a colour.", max_new_tokens=4).verdict.outcome
 
@@ -295,7 +291,7 @@ def test_without_trustd_every_ask_is_refused_naming_it():
     modeld = _daemon(state, "services.model.main", "vfm-modeld")
     try:
         with Client(state / "vfmd.sock") as client:
-            wait_for(lambda: _serving(client, "vfm-modeld"), 600, "vfm-modeld to serve",
+            wait_for(lambda: serving(client, "vfm-modeld"), 600, "vfm-modeld to serve",
                      log=modeld.log)
             pid = client.spawn("unguarded").pid
             with pytest.raises(Unavailable, match="vfm-trustd"):
