@@ -77,12 +77,12 @@ class LlamaDirect:
     stream, its default batch sizes."""
 
     def __init__(self, path: Path, threads: int):
-        from services.model.llama_engine import llama_cpp
+        from services.model.llama_engine import llama_cpp, model_params
 
         lib = self.lib = llama_cpp()
         lib.llama_backend_init()
         self.model = lib.llama_model_load_from_file(str(path).encode(),
-                                                    lib.llama_model_default_params())
+                                                    model_params(lib))
         self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
         params = lib.llama_context_default_params()
         params.n_ctx, params.n_seq_max = 8 * 2048, 8  # 2,048 tokens a sequence

@@ -72,14 +72,20 @@ def extra_buffers_safe(system_info: str) -> bool:
     return "AMX_INT8 = 1" not in system_info
 
 
+def model_params(lib):
+    """llama.cpp's default model parameters, on the kernels that are safe on this CPU."""
+    params = lib.llama_model_default_params()
+    params.use_extra_bufts = extra_buffers_safe(lib.llama_print_system_info().decode())
+    return params
+
+
 class LlamaModel:
     """A GGUF loaded by llama.cpp: the weights once, shared by every context made from it."""
 
     def __init__(self, path: Path, threads: int):
         lib = llama_cpp()
         lib.llama_backend_init()
-        params = lib.llama_model_default_params()
-        params.use_extra_bufts = extra_buffers_safe(lib.llama_print_system_info().decode())
+        params = model_params(lib)
         self.path = path
         self.threads = threads
         self.ptr = lib.llama_model_load_from_file(str(path).encode(), params)
