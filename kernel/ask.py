@@ -407,7 +407,24 @@ class AskRunner:
         external model, release the answer window by window as vfm-trustd allows, verify
         it with system 2 (revising when asked), and end early where a check says so. A
         cascade's first answer is held and checked whole, then shown or escalated."""
-        items, ending = await trust.screen(items)
+        ahead, first = None, Usage(model=model)
+        if cascade is None and self._backend(model) != "openai" and trust.known():
+            # A model of ours starts on the working set as it is while system 1 screens it
+            # (its text is shown only once checked). A model elsewhere must never see what
+            # the screen would drop or pseudonymize, and before vfm-trustd has ever answered
+            # for this process the model waits too: an Ask it refuses costs nothing.
+            query.context = render(items)
+            ahead = asyncio.ensure_future(generate(model, first))
+        try:
+            screened, ending = await trust.screen(items)
+        except BaseException:
+            await self._drop_ahead(ahead, first, usage, answer)
+            raise
+        if ahead is not None and (ending is not None or trust.model_question is not None
+                                  or len(screened) != len(items)):
+            await self._drop_ahead(ahead, first, usage, answer)  # it read what is not allowed
+            ahead, first = None, Usage(model=model)
+        items = screened
         if ending is not None:
             answer.show(ending.reply)
             return ending.finish, ending
@@ -421,21 +438,21 @@ class AskRunner:
             if masked is not None:
                 query.system_prompt, query.model_prompt, masked_items = masked
                 query.context = render(masked_items)
-        attempt = usage
+        attempt = first
         while True:
             hold = trust.verifies or cascade is not None
             guard = OutputGuard(trust, answer.text, answer.show, answer.stop, hold)
             answer.on_grown = guard.grown
             checking = asyncio.ensure_future(guard.run())
             try:
-                finish = await generate(model, attempt)
+                finish = await (ahead if ahead is not None else generate(model, attempt))
             except BaseException:
                 checking.cancel()
                 await asyncio.gather(checking, return_exceptions=True)
                 raise
             finally:
-                if attempt is not usage:
-                    _add_usage(usage, attempt)
+                ahead = None
+                _add_usage(usage, attempt)
             guard.finish()
             await checking  # the last window's check (its error is the Ask's)
             if finish == "killed":
@@ -465,6 +482,17 @@ class AskRunner:
                 return judged.finish, judged
             answer.show(guard.held)
             return finish, None
+
+    @staticmethod
+    async def _drop_ahead(ahead: asyncio.Future | None, first: Usage, usage: Usage,
+                          answer: _Answer) -> None:
+        """The answer begun before the screen is dropped unseen; what it spent counts."""
+        if ahead is None:
+            return
+        ahead.cancel()
+        await asyncio.gather(ahead, return_exceptions=True)
+        _add_usage(usage, dataclasses.replace(first, ttft_ms=0.0))
+        answer.restart(usage.tokens_in + usage.tokens_out)
 
     async def _escalate(self, trust: TrustSession, tenant: str, plan: CascadePlan,
                         guard: OutputGuard, items: list[Item], answer: _Answer,
@@ -589,7 +617,7 @@ class AskRunner:
         answer.stream = stream
         if answer.stopped:
             stream.cancel()
-        texts, ids, grown, confidence = answer.text, answer.ids, answer.on_grown, answer.confidence
+        texts, ids, confidence = answer.text, answer.ids, answer.confidence
         charge, tenant = self._dispatcher.charge, record.tenant
         need_prompt, first = not usage.tokens_in, not usage.ttft_ms
         again = False
@@ -631,7 +659,7 @@ class AskRunner:
                 ids.extend(piece.token_ids)
                 if piece.text:
                     texts.append(piece.text)
-                    grown()
+                    answer.on_grown()  # looked up each time: a guard may take over mid-stream
         finally:
             interrupt.attach(None)
             answer.stream = None

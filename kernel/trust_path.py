@@ -166,6 +166,10 @@ class TrustSession:
         self._output_checks: list[CheckResult] = []
         self._policy_task = asyncio.ensure_future(self._fetch_policy())
 
+    def known(self) -> bool:
+        """vfm-trustd has given this process a policy before (it was reachable)."""
+        return self._gate.last_policy(self.scope) is not None
+
     def close(self) -> None:
         """The Ask is over: a policy lookup still running (the Ask failed early) is dropped."""
         self._policy_task.cancel()
