@@ -408,11 +408,10 @@ class AskRunner:
         it with system 2 (revising when asked), and end early where a check says so. A
         cascade's first answer is held and checked whole, then shown or escalated."""
         ahead, first = None, Usage(model=model)
-        if cascade is None and self._backend(model) != "openai" and trust.known():
-            # A model of ours starts on the working set as it is while system 1 screens it
-            # (its text is shown only once checked). A model elsewhere must never see what
-            # the screen would drop or pseudonymize, and before vfm-trustd has ever answered
-            # for this process the model waits too: an Ask it refuses costs nothing.
+        if cascade is None and self._backend(model) != "openai" and trust.may_start_early(items):
+            # A model of ours starts on the question and the process's own turns while
+            # system 1 screens them (its text is shown only once checked). A model elsewhere
+            # must never see what the screen would pseudonymize, so it waits.
             query.context = render(items)
             ahead = asyncio.ensure_future(generate(model, first))
         try:

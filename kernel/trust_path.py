@@ -166,9 +166,13 @@ class TrustSession:
         self._output_checks: list[CheckResult] = []
         self._policy_task = asyncio.ensure_future(self._fetch_policy())
 
-    def known(self) -> bool:
-        """vfm-trustd has given this process a policy before (it was reachable)."""
-        return self._gate.last_policy(self.scope) is not None
+    def may_start_early(self, items: list[Item]) -> bool:
+        """Whether a model of ours may begin answering before the screen is done: vfm-trustd
+        has answered for this process before (so an Ask refused for its absence costs
+        nothing), and the working set holds only the asker's own words (a third party's
+        text, which may carry injected instructions, never reaches the model unscreened)."""
+        return self._gate.last_policy(self.scope) is not None and all(
+            screen_item(item, n).kind == "turn" for n, item in enumerate(items))
 
     def close(self) -> None:
         """The Ask is over: a policy lookup still running (the Ask failed early) is dropped."""
