@@ -34,6 +34,23 @@ def packaged_minilm_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
+def compute_dtype(asked: str = "auto") -> str:
+    """The encoder's number format: "auto" is bfloat16 where the CPU computes it natively
+    (AVX512-BF16, AMX: MiniLM then embeds 1.5x faster alone and 3x in batches, each vector
+    within cosine 0.9999 of float32's), float32 elsewhere."""
+    if asked not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"embedding dtype: auto, float32 or bfloat16, not {asked!r}")
+    if asked != "auto":
+        return asked
+    import torch
+
+    native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return "bfloat16" if native is not None and native() else "float32"
+    except RuntimeError:
+        return "float32"
+
+
 class TransformerEmbedder:
     """Mean-pooled sentence embeddings from a local HF encoder directory (MiniLM by default).
 
@@ -42,7 +59,7 @@ class TransformerEmbedder:
     question's embedding never waits for a bulk batch to finish."""
 
     def __init__(self, path: Path | None = None, batch_size: int = 64, max_length: int = 256,
-                 threads: int = 0):
+                 threads: int = 0, dtype: str = "auto"):
         import torch
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -57,6 +74,9 @@ class TransformerEmbedder:
         self._torch = torch
         self._tokenizer = AutoTokenizer.from_pretrained(self.path)
         self._model = AutoModel.from_pretrained(self.path).eval()
+        self.dtype = compute_dtype(dtype)
+        if self.dtype == "bfloat16":
+            self._model = self._model.to(torch.bfloat16)
         self.dim = int(self._model.config.hidden_size)
         self._lock = threading.Lock()
 
@@ -73,7 +93,7 @@ class TransformerEmbedder:
                     batch = self._tokenizer([texts[i] or " " for i in idx], padding=True,
                                             truncation=True, max_length=self.max_length,
                                             return_tensors="pt")
-                hidden = self._model(**batch).last_hidden_state
+                hidden = self._model(**batch).last_hidden_state.float()
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 pooled = self._torch.nn.functional.normalize(pooled, dim=-1)

@@ -117,7 +117,10 @@ class VectorCache:
 
     def __init__(self, embedder, directory: Path = CACHE_DIR):
         self.embedder = embedder
-        self.path = Path(directory) / f"{getattr(embedder, 'name', 'embedder')}.pkl"
+        # float32 and bfloat16 vectors of one model differ a little: each has its own file
+        dtype = getattr(embedder, "dtype", "")
+        self.path = Path(directory) / (getattr(embedder, "name", "embedder") +
+                                       (f"-{dtype}" if dtype else "") + ".pkl")
         self._vectors: dict[str, np.ndarray] = {}
         if self.path.exists():
             try:
