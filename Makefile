@@ -57,8 +57,9 @@ run: setup
 down:
 	$(VFMCTL) down
 
+# Two workers, each taking whole test files (a file's daemons start once, in one worker).
 test: setup $(BUF)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench-quick: setup
 	$(PY) -m bench syscall --quick
