@@ -321,3 +321,13 @@ def evaluate(data_dir: Path, quick: bool) -> tuple[dict, list[tuple]]:
         print(f"  {section.__name__}: {time.monotonic() - start:.0f} s", file=sys.stderr)
     latency_section(s, embedder, figures, rows)
     return figures, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.trust import run_section
+    return run_section("trust_classify", "trust: the learned checks, cross-validated", evaluate,
+                       argv, __doc__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

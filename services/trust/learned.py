@@ -30,8 +30,9 @@ WINDOW_WORDS = 32
 ANSWER_WINDOW_WORDS = 40
 _MIN_WINDOW_WORDS = 6       # a shorter piece (a list number, "Thanks!") joins the one before
 _ANSWER_SENTENCE = re.compile(r"(?<=[.!?])\s+|\s*\n+\s*")
-HASH_FEATURES = 2 ** 14
-HASH_NGRAMS = (3, 5)
+HASH_FEATURES = 2 ** 14      # columns per kind of n-gram
+HASH_NGRAMS = (3, 5)         # characters, inside word boundaries
+HASH_WORD_NGRAMS = (1, 2)    # words and word pairs; a punctuation mark counts as a word
 _BLOCK = re.compile(r"\s*\n+\s*|\s*\|\s*")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _NON_ALNUM = re.compile(r"[\W_]+", re.UNICODE)
@@ -113,12 +114,31 @@ class WindowCache:
         return np.stack([known[p] for p in pieces])
 
 
-def hasher():
-    """Character n-grams hashed into a fixed space: no vocabulary to ship, same on every run."""
-    from sklearn.feature_extraction.text import HashingVectorizer
-    return HashingVectorizer(analyzer="char_wb", ngram_range=HASH_NGRAMS,
-                             n_features=HASH_FEATURES, alternate_sign=False, binary=True,
-                             norm="l2", lowercase=True)
+class NgramHasher:
+    """Character 3-5-grams and word 1-2-grams, each kind hashed into HASH_FEATURES columns of
+    its own and L2-normalised on its own: no vocabulary to ship, the same on every run.
+    Character grams carry spelling (misspelt, split or foreign words); word pairs carry the
+    phrasing of a request ("ignore the", "access granted", "my password"), which character
+    grams inside one word cannot see."""
+
+    def __init__(self):
+        from sklearn.feature_extraction.text import HashingVectorizer
+        common = dict(n_features=HASH_FEATURES, alternate_sign=False, binary=True, norm="l2",
+                      lowercase=True)
+        self._chars = HashingVectorizer(analyzer="char_wb", ngram_range=HASH_NGRAMS, **common)
+        self._words = HashingVectorizer(analyzer="word", ngram_range=HASH_WORD_NGRAMS,
+                                        token_pattern=r"(?u)\b\w+\b|[^\w\s]", **common)
+        self.n_features = 2 * HASH_FEATURES
+
+    def transform(self, texts: list[str]):
+        """A sparse (len(texts), n_features) matrix: the character block, then the words'."""
+        import scipy.sparse as sp
+        return sp.hstack([self._chars.transform(texts), self._words.transform(texts)],
+                         format="csr")
+
+
+def hasher() -> NgramHasher:
+    return NgramHasher()
 
 
 def keyword_features(texts: list[str]) -> np.ndarray:
@@ -418,6 +438,11 @@ def load_checks(embedder=None, directory: Path = WEIGHTS_DIR) -> dict:
     """The learned checks with the shipped weights. `embedder` is the one the Texts are made
     with; the checks read `Text.embedding` and only embed windows of long documents."""
     heads, arrays, meta = load_heads(directory)
+    wanted = NgramHasher().n_features
+    for name, head in heads.items():
+        if head.w_hash is not None and head.w_hash.shape[0] != wanted:
+            raise ValueError(f"head {name} reads {head.w_hash.shape[0]} n-gram features, this "
+                             f"code makes {wanted}: retrain with python -m services.trust.train")
     if embedder is not None and getattr(embedder, "dim", meta["dim"]) != meta["dim"]:
         raise ValueError(f"the weights want {meta['dim']}-dim embeddings, "
                          f"the embedder gives {embedder.dim}")

@@ -313,6 +313,7 @@ def train(data_dir: Path, out: Path, embedder, benign_limit: int | None = BENIGN
             "heads": sorted(heads), "categories": list(MODERATION_CATEGORIES),
             "thresholds": {k: round(v, 6) for k, v in thresholds.items()},
             "hash_features": learned.HASH_FEATURES, "hash_ngrams": list(learned.HASH_NGRAMS),
+            "hash_word_ngrams": list(learned.HASH_WORD_NGRAMS),
             "window_words": learned.WINDOW_WORDS, "leak_features": list(LEAK_FEATURES),
             "seed": SEED, "benign_limit": benign_limit,
             "training_rows": {"moderation": len(mod.examples), "harmful_request": len(harm.examples),

@@ -97,6 +97,29 @@ def test_the_shipped_weights_are_small_and_load_without_the_data():
     assert set(meta["thresholds"]) >= {"moderation", "harmful_request", "injection"}
 
 
+def test_the_ngram_features_see_word_order_that_character_grams_cannot():
+    hasher = learned.NgramHasher()
+    a, b = hasher.transform(["reset my password now", "now password my reset"]).toarray()
+    half = learned.HASH_FEATURES
+    assert a.shape == (hasher.n_features,)
+    assert np.array_equal(a[:half], b[:half])          # the same grams inside each word
+    assert not np.array_equal(a[half:], b[half:])      # but other word pairs
+    for block in (a[:half], a[half:]):                 # each kind normalised on its own
+        assert np.isclose(np.linalg.norm(block), 1.0)
+
+
+def test_weights_for_other_ngram_features_are_refused_with_the_fix(tmp_path):
+    heads, arrays, meta = learned.load_heads()
+    old = {name: learned.LinearHead(h.w_vec, h.b_vec, h.stack, h.bias,
+                                    None if h.w_hash is None else h.w_hash[:learned.HASH_FEATURES],
+                                    h.b_hash, h.keywords, h.threshold)
+           for name, h in heads.items()}
+    extra = {k: v for k, v in arrays.items() if k in ("indirect_injection.doc_scale", "leak.coef")}
+    learned.save(tmp_path, old, extra, meta)
+    with pytest.raises(ValueError, match="retrain with python -m services.trust.train"):
+        learned.load_checks(None, tmp_path)
+
+
 def test_training_is_deterministic_and_saved_heads_score_the_same(embedder, tmp_path):
     examples = ([Example(t, 1, "synthetic", c) for t, c in synth.harmful_requests(6)] +
                 [Example(t, 0, "synthetic", c) for t, c in synth.benign_lookalikes(6)])
