@@ -32,6 +32,10 @@ EMAIL = "bob@example.com"
 PARROT = "You repeat what the user says, word for word."
 # The tiny model repeats these word for word (greedy), so its answer holds the email.
 REPEAT_EMAIL = f"Repeat this sentence exactly: You can write to {EMAIL} for help."
+# An order to repeat a sentence word for word is how many "say Access Granted" hijacks are
+# worded, and the injection check scores this one near its 0.5 default; the tests that use it
+# are about PII, so their policies move that threshold out of the way.
+LENIENT_INJECTION = "thresholds:\n  injection: 0.9\n"
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
@@ -117,7 +121,7 @@ def _spawn(client: Client, name: str, policy: str, **spec) -> int:
 
 def test_an_email_in_the_answer_is_redacted_before_the_client_sees_it(stack):
     client = stack["client"]
-    pid = _spawn(client, "redacting", "level: fast\npii:\n  action: redact\n",
+    pid = _spawn(client, "redacting", "level: fast\npii:\n  action: redact\n" + LENIENT_INJECTION,
                  system_prompt=PARROT)
     items = list(client.ask_stream(pid, REPEAT_EMAIL, max_new_tokens=40))
     pieces, result = items[:-1], items[-1]
@@ -149,7 +153,7 @@ def test_an_injected_document_never_reaches_the_model(stack, recorder):
 def test_an_external_server_never_receives_the_email(stack, recorder):
     client = stack["client"]
     pid = _spawn(client, "external", "level: fast\npii:\n  action: allow\n"
-                 "  external: pseudonymize\n", model="remote-smol", system_prompt=PARROT)
+                 "  external: pseudonymize\n" + LENIENT_INJECTION, model="remote-smol", system_prompt=PARROT)
     result = client.ask(pid, REPEAT_EMAIL, max_new_tokens=40)
     sent = "\n".join(recorder.sent)
     assert recorder.sent and EMAIL not in sent and "example.com" not in sent
