@@ -163,6 +163,10 @@ def build_model(encoder_dir: Path, n_tags: int, rank: int, alpha: int):
 
         def forward(self, ids, mask, shapes):
             states = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            return self.tag_logits(states, shapes)
+
+        def tag_logits(self, states, shapes):
+            """The head over the encoder's hidden states and the pieces' shape features."""
             return self.head(torch.cat([states, torch.relu(self.shape(shapes))], -1))
 
     return Tagger()
@@ -226,7 +230,7 @@ class LearnedNer:
                  batch_size: int = 32):
         import torch
         from transformers import AutoTokenizer
-        from vfmos_runtime.embed import packaged_minilm_dir
+        from vfmos_runtime.embed import BertForward, packaged_minilm_dir
 
         if not Path(path).is_file():
             raise RuntimeError(f"the NER weights {path} are missing "
@@ -245,6 +249,8 @@ class LearnedNer:
         model.load_state_dict(state, strict=False)
         model.encoder = model.encoder.merge_and_unload()
         self._model = model.eval()
+        # A lone piece (a question, an answer window) skips transformers' module tree.
+        self._lean = BertForward(model.encoder) if BertForward.fits(model.encoder) else None
         self._torch = torch
         self._tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
         self._lock = threading.Lock()
@@ -266,7 +272,10 @@ class LearnedNer:
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]
                 ids, mask, shapes, _ = batch([items[i] for i in chunk])
-                probs = self._torch.softmax(self._model(ids, mask, shapes), -1).numpy()
+                logits = (self._model.tag_logits(self._lean(ids, mask), shapes)
+                          if self._lean is not None and len(chunk) == 1
+                          else self._model(ids, mask, shapes))
+                probs = self._torch.softmax(logits, -1).numpy()
                 for row, i in enumerate(chunk):
                     size = len(items[i].ids)
                     found[owners[i]] += [

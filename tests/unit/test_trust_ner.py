@@ -142,3 +142,17 @@ def test_training_batches_hold_every_text_once_with_similar_lengths():
     assert all(len(b) <= 16 for b in out)
     spread = np.mean([max(sizes[i] for i in b) - min(sizes[i] for i in b) for b in out])
     assert spread < 30  # unsorted batches of 16 spread over ~160 pieces
+
+
+def test_a_lone_text_takes_the_lean_pass_and_finds_the_same_entities(tagger):
+    text = ("Hi, this is Oksana Vlasenko. Please send the new card to 14 Kalevankatu, "
+            "Apt. 3, Tampere, Finland, before 3 March.")
+    assert tagger._lean is not None  # the merged MiniLM is a plain BERT encoder
+    lean = tagger.find_many([text])[0]
+    saved, tagger._lean = tagger._lean, None
+    try:
+        full = tagger.find_many([text])[0]
+    finally:
+        tagger._lean = saved
+    assert [(e.start, e.end, e.type) for e in lean] == [(e.start, e.end, e.type) for e in full]
+    assert all(abs(a.score - b.score) < 1e-4 for a, b in zip(lean, full)) and lean
