@@ -70,7 +70,8 @@ class BertForward:
         self.words = emb.word_embeddings.weight
         self.positions = emb.position_embeddings.weight
         self.token_type = emb.token_type_embeddings.weight[0]
-        self.norm = (emb.LayerNorm.weight, emb.LayerNorm.bias, float(cfg.layer_norm_eps))
+        self.norm = (emb.LayerNorm.weight, emb.LayerNorm.bias)
+        self.eps = float(cfg.layer_norm_eps)
         self.layers = []
         for layer in model.encoder.layer:
             att = layer.attention
@@ -101,11 +102,11 @@ class BertForward:
         batch, length = input_ids.shape
         x = self.words[input_ids] + self.positions[:length] + self.token_type
         dim = x.shape[-1]
-        x = F.layer_norm(x, (dim,), *self.norm[:2], self.norm[2])
+        x = F.layer_norm(x, (dim,), *self.norm, self.eps)
         # A lone text has no padding: no mask lets attention take its fastest kernel.
         mask = None if batch == 1 else (
             (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * self._torch.finfo(x.dtype).min)
-        eps, head_dim = self.norm[2], dim // self.heads
+        eps, head_dim = self.eps, dim // self.heads
         for (w_qkv, b_qkv, w_o, b_o, g1, b1, w_in, b_in, w_out, b_out, g2, b2) in self.layers:
             q, k, v = F.linear(x, w_qkv, b_qkv).view(batch, length, 3, self.heads,
                                                      head_dim).permute(2, 0, 3, 1, 4)

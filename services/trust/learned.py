@@ -33,6 +33,7 @@ _ANSWER_SENTENCE = re.compile(r"(?<=[.!?])\s+|\s*\n+\s*")
 HASH_FEATURES = 2 ** 14      # columns per kind of n-gram
 HASH_NGRAMS = (3, 5)         # characters, inside word boundaries
 HASH_WORD_NGRAMS = (1, 2)    # words and word pairs; a punctuation mark counts as a word
+NGRAM_FEATURES = 2 * HASH_FEATURES  # the characters' block, then the words'
 _BLOCK = re.compile(r"\s*\n+\s*|\s*\|\s*")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _NON_ALNUM = re.compile(r"[\W_]+", re.UNICODE)
@@ -128,17 +129,13 @@ class NgramHasher:
         self._chars = HashingVectorizer(analyzer="char_wb", ngram_range=HASH_NGRAMS, **common)
         self._words = HashingVectorizer(analyzer="word", ngram_range=HASH_WORD_NGRAMS,
                                         token_pattern=r"(?u)\b\w+\b|[^\w\s]", **common)
-        self.n_features = 2 * HASH_FEATURES
+        self.n_features = NGRAM_FEATURES
 
     def transform(self, texts: list[str]):
         """A sparse (len(texts), n_features) matrix: the character block, then the words'."""
         import scipy.sparse as sp
         return sp.hstack([self._chars.transform(texts), self._words.transform(texts)],
                          format="csr")
-
-
-def hasher() -> NgramHasher:
-    return NgramHasher()
 
 
 def keyword_features(texts: list[str]) -> np.ndarray:
@@ -200,7 +197,7 @@ class Features:
     """What the heads read from one text, computed once and shared by every learned check."""
 
     def __init__(self):
-        self._hasher = hasher()
+        self._hasher = NgramHasher()
         self._memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def of(self, text: Text):
@@ -438,11 +435,11 @@ def load_checks(embedder=None, directory: Path = WEIGHTS_DIR) -> dict:
     """The learned checks with the shipped weights. `embedder` is the one the Texts are made
     with; the checks read `Text.embedding` and only embed windows of long documents."""
     heads, arrays, meta = load_heads(directory)
-    wanted = NgramHasher().n_features
     for name, head in heads.items():
-        if head.w_hash is not None and head.w_hash.shape[0] != wanted:
+        if head.w_hash is not None and head.w_hash.shape[0] != NGRAM_FEATURES:
             raise ValueError(f"head {name} reads {head.w_hash.shape[0]} n-gram features, this "
-                             f"code makes {wanted}: retrain with python -m services.trust.train")
+                             f"code makes {NGRAM_FEATURES}: retrain with "
+                             "python -m services.trust.train")
     if embedder is not None and getattr(embedder, "dim", meta["dim"]) != meta["dim"]:
         raise ValueError(f"the weights want {meta['dim']}-dim embeddings, "
                          f"the embedder gives {embedder.dim}")

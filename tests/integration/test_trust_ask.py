@@ -153,7 +153,8 @@ def test_an_injected_document_never_reaches_the_model(stack, recorder):
 def test_an_external_server_never_receives_the_email(stack, recorder):
     client = stack["client"]
     pid = _spawn(client, "external", "level: fast\npii:\n  action: allow\n"
-                 "  external: pseudonymize\n" + LENIENT_INJECTION, model="remote-smol", system_prompt=PARROT)
+                 "  external: pseudonymize\n" + LENIENT_INJECTION, model="remote-smol",
+                 system_prompt=PARROT)
     result = client.ask(pid, REPEAT_EMAIL, max_new_tokens=40)
     sent = "\n".join(recorder.sent)
     assert recorder.sent and EMAIL not in sent and "example.com" not in sent
