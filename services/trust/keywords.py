@@ -33,9 +33,24 @@ DOC_INJECTION = re.compile(
     r"when you (summari[sz]e|answer|reply)|\bplease (reply|respond|write|tell|recommend|translate)\b", re.I)
 
 
+_WORD_PATTERNS: dict[str, re.Pattern] = {}
+
+
 def _hits(text: str, words) -> int:
-    low = text.lower()
-    return sum(1 for w in words if re.search(r"\b" + re.escape(w), low))
+    """How many of `words` occur in the text at the start of a word (each counted once)."""
+    return _count(text.lower(), words)
+
+
+def _count(low: str, words) -> int:
+    found = 0
+    for w in words:
+        if w not in low:  # most words are absent: a substring test is far cheaper
+            continue
+        pattern = _WORD_PATTERNS.get(w)
+        if pattern is None:
+            pattern = _WORD_PATTERNS[w] = re.compile(r"\b" + re.escape(w))
+        found += pattern.search(low) is not None
+    return found
 
 
 def moderation(text: str) -> dict[str, float]:
@@ -66,6 +81,7 @@ def leak(output: str, protected: list[str]) -> float:
 
 def counts(text: str) -> list[float]:
     """The baseline's raw hit counts, as features for the learned heads."""
-    return [float(_hits(text, w)) for w in MODERATION_WORDS.values()] + [
-        float(_hits(text, HARM_REQUEST)), float(bool(REQUEST_LEAD.search(text))),
+    low = text.lower()
+    return [float(_count(low, w)) for w in MODERATION_WORDS.values()] + [
+        float(_count(low, HARM_REQUEST)), float(bool(REQUEST_LEAD.search(text))),
         float(len(INJECTION.findall(text))), float(len(DOC_INJECTION.findall(text)))]
