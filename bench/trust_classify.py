@@ -85,6 +85,8 @@ def moderation_section(s: train.Sources, feats, k: int, figures: dict, rows: lis
     scores = np.full(len(task.examples), np.nan)
     t_row = np.full(len(task.examples), np.nan)  # each row: the threshold its fold chose
     t_f1 = np.full(len(task.examples), np.nan)   # the same, at the fold's best training F1
+    cut = np.full(len(task.examples), np.nan)    # the fold's answer gate: its cut, its scores
+    gate_scores = np.full(len(task.examples), np.nan)
     for train_rows, test_rows in outer_folds(task, evaluated, k):
         head, oof = train.fit_head(task, train_rows)
         inner_mod = task.sources[train_rows] == "moderation"
@@ -93,6 +95,9 @@ def moderation_section(s: train.Sources, feats, k: int, figures: dict, rows: lis
         t_f1[test_rows] = train.threshold_max_f1(oof[inner_mod], inner_y)
         scores[test_rows] = head.scores(task.vectors[test_rows], task.grams[test_rows],
                                         task.kw[test_rows])
+        gate, _ = train.fit_gate(task, train_rows, oof, t_row[test_rows[0]], inner_mod)
+        cut[test_rows] = gate.threshold
+        gate_scores[test_rows] = gate.scores(None, task.grams[test_rows], task.kw[test_rows])
     ours = scores[evaluated]
     flagged = ours >= t_row[evaluated]
     from sklearn.metrics import f1_score
@@ -111,6 +116,20 @@ def moderation_section(s: train.Sources, feats, k: int, figures: dict, rows: lis
                  round(f1_at(y, kw_any, 0.5), 3), figures["moderation_f1"], ""))
     rows.append(("moderation", "F1 at the training folds' best-F1 threshold",
                  figures["moderation_f1_at_best_threshold"], "", "", "reference"))
+    # As an answer's window is read: where the n-gram gate clears it, the encoder is skipped
+    # and the gate's score stands (learned.ModerationCheck.check_answer).
+    skipped = gate_scores[evaluated] < cut[evaluated]
+    gated = np.where(skipped, gate_scores[evaluated], ours)
+    figures["moderation_answer_gate_auprc"] = round(auprc(y, gated), 4)
+    figures["moderation_answer_gate_f1"] = round(float(f1_score(y, gated >= t_row[evaluated])), 4)
+    figures["moderation_gate_skipped_harmful"] = round(float(skipped[y == 1].mean()), 4)
+    figures["moderation_gate_skipped_flagged"] = round(float(skipped[flagged].mean()), 4)
+    rows.append(("moderation", "as answers are read (n-gram gate first): AUPRC / F1",
+                 f"{figures['moderation_answer_gate_auprc']} / "
+                 f"{figures['moderation_answer_gate_f1']}", "", "", "reference"))
+    rows.append(("moderation", "gate: harmful texts / flagged texts the encoder skips",
+                 f"{figures['moderation_gate_skipped_harmful']} / "
+                 f"{figures['moderation_gate_skipped_flagged']}", "", "", ""))
     per = {}
     for cat in MODERATION_CATEGORIES:
         cat_task = s.task([Example(e.text, int(cat in e.extra["categories"]), "moderation", e.group)

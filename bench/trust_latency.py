@@ -67,17 +67,21 @@ def measure(service, asks: list[tuple[str, str]]) -> dict:
 
     scope = Scope("bench")
     service.screen_input(scope, "warm up", ())  # first-call costs (policy compile, caches)
-    times, escalated, refused = [], 0, 0
+    times, escalated, refused, windows, read = [], 0, 0, 0, 0
     for question, answer in asks:
         start = time.perf_counter()
         screen = service.screen_input(scope, question, ())
-        if answer:
-            service.check_output(scope, answer, True, question)
+        checked = service.check_output(scope, answer, True, question) if answer else None
         times.append((time.perf_counter() - start) * 1000)
+        for c in checked.verdict.checks if checked else ():
+            if c.check == "moderation":  # how many of the answer's windows the encoder read
+                windows += c.details.get("windows", 1)
+                read += c.details.get("encoder_windows", c.details.get("windows", 1))
         escalated += screen.escalate_to_system2
         refused += screen.verdict.outcome in (Outcome.REFUSE, Outcome.ESCALATE)
     return {"p50": percentile(times, 50), "p99": percentile(times, 99),
-            "escalation_rate": escalated / len(asks), "refusal_rate": refused / len(asks)}
+            "escalation_rate": escalated / len(asks), "refusal_rate": refused / len(asks),
+            "encoder_share": read / windows if windows else 0.0}
 
 
 def streamed(service, asks: list[tuple[str, str]]) -> dict:
@@ -153,6 +157,7 @@ def evaluate(data_dir: Path, quick: bool) -> tuple[dict, list[tuple]]:
                "escalation_rate": round(ours["escalation_rate"], 4),
                "benign_refusal_rate": round(ours["refusal_rate"], 4),
                "latency_asks": len(asks),
+               "answer_windows_encoded": round(ours["encoder_share"], 4),
                "s1_streamed_total_p50_ms": round(ours["streamed"]["total_p50"], 1),
                "s1_streamed_slowest_check_p50_ms": round(ours["streamed"]["slowest_p50"], 1),
                "s1_streamed_slowest_check_p99_ms": round(ours["streamed"]["slowest_p99"], 1)}
@@ -173,6 +178,8 @@ def evaluate(data_dir: Path, quick: bool) -> tuple[dict, list[tuple]]:
             *([("latency", "screen with 8 abstracts as knowledge: new / again, p50 ms",
                 f"{wo['cold_p50']:.0f} / {wo['again_p50']:.0f}",
                 f"{wr['cold_p50']:.0f} / {wr['again_p50']:.0f}", "-", "")] if wo else []),
+            ("latency", "answers' windows the encoder read (the rest: n-gram gate)",
+             f"{ours['encoder_share']:.3f}", "-", "-", ""),
             ("latency", "benign Asks sent to system 2", f"{ours['escalation_rate']:.3f}",
              f"{rules['escalation_rate']:.3f}", "-", "<= 0.10"),
             ("latency", "benign Asks refused or escalated", f"{ours['refusal_rate']:.3f}",

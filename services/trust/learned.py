@@ -149,9 +149,10 @@ def sigmoid(z):
 @dataclass
 class LinearHead:
     """score = sigmoid(stack · [embedding logit, n-gram logit, keyword counts] + bias): two
-    linear models whose out-of-fold logits a third one (the Platt calibration) combines."""
+    linear models whose out-of-fold logits a third one (the Platt calibration) combines.
+    Without `w_vec` it reads no embedding (an n-gram head: the moderation gate)."""
 
-    w_vec: np.ndarray
+    w_vec: np.ndarray | None
     b_vec: float
     stack: np.ndarray
     bias: float
@@ -162,7 +163,8 @@ class LinearHead:
 
     def parts(self, vec: np.ndarray, grams, kw: np.ndarray) -> np.ndarray:
         """The stacker's inputs for a batch: rows of [z_vec, (z_hash), (keyword counts...)]."""
-        cols = [np.asarray(vec, dtype=np.float32) @ self.w_vec.astype(np.float32) + self.b_vec]
+        cols = [] if self.w_vec is None else [
+            np.asarray(vec, dtype=np.float32) @ self.w_vec.astype(np.float32) + self.b_vec]
         if self.w_hash is not None:
             cols.append(np.asarray(grams @ self.w_hash.astype(np.float32)).ravel() + self.b_hash)
         out = np.column_stack(cols)
@@ -175,10 +177,11 @@ class LinearHead:
         return sigmoid(self.logits(vec, grams, kw))
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        out = {f"{prefix}.w_vec": self.w_vec.astype(np.float16),
-               f"{prefix}.scalars": np.array([self.b_vec, self.bias, self.b_hash, self.threshold,
+        out = {f"{prefix}.scalars": np.array([self.b_vec, self.bias, self.b_hash, self.threshold,
                                               float(self.keywords)], dtype=np.float64),
                f"{prefix}.stack": self.stack.astype(np.float64)}
+        if self.w_vec is not None:
+            out[f"{prefix}.w_vec"] = self.w_vec.astype(np.float16)
         if self.w_hash is not None:
             out[f"{prefix}.w_hash"] = self.w_hash.astype(np.float16)
         return out
@@ -186,8 +189,8 @@ class LinearHead:
     @classmethod
     def from_arrays(cls, arrays, prefix: str) -> "LinearHead":
         b_vec, bias, b_hash, threshold, kw = arrays[f"{prefix}.scalars"]
-        w_hash = arrays.get(f"{prefix}.w_hash")
-        return cls(w_vec=arrays[f"{prefix}.w_vec"].astype(np.float32), b_vec=float(b_vec),
+        w_hash, w_vec = arrays.get(f"{prefix}.w_hash"), arrays.get(f"{prefix}.w_vec")
+        return cls(w_vec=None if w_vec is None else w_vec.astype(np.float32), b_vec=float(b_vec),
                    stack=arrays[f"{prefix}.stack"], bias=float(bias),
                    w_hash=None if w_hash is None else w_hash.astype(np.float32),
                    b_hash=float(b_hash), keywords=bool(kw), threshold=float(threshold))
@@ -209,7 +212,11 @@ class Features:
         return got
 
     def batch(self, texts: list[str], vectors: np.ndarray):
-        return vectors, self._hasher.transform(texts), keyword_features(texts)
+        return vectors, *self.cheap(texts)
+
+    def cheap(self, texts: list[str]):
+        """What an n-gram head reads: (n-grams, keyword counts), no embedding."""
+        return self._hasher.transform(texts), keyword_features(texts)
 
 
 class _HeadCheck:
@@ -240,28 +247,69 @@ class InjectionCheck(_HeadCheck):
 
 
 class ModerationCheck(_HeadCheck):
-    """Harmful content, with a calibrated score per OpenAI moderation category."""
+    """Harmful content, with a calibrated score per OpenAI moderation category.
+
+    An answer's windows first meet the gate, an n-gram head (no embedding): a window it scores
+    under its cut is harmless beyond doubt and the encoder does not read it; the others are
+    read and scored by the full head. Most of an answer's sentences are cleared that way
+    (the encoder was most of an answer's system-1 time). The gate's cut and `gate_floor`, the
+    lowest policy threshold it serves, are chosen on training data (services.trust.train)."""
 
     name = "moderation"
     reason = "harmful content"
 
     def __init__(self, head: LinearHead, categories: dict[str, LinearHead], features: Features,
-                 cache: WindowCache | None = None):
+                 cache: WindowCache | None = None, gate: LinearHead | None = None,
+                 gate_floor: float = 1.0):
         super().__init__(head, features)
         self.categories = categories
         self.cache = cache      # the sentences of answers, embedded once
+        self.gate = gate
+        self.gate_floor = gate_floor
 
     def check(self, text: Text) -> Finding:
         return self._worst(self.features.of(text))
 
-    def check_answer(self, text: Text) -> Finding:
+    def check_answer(self, text: Text, threshold: float | None = None) -> Finding:
         """A model's answer, which may run past what the encoder reads: scored whole when it
-        is one window, else window by window (`answer_windows`) and the worst decides."""
+        is one window, else window by window (`answer_windows`) and the worst decides. The
+        gate serves when the policy's `threshold` (default: the head's) is at least
+        `gate_floor`."""
         pieces = answer_windows(text.value)
+        threshold = self.threshold if threshold is None else threshold
+        if self.gate is not None and threshold >= self.gate_floor:
+            return self._gated(text, pieces)
         if len(pieces) == 1 or self.cache is None:
             return self.check(text)
         return self._worst(self.features.batch(pieces, self.cache(pieces, text.namespace)),
                            len(pieces))
+
+    def _gated(self, text: Text, pieces: list[str]) -> Finding:
+        grams, kw = self.features.cheap(pieces)
+        scores = self.gate.scores(None, grams, kw)
+        read = np.flatnonzero(scores >= self.gate.threshold)
+        if len(read) == len(pieces) == 1:
+            vectors = text.embedding[None, :]
+        elif len(read) and self.cache is not None:
+            vectors = self.cache([pieces[i] for i in read], text.namespace)
+        elif len(read):
+            vectors = text._embed([pieces[i] for i in read])
+        start = time.perf_counter()  # the embedding is the caller's cost, as in check()
+        per: dict[str, float] = {}
+        if len(read):
+            feats = (vectors, grams[read], kw[read])
+            scores[read] = self.head.scores(*feats)
+        row = int(np.argmax(scores))
+        if row in read:  # the categories' heads read the embedding
+            at = int(np.flatnonzero(read == row)[0])
+            per = {c: round(float(h.scores(*feats)[at]), 4) for c, h in self.categories.items()}
+        score = float(scores[row])
+        top = max(per, key=per.get) if per else ""
+        reason = f"harmful content ({top})" if score >= self.threshold and top else ""
+        details = {"categories": per, "encoder_windows": int(len(read)),
+                   **({"window": row, "windows": len(pieces)} if len(pieces) > 1 else {})}
+        return Finding(self.name, score, reason, details=details,
+                       elapsed_ms=(time.perf_counter() - start) * 1000)
 
     def _worst(self, feats, windows: int = 1) -> Finding:
         """The finding of the worst row of `feats` (one row: the text whole)."""
@@ -421,7 +469,9 @@ def build_checks(heads: dict[str, LinearHead], arrays: dict, meta: dict, embed=N
     a, b = arrays["indirect_injection.doc_scale"]
     return {
         "moderation": ModerationCheck(heads["moderation"], categories, features,
-                                      WindowCache(embed) if embed is not None else None),
+                                      WindowCache(embed) if embed is not None else None,
+                                      heads.get("moderation_gate"),
+                                      float(meta.get("moderation_gate_floor", 1.0))),
         "harmful_request": HarmfulRequestCheck(heads["harmful_request"], features),
         "injection": InjectionCheck(heads["injection"], features),
         "indirect_injection": IndirectInjectionCheck(heads["indirect_injection"],

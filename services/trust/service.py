@@ -330,8 +330,9 @@ class TrustService:
         words_only = (released == 0 and not final and len(text) <= FIRST_WINDOW_CHARS
                       and not any(keywords.counts(text)))
         results = [] if words_only else [
-            self._scored(cp, name, Outcome.REFUSE, "output", run=lambda c=check: (
-                c.check_answer(out) if hasattr(c, "check_answer") else c.check(out)))
+            self._scored(cp, name, Outcome.REFUSE, "output", run=lambda c=check, n=name: (
+                c.check_answer(out, threshold=cp.policy.threshold(n))
+                if hasattr(c, "check_answer") else c.check(out)))
             for name in OUTPUT_CHECKS if (check := self.checks.text.get(name))]
         if protected:
             results += [self._leak(cp, name, check, out, protected)

@@ -25,6 +25,12 @@ BENIGN_LIMIT = 1500          # tickets / KB docs used as benign text (a determin
 # Default operating points, chosen on training rows' out-of-fold scores (policies override):
 MODERATION_FPR = 0.03        # of the moderation set's safe texts flagged
 LOOKALIKE_FPR = 0.05         # of harmless look-alike requests (XSTest safe, templated) refused
+# The moderation gate (learned.ModerationCheck.check_answer): an answer's window skips the
+# encoder where the n-gram head alone scores it under the gate's cut. The cut is the largest
+# that, out of fold, lets at most these shares of the moderation set's harmful texts, and of
+# the texts the full head flags, skip the encoder.
+GATE_SKIPPED_HARMFUL = 0.05
+GATE_SKIPPED_FLAGGED = 0.002
 
 
 @dataclass
@@ -67,14 +73,16 @@ def _folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int):
                 .split(np.zeros(len(y)), y, groups))
 
 
-def _fit_base(task: Task, index, seed: int, use_hash: bool, c_vec: float, alpha_hash: float):
+def _fit_base(task: Task, index, seed: int, use_hash: bool, c_vec: float, alpha_hash: float,
+              use_vec: bool = True):
     """Logistic regression on the embedding; on the n-grams, logistic loss by SGD (liblinear
     takes ~10 s a fit on 16k sparse features on a shared core, SGD under one, same AUPRC)."""
     from sklearn.linear_model import LogisticRegression, SGDClassifier
     y = task.y[index]
-    vec_model = LogisticRegression(C=c_vec, class_weight="balanced", max_iter=2000)
-    vec_model.fit(task.vectors[index], y)
-    hash_model = None
+    vec_model = hash_model = None
+    if use_vec:
+        vec_model = LogisticRegression(C=c_vec, class_weight="balanced", max_iter=2000)
+        vec_model.fit(task.vectors[index], y)
     if use_hash:
         hash_model = SGDClassifier(loss="log_loss", alpha=alpha_hash, max_iter=30, tol=None,
                                    class_weight="balanced", random_state=seed)
@@ -84,7 +92,9 @@ def _fit_base(task: Task, index, seed: int, use_hash: bool, c_vec: float, alpha_
 
 def _base_logits(models, task: Task, index) -> np.ndarray:
     vec_model, hash_model = models
-    cols = [vec_model.decision_function(task.vectors[index])]
+    cols = []
+    if vec_model is not None:
+        cols.append(vec_model.decision_function(task.vectors[index]))
     if hash_model is not None:
         cols.append(hash_model.decision_function(task.grams[index]))
     return np.column_stack(cols)
@@ -92,29 +102,59 @@ def _base_logits(models, task: Task, index) -> np.ndarray:
 
 def fit_head(task: Task, index: np.ndarray | None = None, *, seed: int = SEED, use_hash=True,
              use_kw=True, c_vec: float = 1.0, alpha_hash: float = 1e-4,
-             inner: int = 3) -> tuple[LinearHead, np.ndarray]:
+             inner: int = 3, use_vec: bool = True) -> tuple[LinearHead, np.ndarray]:
     """A head fitted on task[index], and its out-of-fold probabilities on those rows (for
     choosing thresholds on training data only). The stacker is fitted on out-of-fold logits,
-    which makes it the head's Platt calibration."""
+    which makes it the head's Platt calibration. `use_vec=False`: an n-gram head, which
+    reads no embedding (the moderation gate)."""
     from sklearn.linear_model import LogisticRegression
     index = np.arange(len(task.examples)) if index is None else np.asarray(index)
     y = task.y[index]
-    oof = np.zeros((len(index), 2 if use_hash else 1))
+    oof = np.zeros((len(index), int(use_vec) + int(use_hash)))
     for train, test in _folds(y, task.groups[index], inner, seed):
-        models = _fit_base(task, index[train], seed, use_hash, c_vec, alpha_hash)
+        models = _fit_base(task, index[train], seed, use_hash, c_vec, alpha_hash, use_vec)
         oof[test] = _base_logits(models, task, index[test])
     stack_x = np.hstack([oof, task.kw[index]]) if use_kw else oof
     stacker = LogisticRegression(C=1.0, max_iter=2000)  # the data's own prior: calibrated
     stacker.fit(stack_x, y)
-    vec_model, hash_model = _fit_base(task, index, seed, use_hash, c_vec, alpha_hash)
-    head = LinearHead(w_vec=vec_model.coef_[0].astype(np.float32),
-                      b_vec=float(vec_model.intercept_[0]),
+    vec_model, hash_model = _fit_base(task, index, seed, use_hash, c_vec, alpha_hash, use_vec)
+    head = LinearHead(w_vec=None if vec_model is None else vec_model.coef_[0].astype(np.float32),
+                      b_vec=0.0 if vec_model is None else float(vec_model.intercept_[0]),
                       stack=stacker.coef_[0].astype(np.float64),
                       bias=float(stacker.intercept_[0]),
                       w_hash=None if hash_model is None else hash_model.coef_[0].astype(np.float32),
                       b_hash=0.0 if hash_model is None else float(hash_model.intercept_[0]),
                       keywords=use_kw)
     return head, stacker.predict_proba(stack_x)[:, 1]
+
+
+def fit_gate(task: Task, index: np.ndarray, full_oof: np.ndarray, threshold: float,
+             evaluated: np.ndarray) -> tuple[LinearHead, float]:
+    """The moderation gate, an n-gram head fitted on task[index] with its cut as threshold,
+    and the lowest moderation threshold a policy may set for the gate to serve it: the lowest
+    at which the gate still lets at most GATE_SKIPPED_FLAGGED of the full head's flags skip
+    the encoder. `full_oof`: the full head's out-of-fold scores on those rows; `evaluated`:
+    which of them are the moderation set's."""
+    gate, oof = fit_head(task, index, use_vec=False)
+    y = task.y[index]
+    harmful = oof[evaluated & (y == 1)]
+
+    def skipped_flags(cut: float, t: float) -> float:
+        flags = oof[evaluated & (full_oof >= t)]
+        return float(np.mean(flags < cut)) if len(flags) else 0.0
+    cut = 0.0
+    for g in np.round(np.arange(0.01, 0.51, 0.01), 2):
+        if np.mean(harmful < g) > GATE_SKIPPED_HARMFUL or \
+                skipped_flags(g, threshold) > GATE_SKIPPED_FLAGGED:
+            break
+        cut = float(g)
+    floor = threshold
+    for t in np.round(np.arange(np.floor(threshold * 100) / 100, 0.0, -0.01), 2):
+        if t <= cut or skipped_flags(cut, t) > GATE_SKIPPED_FLAGGED:
+            break
+        floor = min(floor, float(t))
+    gate.threshold = cut
+    return gate, floor
 
 
 def threshold_at_fpr(scores: np.ndarray, y: np.ndarray, fpr: float) -> float:
@@ -275,6 +315,9 @@ def train(data_dir: Path, out: Path, embedder, benign_limit: int | None = BENIGN
     heads["moderation"], oof = fit_head(mod)
     is_mod = mod.sources == "moderation"
     thresholds["moderation"] = threshold_at_fpr(oof[is_mod], mod.y[is_mod], MODERATION_FPR)
+    heads["moderation_gate"], gate_floor = fit_gate(mod, np.arange(len(mod.examples)), oof,
+                                                    thresholds["moderation"], is_mod)
+    thresholds["moderation_gate"] = heads["moderation_gate"].threshold
     for cat in MODERATION_CATEGORIES:
         cat_task = s.task([Example(e.text, int(cat in e.extra["categories"]), "moderation", e.group)
                            for e in s.moderation], features)
@@ -316,6 +359,7 @@ def train(data_dir: Path, out: Path, embedder, benign_limit: int | None = BENIGN
             "hash_word_ngrams": list(learned.HASH_WORD_NGRAMS),
             "window_words": learned.WINDOW_WORDS, "leak_features": list(LEAK_FEATURES),
             "seed": SEED, "benign_limit": benign_limit,
+            "moderation_gate_floor": round(gate_floor, 6),
             "training_rows": {"moderation": len(mod.examples), "harmful_request": len(harm.examples),
                               "injection": len(inj.examples), "indirect_windows": len(win.examples),
                               "leak": len(leak.examples)}}
@@ -338,8 +382,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no trust data in {args.data_dir} (want moderation_dev.jsonl.gz etc.)",
               file=sys.stderr)
         return 2
-    from vfmos_runtime.embed import load_embedder
-    meta = train(args.data_dir, args.out, load_embedder(), args.benign_limit)
+    from vfmos_runtime.embed import TransformerEmbedder
+    # float32, which every CPU computes alike (the daemons use bfloat16 where it is native;
+    # the heads' figures move by at most 0.004 between the two)
+    meta = train(args.data_dir, args.out, TransformerEmbedder(dtype="float32"),
+                 args.benign_limit)
     print(json.dumps({"out": str(args.out), "thresholds": meta["thresholds"],
                       "sha256": digest(args.out)}, sort_keys=True))
     return 0

@@ -202,7 +202,7 @@ class CountingCheck:
         self.read.append(text.value)
         return Finding("moderation", 0.0)
 
-    def check_answer(self, text: Text) -> Finding:
+    def check_answer(self, text: Text, threshold: float | None = None) -> Finding:
         self.namespaces.append(text.namespace)
         return self.check(text)
 
