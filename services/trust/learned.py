@@ -301,11 +301,9 @@ class ModerationCheck(_HeadCheck):
             scores[read] = self.head.scores(*feats)
         row = int(np.argmax(scores))
         if row in read:  # the categories' heads read the embedding
-            at = int(np.flatnonzero(read == row)[0])
-            per = {c: round(float(h.scores(*feats)[at]), 4) for c, h in self.categories.items()}
+            per = self._categories(feats, int(np.flatnonzero(read == row)[0]))
         score = float(scores[row])
-        top = max(per, key=per.get) if per else ""
-        reason = f"harmful content ({top})" if score >= self.threshold and top else ""
+        reason = self._reason(score, per)
         details = {"categories": per, "encoder_windows": int(len(read)),
                    **({"window": row, "windows": len(pieces)} if len(pieces) > 1 else {})}
         return Finding(self.name, score, reason, details=details,
@@ -316,14 +314,19 @@ class ModerationCheck(_HeadCheck):
         start = time.perf_counter()
         scores = self.head.scores(*feats)
         row = int(np.argmax(scores))
-        per = {c: round(float(h.scores(*feats)[row]), 4) for c, h in self.categories.items()}
-        top = max(per, key=per.get) if per else ""
+        per = self._categories(feats, row)
         score = float(scores[row])
-        reason = f"harmful content ({top})" if score >= self.threshold and top else ""
         details = {"categories": per, **({"window": row, "windows": windows}
                                          if windows > 1 else {})}
-        return Finding(self.name, score, reason, details=details,
+        return Finding(self.name, score, self._reason(score, per), details=details,
                        elapsed_ms=(time.perf_counter() - start) * 1000)
+
+    def _categories(self, feats, row: int) -> dict[str, float]:
+        return {c: round(float(h.scores(*feats)[row]), 4) for c, h in self.categories.items()}
+
+    def _reason(self, score: float, per: dict[str, float]) -> str:
+        top = max(per, key=per.get) if per else ""
+        return f"harmful content ({top})" if score >= self.threshold and top else ""
 
 
 class IndirectInjectionCheck:
