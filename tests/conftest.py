@@ -62,9 +62,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serving(client, name: str) -> bool:
-    """Whether the kernel that `client` talks to lists service `name` as SERVING."""
-    return any(d.name == name and d.health == "SERVING" for d in client.services())
+def serving(client, name: str, pid: int | None = None) -> bool:
+    """Whether the kernel that `client` talks to lists service `name` as SERVING (and, with
+    `pid`, registered by that process: a restarted service's old record may still be listed)."""
+    return any(d.name == name and d.health == "SERVING" and pid in (None, d.pid)
+               for d in client.services())
 
 
 def wait_for(predicate, timeout: float = 20.0, what: str = "condition", log=None):

@@ -113,9 +113,10 @@ def test_a_tenants_feedback_survives_a_modeld_restart(stack):
     before = alice.feedback(alice.ask(pid, "Say hi.", max_new_tokens=4).usage.ask_id, True)
     stack["modeld"].stop()
     stack["modeld"] = start_modeld(stack["state"])
-    # The kernel may still list the stopped one as serving: wait for the new one's socket.
-    socket = stack["state"] / "modeld.sock"
-    wait_for(lambda: socket.exists() and serving(stack["admin"], "vfm-modeld"), 600,
+    # The kernel may still list the stopped one as serving (and the new one's socket exists
+    # before it registers): wait for the new process's own registration.
+    new_pid = stack["modeld"].proc.pid
+    wait_for(lambda: serving(stack["admin"], "vfm-modeld", new_pid), 600,
              "vfm-modeld to serve again", log=stack["modeld"].log)
     after = alice.feedback(alice.ask(pid, "Say bye.", max_new_tokens=4).usage.ask_id, True)
     assert after.tenant_feedback == before.tenant_feedback + 1
