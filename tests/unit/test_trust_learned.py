@@ -198,3 +198,32 @@ def test_a_documents_windows_are_embedded_once_per_tenant(embedder):
     assert len(seen) == n and again.score == first.score
     check.check(Text(doc, counting.embed, "bob"))
     assert len(seen) == 2 * n
+
+
+def test_the_gate_spares_the_encoder_a_benign_answer_but_not_a_harmful_sentence(embedder):
+    seen: list[str] = []
+
+    class Counting:
+        dim = embedder.dim
+
+        def embed(self, texts):
+            seen.extend(texts)
+            return embedder.embed(texts)
+
+    counting = Counting()
+    mod = learned.load_checks(counting)["moderation"]
+    assert mod.gate is not None and mod.threshold >= mod.gate_floor
+    benign = mod.check_answer(Text(HOTEL * 3, counting.embed, "alice"))
+    windows = len(learned.answer_windows(HOTEL * 3))
+    assert windows > 1 and benign.details["encoder_windows"] < windows
+    assert len(seen) == benign.details["encoder_windows"] and benign.score < mod.threshold
+    seen.clear()
+    harmful = mod.check_answer(Text(HOTEL + HARMFUL + " " + HOTEL, counting.embed, "bob"))
+    assert any("vermin" in s for s in seen)          # the encoder read the harmful sentence
+    assert harmful.score >= mod.threshold and harmful.details["categories"]
+    # Under the gate's floor (a stricter policy) the encoder reads every window again.
+    seen.clear()
+    strict = mod.check_answer(Text(HOTEL * 3, counting.embed, "carol"),
+                              threshold=mod.gate_floor / 2)
+    assert set(seen) == set(learned.answer_windows(HOTEL * 3))   # each distinct one, once
+    assert "encoder_windows" not in strict.details
