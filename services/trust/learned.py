@@ -120,7 +120,15 @@ class NgramHasher:
     its own and L2-normalised on its own: no vocabulary to ship, the same on every run.
     Character grams carry spelling (misspelt, split or foreign words); word pairs carry the
     phrasing of a request ("ignore the", "access granted", "my password"), which character
-    grams inside one word cannot see."""
+    grams inside one word cannot see.
+
+    The features are scikit-learn's HashingVectorizer's (binary, l2, murmurhash3 of each
+    gram; a test holds the two equal), computed without its per-call validation and with
+    each gram's column remembered: most of a text's grams were seen before, and the
+    vectorizer's overhead was ~2 ms of a short text's ~3 ms of system 1 after its
+    embedding."""
+
+    MEMO_SIZE = 1 << 18     # grams whose column is remembered; the memo starts over past it
 
     def __init__(self):
         from sklearn.feature_extraction.text import HashingVectorizer
@@ -129,10 +137,45 @@ class NgramHasher:
         self._chars = HashingVectorizer(analyzer="char_wb", ngram_range=HASH_NGRAMS, **common)
         self._words = HashingVectorizer(analyzer="word", ngram_range=HASH_WORD_NGRAMS,
                                         token_pattern=r"(?u)\b\w+\b|[^\w\s]", **common)
+        self._analyzers = (self._chars.build_analyzer(), self._words.build_analyzer())
+        self._memo: dict[str, int] = {}
         self.n_features = NGRAM_FEATURES
+
+    def _column(self, gram: str) -> int:
+        """HashingVectorizer's column for `gram` (abs of its signed murmurhash3, with the
+        same rule for -2**31)."""
+        from sklearn.utils import murmurhash3_32
+        h = murmurhash3_32(gram, seed=0)
+        column = (2147483647 - (HASH_FEATURES - 1)) % HASH_FEATURES if h == -2147483648 \
+            else abs(h) % HASH_FEATURES
+        if len(self._memo) >= self.MEMO_SIZE:
+            self._memo = {}
+        self._memo[gram] = column
+        return column
 
     def transform(self, texts: list[str]):
         """A sparse (len(texts), n_features) matrix: the character block, then the words'."""
+        import scipy.sparse as sp
+        indices: list[int] = []
+        data: list[float] = []
+        indptr = [0]
+        for text in texts:
+            for block, analyze in enumerate(self._analyzers):
+                memo = self._memo
+                columns = sorted({memo.get(g) if g in memo else self._column(g)
+                                  for g in analyze(text)})
+                if columns:
+                    offset = block * HASH_FEATURES
+                    indices += [c + offset for c in columns]
+                    data += [1.0 / math.sqrt(len(columns))] * len(columns)
+            indptr.append(len(indices))
+        return sp.csr_matrix((np.array(data, dtype=np.float64),
+                              np.array(indices, dtype=np.int32),
+                              np.array(indptr, dtype=np.int32)),
+                             shape=(len(texts), NGRAM_FEATURES))
+
+    def reference(self, texts: list[str]):
+        """The same matrix from scikit-learn's own vectorizers (the slow path, for tests)."""
         import scipy.sparse as sp
         return sp.hstack([self._chars.transform(texts), self._words.transform(texts)],
                          format="csr")
