@@ -87,6 +87,8 @@ def moderation_section(s: train.Sources, feats, k: int, figures: dict, rows: lis
     t_f1 = np.full(len(task.examples), np.nan)   # the same, at the fold's best training F1
     cut = np.full(len(task.examples), np.nan)    # the fold's answer gate: its cut, its scores
     gate_scores = np.full(len(task.examples), np.nan)
+    gated = s.task(train.gate_examples(s), feats)    # task's rows, then prose windows
+    prose = np.arange(len(task.examples), len(gated.examples))
     for train_rows, test_rows in outer_folds(task, evaluated, k):
         head, oof = train.fit_head(task, train_rows)
         inner_mod = task.sources[train_rows] == "moderation"
@@ -95,7 +97,10 @@ def moderation_section(s: train.Sources, feats, k: int, figures: dict, rows: lis
         t_f1[test_rows] = train.threshold_max_f1(oof[inner_mod], inner_y)
         scores[test_rows] = head.scores(task.vectors[test_rows], task.grams[test_rows],
                                         task.kw[test_rows])
-        gate, _ = train.fit_gate(task, train_rows, oof, t_row[test_rows[0]], inner_mod)
+        # The gate also learns from benign prose windows, which are never evaluated.
+        rows_g = np.concatenate([train_rows, prose])
+        gate, _ = train.fit_gate(gated, rows_g, np.concatenate([oof, np.zeros(len(prose))]),
+                                 t_row[test_rows[0]], gated.sources[rows_g] == "moderation")
         cut[test_rows] = gate.threshold
         gate_scores[test_rows] = gate.scores(None, task.grams[test_rows], task.kw[test_rows])
     ours = scores[evaluated]
