@@ -195,17 +195,20 @@ def test_a_streamed_answer_embeds_only_its_new_windows(embedder):
     assert embedded[-2:] == ["Same text.", "Same text."]
 
 
+class Counting:
+    """The real embedder, noting every text it is asked to embed in `seen`."""
+
+    def __init__(self, embedder, seen: list[str]):
+        self.dim, self._embedder, self._seen = embedder.dim, embedder, seen
+
+    def embed(self, texts):
+        self._seen.extend(texts)
+        return self._embedder.embed(texts)
+
+
 def test_a_documents_windows_are_embedded_once_per_tenant(embedder):
     seen: list[str] = []
-
-    class Counting:
-        dim = embedder.dim
-
-        def embed(self, texts):
-            seen.extend(texts)
-            return embedder.embed(texts)
-
-    counting = Counting()
+    counting = Counting(embedder, seen)
     check = learned.load_checks(counting)["indirect_injection"]
     doc = DOCUMENT.format(inject=INJECTION)
     first = check.check(Text(doc, counting.embed, "alice"))
@@ -219,15 +222,7 @@ def test_a_documents_windows_are_embedded_once_per_tenant(embedder):
 
 def test_the_gate_spares_the_encoder_a_benign_answer_but_not_a_harmful_sentence(embedder):
     seen: list[str] = []
-
-    class Counting:
-        dim = embedder.dim
-
-        def embed(self, texts):
-            seen.extend(texts)
-            return embedder.embed(texts)
-
-    counting = Counting()
+    counting = Counting(embedder, seen)
     mod = learned.load_checks(counting)["moderation"]
     assert mod.gate is not None and mod.threshold >= mod.gate_floor
     benign = mod.check_answer(Text(HOTEL * 3, counting.embed, "alice"))
