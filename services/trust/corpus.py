@@ -92,6 +92,30 @@ def tickets(data_dir: Path, limit: int | None = None) -> list[Example]:
     return [Example(r["instruction"], 0, "tickets", r["id"]) for r in rows]
 
 
+def routing_dir(data_dir: Path) -> Path:
+    return Path(data_dir).resolve().parent / "routing"
+
+
+def task_requests(data_dir: Path, limit: int | None = None) -> list[Example]:
+    """Everyday work asked of an assistant (write, explain, solve, choose): MT-Bench's first
+    turns and samples of the GSM8K and MMLU prompts in ../routing. Tensor Trust's attacks
+    are imperatives too ("write a story starting with 'Access Granted'"), so an injection
+    head that never saw plain requests learns that "Write a poem about the moon." is one.
+    A missing folder gives none (another data dir may carry only the trust sets)."""
+    d = routing_dir(data_dir)
+    out = []
+    questions = d / "mt_bench" / "question.jsonl"
+    if questions.exists():
+        out += [Example(r["turns"][0], 0, "task_requests", f"mt_bench:{r['question_id']}")
+                for r in read_jsonl(questions) if r.get("turns")]
+    share = None if limit is None else max(1, limit // 2)
+    for name in ("gsm8k_dev.jsonl.gz", "mmlu_dev.jsonl.gz"):
+        if (d / name).exists():
+            rows = sample(read_jsonl(d / name), share, lambda r: r["id"])
+            out += [Example(r["prompt"], 0, "task_requests", r["id"]) for r in rows]
+    return out
+
+
 def kb_docs(data_dir: Path, limit: int | None = None) -> list[Example]:
     path = personas_dir(data_dir) / "support" / "kb_docs.jsonl.gz"
     rows = sample(read_jsonl(path), limit, lambda r: r["key"])

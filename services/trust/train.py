@@ -22,6 +22,7 @@ from services.trust.learned import LEAK_FEATURES, LinearHead, overlap_features, 
 
 SEED = 20261201
 BENIGN_LIMIT = 1500          # tickets / KB docs used as benign text (a deterministic sample)
+TASK_REQUEST_LIMIT = 600     # GSM8K + MMLU prompts among the injection head's benign requests
 # Default operating points, chosen on training rows' out-of-fold scores (policies override):
 MODERATION_FPR = 0.03        # of the moderation set's safe texts flagged
 LOOKALIKE_FPR = 0.05         # of harmless look-alike requests (XSTest safe, templated) refused
@@ -207,6 +208,8 @@ class Sources:
         self.tickets = corpus.tickets(d, self.benign_limit)
         self.kb = corpus.kb_docs(d, self.benign_limit)
         self.abstracts = corpus.abstracts(d, self.benign_limit)
+        self.task_requests = corpus.task_requests(d, TASK_REQUEST_LIMIT)
+        self.tasks = [Example(t, 0, "synthetic") for t in synth.task_requests()]
         self.harmful = [Example(t, 1, "synthetic", f"harm:{c}") for t, c in synth.harmful_requests()]
         self.lookalike = [Example(t, 0, "synthetic", f"safe:{c}")
                           for t, c in synth.benign_lookalikes()]
@@ -215,7 +218,7 @@ class Sources:
         # A template can coincide with a benchmark prompt ("What is identity theft?"): such
         # prompts are dropped, so no evaluated text is trained on as a templated one.
         taken = {e.text.lower().strip() for e in self.xstest + self.attacks + self.moderation}
-        for name in ("harmful", "lookalike", "direct", "injected"):
+        for name in ("harmful", "lookalike", "direct", "injected", "tasks"):
             setattr(self, name, [e for e in getattr(self, name)
                                  if e.text.lower().strip() not in taken])
         focus = {r["id"]: (r.get("focus") or r["id"])
@@ -258,9 +261,11 @@ def gate_examples(s: Sources) -> list[Example]:
 
 
 def injection_examples(s: Sources) -> list[Example]:
-    """Attacks vs ordinary prompts, harmful or not (a harmful request is no injection)."""
+    """Attacks vs ordinary prompts, harmful or not (a harmful request is no injection), and
+    plain work in the attacks' imperative voice (write, summarise, translate)."""
     requests = s.xstest + s.moderation + s.harmful + s.lookalike
-    return s.attacks + s.direct + _relabel(requests, 0) + s.tickets
+    return (s.attacks + s.direct + _relabel(requests, 0) + s.tickets + s.task_requests
+            + s.tasks)
 
 
 def _relabel(examples: list[Example], label: int) -> list[Example]:
