@@ -22,7 +22,7 @@ from kernel.ports import (OUTCOMES, AuditSink, CheckResult, EscalationOpener, Ou
 from vfmos_runtime.errors import DeadlineExceeded, Unavailable
 from vfmos_runtime.protocol import TRUST_SERVICE
 from vfmos_runtime.types import Usage
-from vfmos_runtime.windows import window_end
+from vfmos_runtime.windows import opener_only, window_end
 
 log = logging.getLogger("vfmd.trust")
 
@@ -381,8 +381,9 @@ class OutputGuard:
     The generation appends to `raw` and calls `grown()`; this task takes everything complete
     since the last window (a sentence, or a run cut after a plain word), checks the answer
     so far while the model goes on, and releases what the check allows. One check is in
-    flight at a time: text that comes meanwhile makes the next window. With `hold`, nothing
-    is released: the whole checked answer waits in `held` for system 2."""
+    flight at a time: text that comes meanwhile makes the next window. An answer's opening
+    word alone (`opener_only`) goes out at once, unchecked. With `hold`, nothing is released:
+    the whole checked answer waits in `held` for system 2."""
 
     def __init__(self, session: TrustSession, raw: list[str], release: Callable[[str], None],
                  stop: Callable[[], None], hold: bool):
@@ -421,8 +422,8 @@ class OutputGuard:
                 end = len(raw)
             elif self.hold:
                 end = checked_raw
-            else:
-                end = window_end(raw, checked_raw, first=not self.sent)
+            else:  # the first-window rule holds until a check has let something out
+                end = window_end(raw, checked_raw, first=checked == 0)
             if end <= checked_raw and not finished:
                 await self._wake.wait()
                 continue
@@ -430,6 +431,12 @@ class OutputGuard:
             # is complete, so the window is released now, not with the next one.
             if end < len(raw) and raw[end].isspace():
                 end += 1
+            if not finished and not self.hold and not self.sent and opener_only(raw[:end]):
+                # One opening word ("The ", "Sure, ") carries no name, secret or harm: it goes
+                # out without the round trip, and the next check reads from the start.
+                self._give(self._session.restore(raw[:end]))
+                checked_raw = end
+                continue
             text = self._session.restore(raw[:end])
             decision = await self._session.check_output(text, finished, checked)
             if decision.cut or decision.verdict.outcome in ("refuse", "escalate"):

@@ -23,6 +23,7 @@ OPENERS = ("A", "An", "As", "At", "Certainly", "For", "Here", "Hi", "Hello", "Ho
            "Sure", "Thank", "Thanks", "That", "The", "There", "These", "This", "To", "Unfortunately",
            "We", "Well", "What", "When", "Yes", "You", "Your")
 _OPENER = re.compile(r"\s*(?:%s),?(?=\s)" % "|".join(OPENERS))
+_OPENER_ONLY = re.compile(r"\s*(?:%s),?\s+" % "|".join(OPENERS))
 
 
 def window_end(text: str, start: int, first: bool) -> int:
@@ -36,3 +37,10 @@ def window_end(text: str, start: int, first: bool) -> int:
         for match in _PLAIN_WORD.finditer(text, end):
             end = match.end()
     return end
+
+
+def opener_only(window: str) -> bool:
+    """Whether a window is one opening word and the white space after it ("The ", "Sure, "): a word of a
+    closed list that is never part of a name, a number or a secret, so the kernel may let it
+    out before vfm-trustd has seen it (the next check reads the answer from its start)."""
+    return _OPENER_ONLY.fullmatch(window) is not None

@@ -22,7 +22,7 @@ from kernel.ports import (CandidatesReply, CheckResult, GenerateCall, GenPiece, 
 from kernel.store import KernelStore
 from kernel.table import ProcessTable
 from kernel.trust_path import TrustGate, restore
-from vfmos_runtime.windows import window_end
+from vfmos_runtime.windows import opener_only, window_end
 from vfmos_runtime.errors import Unavailable
 from vfmos_runtime.types import ProcessSpec
 
@@ -300,14 +300,45 @@ def test_window_holding_never_releases_unchecked_text(kernel):
     def on_piece(piece: str) -> None:
         seen.append(piece)
         shown = "".join(seen)
-        # Everything the client has was allowed by a check that had already answered.
-        assert any(allowed.startswith(shown) for allowed in trust.allowed), shown
+        # Everything the client has was allowed by a check that had already answered (the
+        # opening word alone goes out first, unchecked).
+        assert opener_only(shown) or any(allowed.startswith(shown)
+                                          for allowed in trust.allowed), shown
     pieces, done = asyncio.run(k.ask(k.spawn(), on_piece=on_piece))
     assert "".join(pieces) == answer and len(pieces) >= 3  # released window by window
     assert trust.max_in_flight == 1  # never more than one window in flight
     assert trust.checked[-1] == (answer, True, trust.checked[-2][0].__len__())
     assert all(not final for _, final, _ in trust.checked[:-1])
     assert len(trust.checked) < len(answer) / 2  # windows, not a check per piece
+
+
+def test_an_opening_word_goes_out_before_its_check_and_nothing_else_does(kernel):
+    trust = MemTrust()
+    trust.check_delay = 0.05  # every check answers long after the model's next pieces
+    answer = f"Sure, write to {EMAIL} and they will reset it."
+    k = kernel(answer, trust=trust, piece_chars=2)
+    seen: list[tuple[str, int]] = []  # (piece, checks answered when it was shown)
+    pieces, done = asyncio.run(k.ask(k.spawn(),
+                                     on_piece=lambda p: seen.append((p, len(trust.allowed)))))
+    assert seen[0] == ("Sure, ", 0)  # out before any check answered
+    assert all(answered > 0 for _, answered in seen[1:])
+    assert "".join(pieces) == "Sure, write to <EMAIL_ADDRESS> and they will reset it."
+    assert trust.checked[0][0].startswith("Sure, ") and trust.checked[0][2] == 0  # from the start
+
+    # A first word that is no opener (it may be a name) waits for its check.
+    trust = MemTrust()
+    trust.check_delay = 0.05
+    k = kernel(f"Theodore can be reached at {EMAIL} today.", trust=trust, piece_chars=2)
+    seen = []
+    asyncio.run(k.ask(k.spawn(), on_piece=lambda p: seen.append((p, len(trust.allowed)))))
+    assert seen and all(answered > 0 for _, answered in seen)
+
+
+def test_opener_only_is_one_closed_list_word_with_its_whitespace():
+    assert opener_only("The ") and opener_only("Sure, ") and opener_only("In\n")
+    assert not opener_only("The")            # may yet be "Theodore"
+    assert not opener_only("Theodore ") and not opener_only("The sun ")
+    assert not opener_only("John ")
 
 
 def test_a_dropped_injected_item_never_reaches_the_model(kernel):
