@@ -209,7 +209,8 @@ class Sources:
         self.kb = corpus.kb_docs(d, self.benign_limit)
         self.abstracts = corpus.abstracts(d, self.benign_limit)
         self.task_requests = corpus.task_requests(d, TASK_REQUEST_LIMIT)
-        self.tasks = [Example(t, 0, "synthetic") for t in synth.task_requests()]
+        self.tasks = [Example(t, 0, "synthetic") for t in synth.task_requests()
+                      + synth.account_help()]
         self.harmful = [Example(t, 1, "synthetic", f"harm:{c}") for t, c in synth.harmful_requests()]
         self.lookalike = [Example(t, 0, "synthetic", f"safe:{c}")
                           for t, c in synth.benign_lookalikes()]
