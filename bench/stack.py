@@ -32,6 +32,7 @@ class Run:
     tokens: int
     ttft_s: float
     total_s: float
+    finish: str = "stop"
 
     @property
     def tps(self) -> float:
@@ -51,7 +52,8 @@ async def _stack_run(client: AsyncClient, pid: int, prompt: str, tokens: int) ->
             result = item
         elif first is None and item:
             first = time.perf_counter()
-    return Run(result.usage.tokens_out, first - start, time.perf_counter() - start)
+    return Run(result.usage.tokens_out, first - start, time.perf_counter() - start,
+               result.finish_reason)
 
 
 async def _until_trust_answers(client: AsyncClient, timeout_s: float = 120) -> None:
@@ -205,7 +207,12 @@ def main(argv: list[str]) -> int:
         figures.update({"trust_ttft_ratio": round(t["ttft_ms"] / r["ttft_ms"], 3),
                         "trust_ttft_overhead_ms": round(t["ttft_ms"] - r["ttft_ms"], 1),
                         "trust_tps_ratio": round(t["tps"] / r["tps"], 3)})
-        goals = goals and t["ttft_ms"] / r["ttft_ms"] <= 1.15 and t["tps"] / r["tps"] >= 0.9
+        # A question the trust path refused answers in a few ms with no tokens: it would
+        # flatter the first-token median, so the comparison does not hold while any is.
+        refused = sum(run.finish not in ("stop", "length") for run in runs[TRUST])
+        figures["trust_not_answered"] = refused
+        goals = (goals and not refused and t["ttft_ms"] / r["ttft_ms"] <= 1.15
+                 and t["tps"] / r["tps"] >= 0.9)
     figures["goals_met"] = goals
     rows = [(k, f"{m['tps']:.1f}", f"{m['decode_tps']:.1f}", f"{m['ttft_ms']:.0f}")
             for k, m in med.items()]
