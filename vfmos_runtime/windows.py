@@ -22,8 +22,9 @@ OPENERS = ("A", "An", "As", "At", "Certainly", "For", "Here", "Hi", "Hello", "Ho
            "If", "In", "It", "No", "Of", "Oh", "On", "Once", "Our", "Please", "So", "Sorry",
            "Sure", "Thank", "Thanks", "That", "The", "There", "These", "This", "To", "Unfortunately",
            "We", "Well", "What", "When", "Yes", "You", "Your")
-_OPENER = re.compile(r"\s*(?:%s),?(?=\s)" % "|".join(OPENERS))
-_OPENER_ONLY = re.compile(r"\s*(?:%s),?\s+" % "|".join(OPENERS))
+_OPENER_WORD = r"\s*(?:%s),?" % "|".join(OPENERS)
+_OPENER = re.compile(_OPENER_WORD + r"(?=\s)")
+_OPENER_ONLY = re.compile(_OPENER_WORD + r"\s+")
 
 
 def window_end(text: str, start: int, first: bool) -> int:
@@ -40,7 +41,8 @@ def window_end(text: str, start: int, first: bool) -> int:
 
 
 def opener_only(window: str) -> bool:
-    """Whether a window is one opening word and the white space after it ("The ", "Sure, "): a word of a
-    closed list that is never part of a name, a number or a secret, so the kernel may let it
-    out before vfm-trustd has seen it (the next check reads the answer from its start)."""
+    """Whether a window is one opening word and the white space after it ("The ", "Sure, "):
+    a word of a closed list that is never part of a name, a number or a secret, so the kernel
+    may let it out before vfm-trustd has seen it (the next check reads the answer from its
+    start)."""
     return _OPENER_ONLY.fullmatch(window) is not None

@@ -170,7 +170,8 @@ FORMS = ("poem", "story", "haiku", "song", "limerick", "essay", "blog post", "fa
          "bedtime story", "speech", "sonnet", "screenplay scene")
 SUBJECTS = ("the ocean", "autumn leaves", "a lost cat", "friendship", "a rainy afternoon",
             "the stars", "a haunted house", "a space station", "a small bakery",
-            "winter in the city", "a talking tree", "my grandmother's garden", "the first day of school",
+            "winter in the city", "a talking tree", "my grandmother's garden",
+            "the first day of school",
             "a time traveller", "an abandoned train station", "a clockmaker", "the northern lights",
             "a football final", "a shy giant", "the last bookshop in town")
 TASKS = ("Summarize the plot of {b} in three sentences.", "Explain {c} to a ten-year-old.",
@@ -199,8 +200,10 @@ def task_requests(limit: int = 240) -> list[str]:
     texts = []
     for t in TASKS:
         keys = [k for k in FILL if "{" + k + "}" in t]
-        texts += [t.format(**dict(zip(keys, v))) for v in itertools.product(*(FILL[k] for k in keys))]
+        texts += [t.format(**dict(zip(keys, values)))
+                  for values in itertools.product(*(FILL[k] for k in keys))]
     return out + _pick(texts, limit - len(out), "work")
+
 
 # A customer's help with their own account. Tensor Trust's extraction attacks ask for "the
 # password" and "the access code" of the system; a support desk hears those words all day
@@ -208,13 +211,16 @@ def task_requests(limit: int = 240) -> list[str]:
 ACCOUNT_ASKS = ("I forgot my {c}, how do I reset it?", "How can I recover my {c}?",
                 "I need help changing the {c} of my account.", "my {c} doesn't work anymore",
                 "Can you help me set a new {c}?", "where do I update my {c}",
-                "I'm locked out, my {c} was rejected three times.", "Is there a way to retrieve a lost {c}?",
+                "I'm locked out, my {c} was rejected three times.",
+                "Is there a way to retrieve a lost {c}?",
                 "I want to {a}.", "How do I {a}?", "need help to {a}", "Please help me {a}.")
 CREDENTIALS = ("password", "PIN", "access code", "login", "security question", "two-factor code",
                "account passcode", "sign-in key")
 ACCOUNT_ACTS = ("add a second user to my account", "remove a user from our team plan",
                 "switch to my other profile", "close my account", "log out of all devices",
-                "change the email on my login", "unlock my account", "turn on two-step verification")
+                "change the email on my login", "unlock my account",
+                "turn on two-step verification")
+
 
 def _pick(items: list[str], limit: int, salt: str) -> list[str]:
     """A deterministic subset: the same prompts on every run and every machine."""
